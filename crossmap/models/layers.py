@@ -1,0 +1,287 @@
+"""Shared decoder layers: RMSNorm, rotary embeddings, grouped-query attention with an optional
+KV cache, gated MLP, the decoder block and the transformer stack.
+
+Every architecture (llama, qwen2, gemma3) is this one stack with different `ModelConfig`
+flags.  Parameters are `nnx.Param`s that carry their *logical* axis names in the `logical`
+metadata field; `crossmap.sharding` maps those names to the mesh.
+
+Conventions: kernels are stored (in, out) so that `x @ W` applies them (HF stores (out, in));
+activations are [batch, length, ...]; attention weights [d_model, heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig
+
+Array = jax.Array
+
+
+def _param(rngs: nnx.Rngs, shape, logical, dtype, std: float | None = None, zeros: bool = False) -> nnx.Param:
+    if zeros:
+        value = jnp.zeros(shape, dtype)
+    else:
+        fan_in = shape[0] if std is None else None
+        scale = std if std is not None else 1.0 / math.sqrt(fan_in)
+        value = (jax.random.normal(rngs.params(), shape, jnp.float32) * scale).astype(dtype)
+    return nnx.Param(value, logical=tuple(logical))
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalisation computed in float32; Gemma scales by (1 + w), others by w."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool, dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.plus_one = plus_one
+        # Gemma's weight is an offset from 1 (zeros = identity); others start at 1.
+        init = jnp.zeros((dim,), dtype) if plus_one else jnp.ones((dim,), dtype)
+        self.weight = nnx.Param(init, logical=("norm",))
+
+    def __call__(self, x: Array) -> Array:
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        w = self.weight[...].astype(jnp.float32)
+        if self.plus_one:
+            # Gemma multiplies in float32 before casting back (HF Gemma3RMSNorm).
+            return (x32 * (1.0 + w)).astype(dtype)
+        # Llama/Qwen cast the normalised value back first, then scale (HF LlamaRMSNorm).
+        return self.weight[...].astype(dtype) * x32.astype(dtype)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float, scaling: float = 1.0) -> tuple[Array, Array]:
+    """cos/sin tables [B, T, head_dim] for integer positions [B, T] (HF "rotate_half" layout)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    inv_freq = inv_freq / scaling  # linear scaling stretches positions by `scaling`
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate x [B, T, H, D] by tables [B, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_index: Array, kv_valid: Array, window: int | None) -> Array:
+    """Boolean mask [B, 1, T, S]: causal by cache index, key padding, optional sliding window.
+
+    q_index [B, T] is each query's index in key coordinates (its slot in the cache); keys are
+    slots 0..S-1.  A key is visible when it is valid, not in the future, and (sliding layers)
+    fewer than `window` slots back, which matches HF's `kv_idx > q_idx - window`.
+    """
+    k_index = jnp.arange(kv_valid.shape[1])[None, None, :]
+    q = q_index[:, :, None]
+    mask = (k_index <= q) & kv_valid[:, None, :]
+    if window is not None:
+        mask = mask & (q - k_index < window)
+    return mask[:, None, :, :]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str, dtype, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = n, k, h
+        self.scale = cfg.attn_scale
+        self.window = cfg.sliding_window if layer_type == "sliding" else None
+        self.q = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dtype)
+        self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dtype, std=1.0 / math.sqrt(n * h))
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (n, h), ("heads", "head_dim"), dtype, std=0.02)
+            self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, std=0.02)
+            self.v_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, std=0.02)
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg.rms_eps, cfg.norm_plus_one, dtype, rngs)
+            self.k_norm = RMSNorm(h, cfg.rms_eps, cfg.norm_plus_one, dtype, rngs)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x: Array, cos: Array, sin: Array, q_index: Array, kv_valid: Array,
+                 cache: tuple[Array, Array] | None = None, implementation: str | None = None):
+        """x [B, T, D] -> ([B, T, D], new cache).
+
+        With a cache (k, v each [B, S, K, H]) the new keys and values are written at the slots
+        `q_index` (contiguous per row: q_index[:, 0] + arange(T)) and attention reads the whole
+        cache; without one, keys are this call's own (S = T).
+        """
+        q = jnp.einsum("btd,dnh->btnh", x, self.q[...])
+        k = jnp.einsum("btd,dkh->btkh", x, self.k[...])
+        v = jnp.einsum("btd,dkh->btkh", x, self.v[...])
+        if self.q_bias is not None:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            start = q_index[0, 0]  # every row writes the same slots; padding lives in kv_valid
+            k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=1)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=1)
+            k, v, cache = k_cache, v_cache, (k_cache, v_cache)
+        if implementation == "cudnn" and cache is None:
+            # Fused flash attention; assumes right padding (valid prefix per row).
+            out = jax.nn.dot_product_attention(
+                q, k, v, scale=self.scale, is_causal=True, implementation="cudnn",
+                key_value_seq_lengths=kv_valid.sum(-1).astype(jnp.int32),
+                local_window_size=(self.window - 1, 0) if self.window else None)
+        else:
+            mask = attention_mask(q_index, kv_valid, self.window)
+            out = _grouped_attention(q, k, v, mask, self.scale)
+        return jnp.einsum("btnh,nhd->btd", out, self.o[...]), cache
+
+
+def _grouped_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+    """Softmax attention with GQA (query heads grouped over KV heads), float32 softmax."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+class MLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.activation = cfg.activation
+        self.gate = _param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), dtype)
+        self.up = _param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), dtype)
+        self.down = _param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), dtype)
+
+    def __call__(self, x: Array) -> Array:
+        gate = x @ self.gate[...]
+        act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        return (act * (x @ self.up[...])) @ self.down[...]
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block; Gemma adds post-attention and post-feedforward ("sandwich") norms."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str, dtype, rngs: nnx.Rngs):
+        self.layer_type = layer_type
+        norm = lambda: RMSNorm(cfg.d_model, cfg.rms_eps, cfg.norm_plus_one, dtype, rngs)
+        self.input_norm = norm()
+        self.attn = Attention(cfg, layer_type, dtype, rngs)
+        self.pre_mlp_norm = norm()
+        self.mlp = MLP(cfg, dtype, rngs)
+        self.post_attn_norm = norm() if cfg.sandwich_norms else None
+        self.post_mlp_norm = norm() if cfg.sandwich_norms else None
+
+    def __call__(self, x, cos, sin, q_index, kv_valid, cache=None, implementation=None):
+        h, cache = self.attn(self.input_norm(x), cos, sin, q_index, kv_valid, cache, implementation)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.pre_mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h, cache
+
+
+class Transformer(nnx.Module):
+    """A decoder-only LM: embedding, `n_layers` blocks, final norm, LM head (maybe tied)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype="float32", rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        dtype = jnp.dtype(dtype)
+        self.config = cfg
+        self.attention_impl: str | None = None  # None: explicit-mask XLA attention; "cudnn": fused
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, std=1.0)
+        self.layers = nnx.List([Block(cfg, t, dtype, rngs) for t in cfg.layer_types])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.norm_plus_one, dtype, rngs)
+        self.lm_head = None if cfg.tie_embeddings else _param(
+            rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dtype)
+
+    # -- pieces -----------------------------------------------------------------------------
+    def embed_tokens(self, tokens: Array) -> Array:
+        """Input embeddings [B, T, D] (Gemma: times sqrt(d_model), rounded to the weight dtype)."""
+        table = self.embed[...]
+        x = jnp.take(table, tokens, axis=0)
+        if self.config.embed_scale:
+            x = x * jnp.asarray(math.sqrt(self.config.d_model), table.dtype)
+        return x
+
+    def _rope(self, positions: Array) -> dict[str, tuple[Array, Array]]:
+        cfg = self.config
+        tables = {"full": rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
+        if "sliding" in cfg.layer_types:
+            tables["sliding"] = rope_tables(positions, cfg.head_dim, cfg.rope_local_theta or cfg.rope_theta)
+        return tables
+
+    def check_layer(self, layer: int) -> int:
+        n = self.config.n_layers
+        if not isinstance(layer, int) or not -n <= layer < n:
+            raise IndexError(f"layer {layer!r} out of range for {self.config.name or self.config.model_type} "
+                             f"with {n} decoder blocks (valid: 0..{n - 1}, or negative from the end)")
+        return layer % n
+
+    def run(self, x: Array, positions: Array, kv_valid: Array, *, q_index: Array | None = None,
+            cache: list | None = None, stop_after: int | None = None,
+            residual_add: tuple[int, Array] | None = None):
+        """Run blocks 0..stop_after (all by default) on embeddings x [B, T, D].
+
+        `residual_add=(k, delta)` adds delta [B, T, D] to the residual stream after block k
+        (activation injection).  Returns (residual after the last block run, new cache list).
+        """
+        if q_index is None:
+            q_index = jnp.broadcast_to(jnp.arange(x.shape[1])[None], x.shape[:2])
+        last = self.config.n_layers - 1 if stop_after is None else stop_after
+        tables = self._rope(positions)
+        new_cache = []
+        for i in range(last + 1):
+            block = self.layers[i]
+            cos, sin = tables[block.layer_type]
+            x, c = block(x, cos, sin, q_index, kv_valid, None if cache is None else cache[i],
+                         self.attention_impl)
+            new_cache.append(c)
+            if residual_add is not None and residual_add[0] == i:
+                x = x + residual_add[1].astype(x.dtype)
+        return x, new_cache
+
+    def head(self, x: Array) -> Array:
+        """Final norm and LM head: logits [B, T, V] in float32."""
+        x = self.final_norm(x)
+        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
+        if self.config.final_logit_softcap:
+            cap = self.config.final_logit_softcap
+            logits = jnp.tanh(logits / cap) * cap
+        return logits
+
+    # -- the public forward API ----------------------------------------------------------------
+    def hidden(self, tokens: Array, positions: Array, valid: Array, *, layer: int) -> Array:
+        """Residual stream [B, T, D] at the output of decoder block `layer` (0-based).
+
+        Runs blocks 0..layer only (a truncated forward: no later blocks, no LM head); equals
+        HF `output_hidden_states[layer + 1]` for every layer but the last.
+        """
+        layer = self.check_layer(layer)
+        x, _ = self.run(self.embed_tokens(tokens), positions, valid, stop_after=layer)
+        return x
+
+    def logits(self, tokens: Array, positions: Array, valid: Array) -> Array:
+        """Full forward: next-token logits [B, T, V] (float32)."""
+        x, _ = self.run(self.embed_tokens(tokens), positions, valid)
+        return self.head(x)
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> list[tuple[Array, Array]]:
+        """Zeroed KV cache, one (k, v) pair of [batch, length, n_kv_heads, head_dim] per layer."""
+        cfg = self.config
+        dtype = dtype or self.embed[...].dtype
+        shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)]

@@ -1,0 +1,69 @@
+"""Llama (and SmolLM2): the plain pre-norm block; no qkv bias, SiLU MLP, one RoPE base."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelConfig
+
+MODEL_TYPES = ("llama",)
+GGUF_ARCH = "llama"
+
+# HF norm name -> our module path inside a block
+NORM_NAMES = {"input_layernorm": "input_norm", "post_attention_layernorm": "pre_mlp_norm"}
+
+
+def _eos(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def config_from_hf(hf: dict, name: str = "", **overrides) -> ModelConfig:
+    """ModelConfig from a HF config.json dict of a llama-family decoder."""
+    n_heads = hf["num_attention_heads"]
+    scaling = hf.get("rope_scaling") or (hf.get("rope_parameters") or {})
+    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+        raise NotImplementedError(f"{name}: RoPE scaling {scaling} is not supported for llama-family ports")
+    theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10_000.0)
+    kw = dict(
+        model_type=hf["model_type"], vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, d_ff=hf["intermediate_size"],
+        rms_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+        qkv_bias=bool(hf.get("attention_bias", False)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"), eos_token_ids=_eos(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"), max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        name=name,
+    )
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def hf_config_from_gguf(meta: dict, arch: str = GGUF_ARCH) -> dict:
+    """HF-style config.json dict from GGUF metadata (keys `<arch>.block_count` etc.)."""
+    g = lambda key, default=None: meta.get(f"{arch}.{key}", default)
+    n_heads = int(g("attention.head_count"))
+    d_model = int(g("embedding_length"))
+    return {
+        "model_type": arch, "hidden_size": d_model, "num_hidden_layers": int(g("block_count")),
+        "num_attention_heads": n_heads, "num_key_value_heads": int(g("attention.head_count_kv", n_heads)),
+        "head_dim": int(g("attention.key_length", d_model // n_heads)),
+        "intermediate_size": int(g("feed_forward_length")),
+        "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(g("rope.freq_base", 10_000.0)),
+        "max_position_embeddings": int(g("context_length", 32768)),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
+
+
+def fix_gguf_tensor(hf_name: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """llama.cpp permutes q/k rows for its interleaved RoPE; undo it to HF's rotate-half layout."""
+    for proj, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.n_kv_heads)):
+        if hf_name.endswith(f"self_attn.{proj}.weight"):
+            d_in = w.shape[-1]
+            return w.reshape(heads, cfg.head_dim // 2, 2, d_in).swapaxes(1, 2).reshape(w.shape)
+    return w

@@ -1,0 +1,126 @@
+"""The one place where logical axis names meet the device mesh.
+
+Every parameter and activation in crossmap is annotated with *logical* axis names
+("batch", "embed", "heads", "mlp", ...).  `LOGICAL_RULES` maps each to a mesh axis
+("data", "fsdp", "tensor") or to None (replicated).  Nothing else in the package names
+mesh axes directly, so changing the parallelism layout is a one-line edit here or a
+config override (`mesh.rules`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),  # activations: batch split over data and fsdp replicas
+    "length": None,
+    "embed": "fsdp",  # parameters: model width sharded fully (FSDP / ZeRO-3 style)
+    "act_embed": None,  # activations keep the width whole
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+    "features": None,  # SAE features / ridge outputs
+}
+
+
+def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build a ("data", "fsdp", "tensor") mesh.
+
+    `shape` gives the size of each axis; at most one may be -1 (takes what is left).  With
+    no shape, every device goes on the data axis.  Sizes that do not multiply to the device
+    count are an error naming both.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    shape = dict(shape or {"data": -1})
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh: unknown axis name(s) {sorted(unknown)}; known axes are {MESH_AXES}")
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {shape}")
+    if -1 in sizes:
+        rest = math.prod(s for s in sizes if s != -1)
+        if n % rest:
+            raise ValueError(f"mesh: {n} devices cannot be split by fixed axes {shape}")
+        sizes[sizes.index(-1)] = n // rest
+    if math.prod(sizes) != n:
+        raise ValueError(f"mesh: axis sizes {dict(zip(MESH_AXES, sizes))} multiply to "
+                         f"{math.prod(sizes)}, but there are {n} devices")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(logical: Sequence[str | None], rules: dict | None = None,
+                    mesh: Mesh | None = None) -> PartitionSpec:
+    """PartitionSpec for a tuple of logical axis names.
+
+    A mesh axis is used at most once per array (the first logical axis that claims it wins),
+    and axes of size 1 in `mesh` are dropped so specs stay readable.
+    """
+    rules = LOGICAL_RULES if rules is None else rules
+    used: set[str] = set()
+    out = []
+    for name in logical:
+        target = rules.get(name) if name is not None else None
+        if target is None:
+            out.append(None)
+            continue
+        axes = (target,) if isinstance(target, str) else tuple(target)
+        axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1))
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def named_sharding(mesh: Mesh, logical: Sequence[str | None], rules: dict | None = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical, rules, mesh))
+
+
+def fit_spec_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes that do not divide the dimension they shard (e.g. 2 KV heads on 4-way tensor)."""
+    out = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if entry is None:
+            out.append(None)
+            continue
+        axes = (entry,) if isinstance(entry, str) else tuple(entry)
+        kept = []
+        size = 1
+        for a in axes:
+            if dim % (size * mesh.shape[a]) == 0:
+                kept.append(a)
+                size *= mesh.shape[a]
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def sharding_for(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int],
+                 rules: dict | None = None) -> NamedSharding:
+    """NamedSharding for an array of `shape` whose axes carry `logical` names."""
+    spec = logical_to_spec(logical, rules, mesh)
+    return NamedSharding(mesh, fit_spec_to_shape(spec, shape, mesh))
+
+
+def shard_batch(x, mesh: Mesh, rules: dict | None = None):
+    """Place a host array (batch first) on the mesh, split over the batch axes."""
+    logical = ("batch",) + (None,) * (np.ndim(x) - 1)
+    return jax.device_put(x, sharding_for(mesh, logical, np.shape(x), rules))
+
+
+def constrain(x, logical: Sequence[str | None], mesh: Mesh | None, rules: dict | None = None):
+    """with_sharding_constraint by logical names; a no-op without a mesh."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding_for(mesh, logical, x.shape, rules))

@@ -1,0 +1,45 @@
+"""Shared test helpers.
+
+Multi-device tests run in a subprocess: jax fixes its device count at import, so 8 forced CPU
+devices need a fresh interpreter with XLA_FLAGS set before jax loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def run_with_devices(code: str, n_devices: int = 8, timeout: float = 300) -> dict:
+    """Run `code` in a fresh Python with `n_devices` forced CPU devices.
+
+    The code must print one JSON object on its last line of stdout; it is returned parsed.
+    """
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import jax
+
+        has_accel = any(d.platform != "cpu" for d in jax.devices())
+    except Exception:  # pragma: no cover - jax missing entirely
+        has_accel = False
+    if has_accel:
+        return
+    skip = pytest.mark.skip(reason="needs an accelerator (GPU/TPU); results live in BENCHMARKS.md")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
