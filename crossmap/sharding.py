@@ -57,7 +57,7 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device]
             raise ValueError(f"mesh: {n} devices cannot be split by fixed axes {shape}")
         sizes[sizes.index(-1)] = n // rest
     if math.prod(sizes) != n:
-        raise ValueError(f"mesh: axis sizes {dict(zip(MESH_AXES, sizes))} multiply to "
+        raise ValueError(f"mesh: axis sizes {dict(zip(MESH_AXES, sizes, strict=False))} multiply to "
                          f"{math.prod(sizes)}, but there are {n} devices")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
@@ -91,7 +91,7 @@ def named_sharding(mesh: Mesh, logical: Sequence[str | None], rules: dict | None
 def fit_spec_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
     """Drop mesh axes that do not divide the dimension they shard (e.g. 2 KV heads on 4-way tensor)."""
     out = []
-    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
         if entry is None:
             out.append(None)
             continue
@@ -114,9 +114,45 @@ def sharding_for(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int]
 
 
 def shard_batch(x, mesh: Mesh, rules: dict | None = None):
-    """Place a host array (batch first) on the mesh, split over the batch axes."""
+    """Place a host array (batch first) on the mesh, split over the batch axes.
+
+    Every process passes the same global batch; each materialises only the shards its own devices
+    hold (`make_array_from_callback`), so this works unchanged on one host and on a multi-host
+    slice.  A device array already laid out that way passes through.
+    """
     logical = ("batch",) + (None,) * (np.ndim(x) - 1)
-    return jax.device_put(x, sharding_for(mesh, logical, np.shape(x), rules))
+    sharding = sharding_for(mesh, logical, np.shape(x), rules)
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-host sharded) array as one numpy array on every process."""
+    if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def initialize_distributed() -> None:
+    """Start jax.distributed for a multi-process launch (one process per host).
+
+    On TPU pod slices and under SLURM, jax finds the coordinator itself; elsewhere set
+    JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID (launch/ does).
+    """
+    import os
+
+    kwargs = {}
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs = {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
+                  "num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
+                  "process_id": int(os.environ["JAX_PROCESS_ID"])}
+    jax.distributed.initialize(**kwargs)
 
 
 def constrain(x, logical: Sequence[str | None], mesh: Mesh | None, rules: dict | None = None):

@@ -43,3 +43,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shipped_model():
+    """Load a shipped real model once per test session: shipped_model(name) -> (LoadedModel, gguf path).
+
+    The GGUF is dequantised once into the crossmap cache (CROSSMAP_CACHE), so later sessions and
+    the demo reuse the converted safetensors.
+    """
+    from crossmap.models import load_model, shipped_gguf
+
+    loaded = {}
+
+    def get(name: str):
+        if name not in loaded:
+            path = shipped_gguf(name)
+            loaded[name] = (load_model(path), path)
+        return loaded[name]
+
+    return get

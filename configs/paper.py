@@ -1,0 +1,71 @@
+"""The reference experiment at full scale: Qwen2.5-7B-Instruct (output of block 20) ->
+Gemma-3-27B-it (output of block 41), 45 features of a public Qwen2.5-7B-Instruct SAE at layer 20,
+explained by the released NLA verbalisers of both models, against random-direction controls.
+
+Only paths change for a researcher with the weights on disk, e.g.
+
+    crossmap run --config configs/paper.py \\
+        --config.models.source.path=/ckpt/Qwen2.5-7B-Instruct \\
+        --config.models.target.path=/ckpt/gemma-3-27b-it \\
+        --config.sae.path=/ckpt/qwen2.5-7b-instruct-sae/blocks.20.hook_resid_post \\
+        --config.verbalizers.source.checkpoint=/ckpt/nla-qwen2.5-7b-L20-av \\
+        --config.verbalizers.target.checkpoint=/ckpt/nla-gemma3-27b-L41-av \\
+        --config.corpus.path=/data/corpus.jsonl
+
+or edit the PATHS block below.  On a multi-GPU node or a TPU slice use launch/ (the mesh spans
+all devices; tensor parallelism inside a host, data parallelism across).
+"""
+
+from crossmap.pipeline import base_config
+
+PATHS = {
+    "source": "/models/Qwen2.5-7B-Instruct",
+    "target": "/models/gemma-3-27b-it",
+    "sae": "/models/saes/qwen2.5-7b-instruct/blocks.20.hook_resid_post",
+    "source_verbaliser": "/models/nla-qwen2.5-7b-L20-av",
+    "target_verbaliser": "/models/nla-gemma3-27b-L41-av",
+    "corpus": "",  # "" = the shipped corpus; a real run wants ~1M+ paired tokens of chat-shaped text
+}
+
+
+def get_config():
+    c = base_config()
+    c.name = "paper"
+    c.mesh = {"data": -1, "fsdp": 1, "tensor": 8}  # 8 GPUs of a node: tensor parallel; -1 takes the rest
+    c.models.source.path = PATHS["source"]
+    c.models.source.layer = 20
+    c.models.source.dtype = "bfloat16"
+    c.models.source.chat = True
+    c.models.target.path = PATHS["target"]
+    c.models.target.layer = 41
+    c.models.target.dtype = "bfloat16"
+    c.models.target.chat = True
+    c.corpus.path = PATHS["corpus"]
+    c.corpus.max_length = 1024
+    c.corpus.buckets = (256, 512, 1024)
+    c.corpus.batch_size = 64
+    c.ridge.folds = 5
+    c.ridge.lambdas = tuple(float(10.0 ** (e / 2)) for e in range(0, 16))  # 16 lambdas, 1 .. 3e7
+    c.ridge.keep_pairs = 500_000
+    c.sae.path = PATHS["sae"]
+    c.features.method = "random"
+    c.features.n = 45
+    c.controls.n = 45
+    c.controls.mode = "source"
+    c.mapping.scale = "target_norm"
+    for side, key in (("source", "source_verbaliser"), ("target", "target_verbaliser")):
+        v = c.verbalizers[side]
+        v.kind = "nla"
+        v.checkpoint = PATHS[key]
+        v.scale = "fixed"  # the NLA sidecar's injection scale (see crossmap.verbalize.VerbaliserSpec)
+        v.max_new_tokens = 128
+        v.n_samples = 4
+        v.temperature = 0.7
+        v.top_p = 0.95
+        v.batch_size = 128
+        v.dtype = "bfloat16"
+    c.washout.alpha = 0.0
+    c.washout.compare = True
+    c.washout.compare_alpha = 0.5
+    c.washout.n_backgrounds = 4
+    return c

@@ -1,0 +1,71 @@
+"""Timing helpers shared by the `crossmap bench` commands."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+
+def device_info() -> dict:
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device_kind": getattr(dev, "device_kind", "cpu"),
+            "n_devices": jax.device_count(), "jax": jax.__version__, "host": platform.node(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def time_jax(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> dict:
+    """Median wall time of `fn()` (blocking on its outputs) after warm-up calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"median_s": times[len(times) // 2], "min_s": times[0], "all_s": times}
+
+
+def measured_matmul_peak(dtype="bfloat16", n: int = 8192, precision=None) -> dict:
+    """Measured TFLOP/s of an n x n x n matmul: the denominator of crossmap's MFU figures."""
+    if jax.devices()[0].platform == "cpu":
+        n = min(n, 1024)
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, precision=precision))
+    t = time_jax(lambda: f(a, b), warmup=2, repeats=10)
+    return {"dtype": str(dtype), "n": n, "precision": str(precision), "tflops": 2 * n**3 / t["median_s"] / 1e12}
+
+
+def measured_copy_bandwidth(n_bytes: int = 2 << 30) -> dict:
+    """Measured device memory bandwidth (GB/s) of a large on-device copy (read + write counted)."""
+    if jax.devices()[0].platform == "cpu":
+        n_bytes = min(n_bytes, 256 << 20)
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    f = jax.jit(lambda v: v + 1.0)
+    t = time_jax(lambda: f(x), warmup=2, repeats=10)
+    return {"bytes": n_bytes, "gb_per_s": 2 * n_bytes / t["median_s"] / 1e9}
+
+
+def write_json(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=2, default=str)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    print(text)
+
+
+def torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()

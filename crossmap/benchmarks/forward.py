@@ -1,0 +1,145 @@
+"""`crossmap bench forward`: tokens/s and MFU of the truncated forward, side by side with
+transformers' PyTorch forward (output_hidden_states) on the same device.
+
+Weights are random at the real shapes of a config in configs/models/ (no checkpoint needed).
+MFU counts matmul FLOPs (2 x params touched + causal attention) against the bf16 matmul peak
+measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from ..models import config_from_hf, init_random, make_hidden_fn, tiny_config
+from ..sharding import make_mesh
+from .common import device_info, measured_matmul_peak, time_jax, torch_cuda_available, write_json
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="qwen2.5-7b-instruct",
+                   help="a config in configs/models/ (name or path to a config.json), or tiny-<arch> for a smoke run")
+    p.add_argument("--layer", type=int, default=20, help="truncate after this block (0-based; default: paper's 20)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
+                   help="auto: fused cuDNN flash attention on GPU, explicit-mask XLA elsewhere")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-torch", action="store_true", help="skip the transformers peer")
+    p.add_argument("--mesh", default="", help='mesh axis sizes as JSON, e.g. {"data": 1, "tensor": 2}')
+    p.add_argument("--out", default="bench-forward.json")
+
+
+def model_config(name: str):
+    if name.startswith("tiny-"):
+        return tiny_config(name[5:]), None
+    path = Path(name)
+    if not path.exists():
+        path = CONFIG_DIR / f"{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"--model {name!r}: no such config file, and none at {path}")
+    hf = json.loads(path.read_text())
+    return config_from_hf(hf, path.stem), hf
+
+
+def _torch_forward(hf: dict, n_layers: int, batch: int, seq: int, dtype: str, repeats: int) -> dict:
+    """transformers' forward at the same shape with output_hidden_states, on CUDA."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = {k: v for k, v in hf.items() if not k.startswith("_") and k != "architectures"}
+    hf["num_hidden_layers"] = n_layers  # equal work: only the blocks the truncated forward runs
+    cfg = AutoConfig.for_model(**hf)
+    cfg._attn_implementation = "sdpa"
+    tdtype = getattr(torch, dtype)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=tdtype).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")
+
+    def step():
+        with torch.no_grad():
+            out = model.model(input_ids=tokens, output_hidden_states=True)  # decoder only: no LM head
+        return out.hidden_states[-1]
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    model = None  # free the GPU memory before the JAX run
+    gc.collect()
+    torch.cuda.empty_cache()
+    times.sort()
+    return {"median_s": times[len(times) // 2], "layers": n_layers, "attention": "sdpa",
+            "note": "transformers decoder (model.model) with output_hidden_states, same blocks, no LM head"}
+
+
+def run(args: argparse.Namespace) -> dict:
+    # The transformers peer runs first and frees its memory; JAX then allocates on demand rather
+    # than grabbing 75% of the GPU up front, so the two never compete for memory.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    cfg, hf = model_config(args.model)
+    layer = min(args.layer, cfg.n_layers - 1)
+    on_gpu = jax.devices()[0].platform == "gpu"
+    attention = args.attention if args.attention != "auto" else ("cudnn" if on_gpu else "xla")
+    mesh = make_mesh(json.loads(args.mesh) if args.mesh else None)
+    result = {"bench": "forward", "model": args.model, "layer": layer, "batch": args.batch, "seq": args.seq,
+              "dtype": args.dtype, "mesh": dict(mesh.shape), "device": device_info()}
+    n_tokens = args.batch * args.seq
+    flops = cfg.forward_flops_per_token(args.seq, upto_layer=layer) * n_tokens
+    result["model_flops_per_token"] = flops / n_tokens
+    ref = None
+    if not args.no_torch and hf is not None and torch_cuda_available():
+        try:
+            ref = _torch_forward(hf, layer + 1, args.batch, args.seq, args.dtype, args.repeats)
+        except Exception as err:  # noqa: BLE001 - report the peer's failure, keep our numbers
+            result["transformers"] = {"error": f"{type(err).__name__}: {err}"}
+    peak = measured_matmul_peak(args.dtype)
+    result["measured_peak_tflops"] = peak["tflops"]
+    model = init_random(cfg, seed=0, dtype=args.dtype, mesh=mesh)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(args.seq, dtype=np.int32), tokens.shape).copy()
+    valid = np.ones(tokens.shape, bool)
+    tried = [attention] + (["xla"] if attention == "cudnn" else [])
+    for impl in tried:
+        model.attention_impl = None if impl == "xla" else impl
+        fn = make_hidden_fn(model, layer, mesh=mesh)
+        try:
+            t_compile = time.perf_counter()
+            jax.block_until_ready(fn(tokens, positions, valid))
+            result["compile_s"] = time.perf_counter() - t_compile
+            t = time_jax(lambda fn=fn: fn(tokens, positions, valid), warmup=1, repeats=args.repeats)
+        except Exception as err:  # noqa: BLE001 - e.g. cuDNN missing: fall back, and say so
+            result.setdefault("attention_errors", {})[impl] = f"{type(err).__name__}: {str(err)[:400]}"
+            continue
+        result["attention"] = impl
+        break
+    else:
+        raise RuntimeError(f"forward failed with every attention implementation: {result['attention_errors']}")
+    ours = {"median_s": t["median_s"], "tokens_per_s": n_tokens / t["median_s"],
+            "tflops": flops / t["median_s"] / 1e12}
+    ours["mfu"] = ours["tflops"] / peak["tflops"]
+    result["crossmap"] = ours
+    if ref is not None:
+        ref["tokens_per_s"] = n_tokens / ref["median_s"]
+        ref["tflops"] = flops / ref["median_s"] / 1e12
+        ref["mfu"] = ref["tflops"] / peak["tflops"]
+        result["transformers"] = ref
+        result["speedup_vs_transformers"] = ref["median_s"] / ours["median_s"]
+    write_json(result, args.out)
+    return result

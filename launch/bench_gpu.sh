@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU benchmarks behind BENCHMARKS.md, one after another, JSON into OUT_DIR.
+#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize ...]
+set -uo pipefail
+out=${1:?usage: launch/bench_gpu.sh OUT_DIR [bench ...]}
+shift
+benches=${*:-forward ridge verbalize}
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+for b in $benches; do
+  case $b in
+    forward)
+      python3 -m crossmap.cli bench forward --model qwen2.5-7b-instruct --layer 20 --batch 32 --seq 1024 \
+        --out "$out/forward-qwen2.5-7b.json"
+      python3 -m crossmap.cli bench forward --model gemma-3-27b-it --layer 41 --batch 8 --seq 1024 \
+        --out "$out/forward-gemma-3-27b.json" ;;
+    ridge)
+      python3 -m crossmap.cli bench ridge --out "$out/ridge.json" ;;
+    verbalize)
+      python3 -m crossmap.cli bench verbalize --out "$out/verbalize.json" ;;
+  esac
+done
