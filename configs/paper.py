@@ -57,7 +57,7 @@ def get_config():
         v = c.verbalizers[side]
         v.kind = "nla"
         v.checkpoint = PATHS[key]
-        v.scale = "fixed"  # the NLA sidecar's injection scale (see crossmap.verbalize.VerbaliserSpec)
+        v.scale = ""  # the NLA sidecar's own injection scale (see crossmap.verbalize.VerbaliserSpec)
         v.max_new_tokens = 128
         v.n_samples = 4
         v.temperature = 0.7

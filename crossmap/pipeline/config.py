@@ -34,8 +34,8 @@ def _verbaliser(kind: str = "self") -> ml_collections.ConfigDict:
         "checkpoint": "",  # nla: its checkpoint directory (HF weights + NLA sidecar); self: unused
         "prompt": "chat",  # self: "chat" (instruct models) or "base" (few-shot identity prompt)
         "spec": {},  # overrides of VerbaliserSpec fields (template, marker, scale, injection layer...)
-        "scale": "activation",  # injected-vector norm: "activation" (typical norm at the layer), "embedding",
-        # "fixed" (spec.injection_scale) or "none"
+        "scale": "",  # "" = the spec's own policy (self-verbalisers: mean embedding norm; NLA: the sidecar's);
+        # or "activation" (typical residual norm at the layer), "embedding", "fixed" (spec.injection_scale), "none"
         "max_new_tokens": 24,
         "n_samples": 1,
         "temperature": 0.0,  # 0 = greedy
@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mapping = {"scale": "target_norm"}  # unit | target_norm
     c.verbalizers = {"source": _verbaliser(), "target": _verbaliser()}
     c.washout = {
-        "alpha": 0.0,  # 0 = plain decoding; >0 contrastive: logits(dir + bg) - alpha * logits(bg)
+        "alpha": 0.0,  # 0 = off: bare directions; >0: logits(dir + bg) - alpha * logits(bg), over backgrounds
         "n_backgrounds": 4,
         "background_scale": 1.0,  # background norm relative to the injected direction
         "compare": True,  # also run the other setting (on vs off) on the same features and report both
@@ -207,7 +207,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
             problems.append(f"verbalizers.{side}.kind='nla' needs verbalizers.{side}.checkpoint")
         if v.kind == "self" and v.prompt not in ("chat", "base"):
             problems.append(f"verbalizers.{side}.prompt must be 'chat' or 'base' (got {v.prompt!r})")
-        if v.scale not in ("activation", "embedding", "fixed", "none"):
+        if v.scale not in ("", "activation", "embedding", "fixed", "none"):
             problems.append(f"verbalizers.{side}.scale: unknown policy {v.scale!r}")
         if v.n_samples < 1:
             problems.append(f"verbalizers.{side}.n_samples must be >= 1")

@@ -250,6 +250,91 @@ def alpha_key(alpha: float) -> str:
     return f"alpha={alpha:g}"
 
 
+def build_verbaliser(run: Run, side: str):
+    """The configured verbaliser of one side: the model itself (self) or a released NLA checkpoint."""
+    from ..models import load_model
+    from ..verbalize import Verbaliser, load_verbaliser_spec, self_verbaliser_spec
+
+    v = run.config.verbalizers[side]
+    overrides = dict(v.spec)
+    if v.kind == "self":
+        lm = run.model(side)
+        spec = self_verbaliser_spec(v.prompt, lm.tokenizer, **overrides)
+    else:
+        lm = load_model(v.checkpoint, dtype=v.dtype or run.config.models[side].dtype, mesh=run.mesh)
+        spec = load_verbaliser_spec(v.checkpoint, overrides)
+    if v.scale:
+        changes = {"scale_policy": v.scale}
+        if v.scale == "activation":  # the typical residual norm at this side's layer, measured in `map`
+            norms = _load_json(run.stage_dir("map") / "summary.json")["norms"]
+            changes["injection_scale"] = norms[f"{side}_median_norm"]
+        spec = spec.replace(**changes)
+    return Verbaliser(lm.model, lm.tokenizer, spec, mesh=run.mesh), lm
+
+
+def run_verbalize(run: Run, side: str) -> None:
+    """Explain this side's vectors under each washout setting, a chunk at a time.
+
+    Source: the SAE features' own decoder directions.  Target: the mapped directions, then the
+    controls.  Washout alpha 0 means bare directions (as in the reference experiment); alpha > 0
+    explains direction + real background activations and subtracts the backgrounds' logits.
+    Finished chunks are kept in partial.json, so a killed stage resumes where it stopped.
+    """
+    from ..verbalize import WashoutConfig
+
+    c = run.config
+    v = c.verbalizers[side]
+    out = run.stage_dir(f"verbalize_{side}")
+    dirs = load_directions(run)
+    groups = {"features": dirs["source"]} if side == "source" else {"features": dirs["mapped"],
+                                                                     "controls": dirs["controls"]}
+    pairs = load_pairs(run)
+    acts = pairs["x" if side == "source" else "y"]
+    rng = np.random.default_rng(c.seed + (11 if side == "source" else 13))
+    backgrounds = acts[rng.choice(len(acts), size=c.washout.n_backgrounds, replace=False)]
+    verbaliser, lm = build_verbaliser(run, side)
+    partial_path = out / "partial.json"
+    partial = _load_json(partial_path) if partial_path.exists() else {}
+    chunk = max(1, v.batch_size // max(1, v.n_samples))
+    t0 = time.perf_counter()
+    for alpha in washout_settings(run):
+        key = alpha_key(alpha)
+        washout = None if alpha == 0 else WashoutConfig(alpha=alpha, n_backgrounds=c.washout.n_backgrounds,
+                                                        direction_scale=c.washout.background_scale)
+        if washout is not None:  # 2 x n_backgrounds rows per vector and sample
+            chunk = max(1, v.batch_size // (v.n_samples * 2 * c.washout.n_backgrounds))
+        for name, vectors in groups.items():
+            for start in range(0, len(vectors), chunk):
+                slot = f"{key}/{name}/{start}"
+                if slot in partial:
+                    continue
+                explanations = verbaliser.explain(
+                    vectors[start:start + chunk], n_samples=v.n_samples, max_new_tokens=v.max_new_tokens,
+                    temperature=v.temperature, top_p=v.top_p, seed=c.seed * 100_003 + start,
+                    washout=washout, backgrounds=None if washout is None else backgrounds,
+                    batch_size=v.batch_size, progress=False)
+                partial[slot] = {"parsed": [e.parsed for e in explanations], "raw": [e.raw for e in explanations]}
+                _save_json(partial_path, partial)
+                _log(f"verbalize_{side}: {key} {name} {start + len(explanations)}/{len(vectors)}")
+    settings = {}
+    for alpha in washout_settings(run):
+        key = alpha_key(alpha)
+        settings[key] = {}
+        for name, vectors in groups.items():
+            parsed, raw = [], []
+            for slot in sorted((s for s in partial if s.startswith(f"{key}/{name}/")),
+                               key=lambda s: int(s.rsplit("/", 1)[1])):
+                parsed += partial[slot]["parsed"]
+                raw += partial[slot]["raw"]
+            settings[key][name] = parsed
+            settings[key][f"{name}_raw"] = raw
+    _save_json(out / "explanations.json", {
+        "side": side, "model": lm.model_id, "spec": verbaliser.spec.__dict__ | {"extra": dict(verbaliser.spec.extra)},
+        "prompt": verbaliser.prompt.text, "settings": settings, "seconds": time.perf_counter() - t0})
+    first = settings[alpha_key(washout_settings(run)[0])]["features"][:3]
+    _log(f"verbalize_{side}: e.g. {[s[0] for s in first]}")
+
+
 # ---------------------------------------------------------------------------------------- evaluate
 def run_evaluate(run: Run) -> None:
     from .. import evaluate as ev
