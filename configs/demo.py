@@ -12,6 +12,11 @@ prompt for the base Gemma).  Sized to finish in about 15 minutes on a 2-core CPU
 
 from crossmap.pipeline import base_config
 
+DEFINITION_PROMPT = ('"cat" means a small domesticated feline animal.\n'
+                     '"run" means to move quickly on foot.\n'
+                     '"bank" means a financial institution that keeps money.\n'
+                     '"?" means')
+
 
 def get_config():
     c = base_config()
@@ -38,6 +43,11 @@ def get_config():
     c.controls.n = 32
     c.verbalizers.source.prompt = "chat"
     c.verbalizers.target.prompt = "base"
+    # Gemma-3-270M is a base model: a few-shot *definition* prompt (the vector injected at "?") makes it
+    # answer in the same form as the instruct Qwen's 'What does "X" mean?' answers; the plain identity
+    # preset ("cat -> cat ...") mostly echoes its own examples at this size.
+    with c.verbalizers.target.unlocked():
+        c.verbalizers.target.spec = {"prompt_template": DEFINITION_PROMPT, "stop_strings": ("\n",)}
     for side in ("source", "target"):
         c.verbalizers[side].max_new_tokens = 16
         c.verbalizers[side].batch_size = 32

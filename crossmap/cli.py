@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return pipeline.main_from_cli(args, extra)
-    except (KeyError, ValueError, FileNotFoundError) as err:
+    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as err:
         # config and input errors name the field or file at fault: print them without a traceback
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"crossmap run: {message}", file=sys.stderr)

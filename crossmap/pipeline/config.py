@@ -36,6 +36,8 @@ def _verbaliser(kind: str = "self") -> ml_collections.ConfigDict:
         "spec": {},  # overrides of VerbaliserSpec fields (template, marker, scale, injection layer...)
         "scale": "",  # "" = the spec's own policy (self-verbalisers: mean embedding norm; NLA: the sidecar's);
         # or "activation" (typical residual norm at the layer), "embedding", "fixed" (spec.injection_scale), "none"
+        "injection_layer": -1,  # -1 = the spec's; 0 = input embeddings; L = residual after block L-1
+        "injection_mode": "",  # "" = the spec's; "replace" or "add"
         "max_new_tokens": 24,
         "n_samples": 1,
         "temperature": 0.0,  # 0 = greedy
@@ -209,6 +211,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             problems.append(f"verbalizers.{side}.prompt must be 'chat' or 'base' (got {v.prompt!r})")
         if v.scale not in ("", "activation", "embedding", "fixed", "none"):
             problems.append(f"verbalizers.{side}.scale: unknown policy {v.scale!r}")
+        if v.injection_mode not in ("", "replace", "add"):
+            problems.append(f"verbalizers.{side}.injection_mode must be '', 'replace' or 'add' (got {v.injection_mode!r})")
         if v.n_samples < 1:
             problems.append(f"verbalizers.{side}.n_samples must be >= 1")
         if v.n_samples > 1 and v.temperature == 0.0:

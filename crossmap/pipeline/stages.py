@@ -263,6 +263,10 @@ def build_verbaliser(run: Run, side: str):
     else:
         lm = load_model(v.checkpoint, dtype=v.dtype or run.config.models[side].dtype, mesh=run.mesh)
         spec = load_verbaliser_spec(v.checkpoint, overrides)
+    if v.injection_layer >= 0:
+        spec = spec.replace(injection_layer=int(v.injection_layer))
+    if v.injection_mode:
+        spec = spec.replace(injection_mode=v.injection_mode)
     if v.scale:
         changes = {"scale_policy": v.scale}
         if v.scale == "activation":  # the typical residual norm at this side's layer, measured in `map`
@@ -320,7 +324,7 @@ def run_verbalize(run: Run, side: str) -> None:
     for alpha in washout_settings(run):
         key = alpha_key(alpha)
         settings[key] = {}
-        for name, vectors in groups.items():
+        for name in groups:
             parsed, raw = [], []
             for slot in sorted((s for s in partial if s.startswith(f"{key}/{name}/")),
                                key=lambda s: int(s.rsplit("/", 1)[1])):

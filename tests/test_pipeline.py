@@ -1,0 +1,137 @@
+"""The config-driven pipeline on tiny random models: end to end, stage skipping, resume after a
+kill gives the numbers of an uninterrupted run, config overrides and errors, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crossmap.pipeline import apply_overrides, load_config, run_experiment, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.py"
+
+
+def _config(run_dir, *overrides):
+    c = load_config(TINY)
+    apply_overrides(c, [f"--config.run_dir={run_dir}", *overrides])
+    return c
+
+
+def _numbers(run_dir: Path) -> dict:
+    ev = json.loads((run_dir / "evaluate" / "evaluation.json").read_text())
+    src = json.loads((run_dir / "verbalize_source" / "explanations.json").read_text())["settings"]
+    tgt = json.loads((run_dir / "verbalize_target" / "explanations.json").read_text())["settings"]
+    fit = json.loads((run_dir / "map" / "summary.json").read_text())["fit"]
+    sae = json.loads((run_dir / "sae" / "summary.json").read_text())["heldout"]
+    return {"summary": {k: r["summary"] for k, r in ev["results"].items()}, "src": src, "tgt": tgt,
+            "r2": fit["heldout_r2"], "lambda": fit["lambda"], "fve": sae["fve"]}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full")
+    run = run_experiment(_config(run_dir))
+    return run_dir, run
+
+
+def test_full_run_writes_every_stage_and_report(full_run):
+    run_dir, _ = full_run
+    for stage in ("map", "sae", "features", "verbalize_source", "verbalize_target", "evaluate", "report"):
+        assert (run_dir / stage / "done.json").exists(), stage
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "mean lift" in report.splitlines()[2]
+    assert (run_dir / "report" / "figures" / "similarity_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    numbers = _numbers(run_dir)
+    assert set(numbers["summary"]) == {"alpha=0", "alpha=0.5"}  # washout off and on, same features
+    n = len(json.loads((run_dir / "features" / "features.json").read_text())["features"])
+    assert len(numbers["src"]["alpha=0"]["features"]) == n == len(numbers["tgt"]["alpha=0.5"]["features"])
+    # the map stage kept the ridge map with its metadata
+    from crossmap.ridge import MetadataMismatchError, load_map
+
+    ridge_map, meta = load_map(run_dir / "map" / "ridge_map", expect={"source_layer": 2, "target_layer": 4})
+    assert meta["source_model"] == "tiny-qwen2-0" and ridge_map.W.shape == (64, 64)
+    with pytest.raises(MetadataMismatchError, match="target_layer"):
+        load_map(run_dir / "map" / "ridge_map", expect={"target_layer": 5})
+
+
+def test_finished_stages_are_skipped_and_changed_config_reruns_only_downstream(full_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(full_run[0], run_dir)  # the shared run stays as it was for the other tests
+    before = {s: (run_dir / s / "done.json").stat().st_mtime_ns for s in ("map", "sae", "features")}
+    run_experiment(_config(run_dir))
+    assert all((run_dir / s / "done.json").stat().st_mtime_ns == t for s, t in before.items())
+    c = _config(run_dir, "--config.evaluate.n_bootstrap=300")
+    rerun = run_experiment(c)
+    assert rerun.is_done("evaluate")
+    assert (run_dir / "map" / "done.json").stat().st_mtime_ns == before["map"]
+    assert (run_dir / "evaluate" / "done.json").stat().st_mtime_ns > before["features"]
+
+
+def test_killed_run_resumes_to_the_same_numbers(full_run, tmp_path):
+    full_dir, _ = full_run
+    run_dir = tmp_path / "resumed"
+    # "killed" after the SAE stage, and midway through the target verbaliser: only some chunks done
+    run_experiment(_config(run_dir), only=("map", "sae", "features", "verbalize_source"))
+    partial_cfg = _config(run_dir, "--config.verbalizers.target.batch_size=2")
+    with pytest.raises(RuntimeError):
+        run_experiment(partial_cfg, only=("evaluate",))  # inputs missing: a clear error
+    c = _config(run_dir)
+    from crossmap.pipeline.run import Run
+    from crossmap.pipeline.stages import run_verbalize
+
+    r = Run(c)
+    run_verbalize(r, "target")  # finish once, then drop half the chunks as a kill would leave them
+    partial = json.loads((run_dir / "verbalize_target" / "partial.json").read_text())
+    kept = dict(list(partial.items())[: len(partial) // 2])
+    (run_dir / "verbalize_target" / "partial.json").write_text(json.dumps(kept))
+    (run_dir / "verbalize_target" / "explanations.json").unlink()
+    run_experiment(c)
+    assert _numbers(run_dir) == _numbers(full_dir)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    c = load_config(TINY)
+    with pytest.raises(KeyError, match="ridge.foldz"):
+        apply_overrides(c, ["--config.ridge.foldz=3"])
+    with pytest.raises(ValueError, match="ridge.folds"):
+        apply_overrides(c, ["--config.ridge.folds=three"])
+    c = load_config(TINY)
+    apply_overrides(c, ["--config.ridge.folds=1"])
+    with pytest.raises(ValueError, match="ridge.folds=1 cannot choose among 3 ridge.lambdas"):
+        validate(c)
+    c = load_config(TINY)
+    apply_overrides(c, ["--config.verbalizers.source.n_samples=3"])
+    with pytest.raises(ValueError, match="temperature"):
+        validate(c)
+    c = load_config(TINY)
+    apply_overrides(c, ["--config.features.method=explicit"])
+    with pytest.raises(ValueError, match="features.indices"):
+        validate(c)
+
+
+def test_cli_help_and_errors(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "crossmap.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "ridge map" in out.stdout and "bench" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "crossmap.cli", "run", "--help"], capture_output=True, text=True)
+    assert "--config.FIELD=VALUE" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "crossmap.cli", "run", "--config", str(TINY),
+                          "--config.ridge.nope=1"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown field 'ridge.nope'" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "crossmap.cli", "run", "--config", str(tmp_path / "none.py")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "none.py" in out.stderr
+
+
+def test_configs_load_and_validate():
+    for name in ("demo", "paper", "tiny"):
+        c = load_config(ROOT / "configs" / f"{name}.py")
+        validate(c)
+    paper = load_config(ROOT / "configs" / "paper.py")
+    assert paper.models.source.layer == 20 and paper.models.target.layer == 41 and paper.features.n == 45
