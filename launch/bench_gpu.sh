@@ -18,6 +18,6 @@ for b in $benches; do
     ridge)
       python3 -m crossmap.cli bench ridge --out "$out/ridge.json" ;;
     verbalize)
-      python3 -m crossmap.cli bench verbalize --out "$out/verbalize.json" ;;
+      python3 -m crossmap.cli bench verbalize --preset 7b --out "$out/verbalize-qwen2.5-7b.json" ;;
   esac
 done

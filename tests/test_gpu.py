@@ -42,9 +42,9 @@ def test_reference_scale_shapes_and_attention_paths(name, layer):
 
     cfg, model = _model(name)
     assert abs(cfg.param_count() - model_param_count(model)) == 0
-    tokens, positions, valid = _batch(cfg, 2, 1280)  # longer than Gemma's 1024-token window
+    tokens, positions, valid = _batch(cfg, 2, 1152)  # longer than Gemma's 1024-token window
     h_xla = make_hidden_fn(model, layer)(tokens, positions, valid)
-    assert h_xla.shape == (2, 1280, cfg.d_model) and h_xla.dtype == jnp.bfloat16
+    assert h_xla.shape == (2, tokens.shape[1], cfg.d_model) and h_xla.dtype == jnp.bfloat16
     model.attention_impl = "cudnn"
     h_cudnn = make_hidden_fn(model, layer)(tokens, positions, valid)
     a = np.asarray(h_xla, np.float32)[valid]
@@ -53,7 +53,11 @@ def test_reference_scale_shapes_and_attention_paths(name, layer):
     rel = np.linalg.norm(a - b) / np.linalg.norm(a)
     assert rel < 3e-2, f"cudnn vs xla attention differ by {rel:.3g}"
     model.attention_impl = None
-    logits = jax.jit(lambda t, p, v: model.logits(t, p, v))(tokens[:, :64], positions[:, :64], valid[:, :64])
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)  # parameters as jit arguments, never as baked-in constants
+    logits = jax.jit(lambda s, t, p, v: nnx.merge(graphdef, s).logits(t, p, v))(
+        state, tokens[:, :64], positions[:, :64], valid[:, :64])
     assert logits.shape == (2, 64, cfg.vocab_size) and np.isfinite(np.asarray(logits[0])).all()
     model = h_xla = h_cudnn = logits = None  # free the device before the next size
     gc.collect()

@@ -1,0 +1,458 @@
+"""Batched autoregressive generation on the Flax ports, with vectors injected during prefill.
+
+One jitted function does the whole generation: prefill of the (left-padded) prompts into a
+preallocated KV cache, then a `lax.while_loop` of single-token decode steps that stops when
+every row has produced a stop token or `max_new_tokens` tokens exist.  Nothing leaves the
+device between steps.
+
+Layout of one batch (B rows, prompt bucket P, N = max_new_tokens, cache length S = P + N):
+
+    slot      0 .. P-1                      P .. P+N-1
+    row r     [pad ... pad | prompt tokens] [generated tokens]
+    position  0 ...  0     | 0 1 .. len-1   len len+1 ...          (rope position, per row)
+
+* Prompts are LEFT padded so every row's next token goes to the same cache slot (P + t); rope
+  positions start at 0 at each row's first real token; `kv_valid` is False on pad slots.
+* The cache holds every slot for every layer, sliding-window layers included: the ports mask
+  keys more than `sliding_window` slots back (slot distance equals position distance for real
+  tokens, since pads only precede them), so a full-length cache with the window mask is exact;
+  it costs memory (S slots instead of the window) but not correctness.
+* Slots P.. are marked valid from the start: causality (key slot <= query slot) hides the
+  future ones, so `kv_valid` is a loop constant.
+* Rows come in *groups* of `group_size` consecutive rows that share every chosen token: the
+  next-token logits of a group are combined as sum_r w_r * logits_r (`group_weights`) before
+  choosing.  Plain generation is group_size 1; background washout (see verbaliser.py) puts a
+  direction-plus-background and a background-only row in one group with weights (1/n, -a/n).
+  Combining raw logits or log-probabilities gives the same choice (they differ by one constant
+  per row, and the weights sum to a constant), so raw logits are used.
+* Shapes are bucketed (batch up to a power of two that the data axes divide, prompt length up
+  to a power of two >= 16) so a run over many batches compiles a handful of programs only.
+
+The KV cache never crosses the jit boundary: it is created inside the function and carried by
+the while loop, which XLA updates in place (dynamic_update_slice on a loop carry), so there is
+nothing to donate and no per-step copy.
+
+Prefill runs through `Transformer.run` (which owns the injection hooks); decode steps run through
+`decode_step`, the same blocks with the cache stored heads-major ([B, K, S, H], transposed once
+after prefill) so that the attention dots need no per-step transpose of the cache
+(`decode_impl="model"` decodes through `Transformer.run` instead; tests check both agree).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from .. import sharding as shd
+from ..models.layers import apply_rope, rope_tables
+
+Array = jax.Array
+
+INJECTION_MODES = ("replace", "add")
+MIN_LENGTH_BUCKET = 16
+DECODE_IMPLS = ("heads_major", "model")
+
+
+@dataclass(frozen=True)
+class Injection:
+    """Vectors placed into the prompts during prefill (never during decode).
+
+    vectors: [B, D] float, already scaled (see `verbaliser.scale_vectors`).
+    positions: [B] int, index of the injected token in each row's *unpadded* prompt; -1 = none.
+    layer: 0 = the input embeddings; L >= 1 = the residual stream after decoder block L-1,
+        i.e. what transformers calls `hidden_states[L]` (so layer L is the input of block L).
+    mode: "replace" (the embedding / residual at that token becomes the vector) or "add".
+    """
+
+    vectors: np.ndarray | Array
+    positions: np.ndarray | Sequence[int]
+    layer: int = 0
+    mode: str = "replace"
+
+
+@dataclass
+class GenerationResult:
+    """Output of `generate` for the caller's rows (bucket padding removed).
+
+    tokens: [B, N] int32 generated tokens; the stop token is kept, later slots hold `pad_id`.
+    lengths: [B] tokens generated, the stop token included.
+    stopped: [B] True where a stop token ended the row (False: it hit max_new_tokens).
+    logits: [B // group_size, N, V] float32 combined next-token logits that chose each token
+        (only with return_logits=True; rows past `lengths` hold the logits of done rows).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    stopped: np.ndarray
+    logits: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# buckets
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def length_bucket(n: int, minimum: int = MIN_LENGTH_BUCKET) -> int:
+    """Prompt-length bucket: the next power of two, at least `minimum`."""
+    return max(minimum, _next_pow2(n))
+
+
+def batch_bucket(n_groups: int, shards: int = 1) -> int:
+    """Group-count bucket: next power of two, rounded up to a multiple of `shards` (data axes)."""
+    b = max(_next_pow2(n_groups), 1)
+    return int(math.ceil(b / shards) * shards)
+
+
+def batch_shards(mesh: Mesh | None, rules: dict | None = None) -> int:
+    """How many ways the batch axis is split on `mesh` (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    spec = shd.logical_to_spec(("batch",), rules, mesh)[0]
+    if spec is None:
+        return 1
+    axes = (spec,) if isinstance(spec, str) else tuple(spec)
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+# ---------------------------------------------------------------------------------------------
+# token choice
+
+def top_p_filter(logits: Array, top_p: Array) -> Array:
+    """Keep the smallest set of highest-probability tokens whose mass reaches `top_p` (nucleus).
+
+    logits [n, V] (already divided by the temperature); the rest become -inf.  A token is kept
+    when the probability mass strictly above it is < top_p, so the top token always stays.
+    """
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def _choose(logits: Array, key: Array, group_weights: Array, temperature: Array, top_p: Array, *,
+            group_size: int, greedy: bool, use_top_p: bool) -> tuple[Array, Array]:
+    """Combine logits [B, V] over groups and choose one token per group, repeated to [B]."""
+    b, v = logits.shape
+    if group_size == 1:
+        combined = logits
+    else:
+        combined = jnp.einsum("ngv,g->nv", logits.reshape(b // group_size, group_size, v), group_weights)
+    if greedy:
+        chosen = jnp.argmax(combined, axis=-1)
+    else:
+        scaled = combined / temperature
+        if use_top_p:
+            scaled = top_p_filter(scaled, top_p)
+        chosen = jax.random.categorical(key, scaled, axis=-1)
+    chosen = chosen.astype(jnp.int32)
+    if group_size > 1:
+        chosen = jnp.repeat(chosen, group_size, axis=0)
+    return chosen, combined
+
+
+# ---------------------------------------------------------------------------------------------
+# one decode step with a heads-major cache
+
+def to_heads_major(cache: list) -> list:
+    """[B, S, K, H] (Transformer.init_cache / run layout) -> [B, K, S, H] per layer."""
+    return [(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) for k, v in cache]
+
+
+def decode_step(model, x: Array, positions: Array, slot: Array, kv_valid: Array, cache: list):
+    """One token per row (x [B, 1, D]) through every block, reading and writing a heads-major cache
+    (k, v each [B, K, S, H]); returns (residual after the last block, new cache).
+
+    Same arithmetic as `Transformer.run(x, positions, kv_valid, q_index=slot, cache=...)` (it reuses
+    each block's norms, projections and MLP), but with the cache's slot axis next to head_dim the
+    two attention dots are plain batched matmuls over (batch, kv head): with run's [B, S, K, H]
+    layout XLA transposes every layer's whole cache on every step, which costs more than reading it.
+    """
+    cfg = model.config
+    batch = x.shape[0]
+    tables = {"full": rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
+    if "sliding" in cfg.layer_types:
+        tables["sliding"] = rope_tables(positions, cfg.head_dim, cfg.rope_local_theta or cfg.rope_theta)
+    key_slots = jnp.arange(kv_valid.shape[1])
+    visible = kv_valid & (key_slots[None, :] <= slot)  # [B, S]
+    new_cache = []
+    for block, (k_cache, v_cache) in zip(model.layers, cache, strict=True):
+        attn = block.attn
+        h = block.input_norm(x)
+        q = jnp.einsum("btd,dnh->btnh", h, attn.q[...])
+        k = jnp.einsum("btd,dkh->btkh", h, attn.k[...])
+        v = jnp.einsum("btd,dkh->btkh", h, attn.v[...])
+        if attn.q_bias is not None:
+            q, k, v = q + attn.q_bias[...], k + attn.k_bias[...], v + attn.v_bias[...]
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = tables[block.layer_type]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
+                                                      slot, axis=2)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                                      slot, axis=2)
+        new_cache.append((k_cache, v_cache))
+        mask = visible if attn.window is None else visible & (slot - key_slots[None, :] < attn.window)
+        n_kv, head_dim = k_cache.shape[1], k_cache.shape[3]
+        qg = q.reshape(batch, n_kv, attn.n_heads // n_kv, head_dim)  # t = 1
+        logits = jnp.einsum("bkgh,bksh->bkgs", qg, k_cache, preferred_element_type=jnp.float32) * attn.scale
+        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
+        out = jnp.einsum("bkgs,bksh->bkgh", probs, v_cache).reshape(batch, 1, attn.n_heads, head_dim)
+        h = jnp.einsum("btnh,nhd->btd", out, attn.o[...])
+        if block.post_attn_norm is not None:
+            h = block.post_attn_norm(h)
+        x = x + h
+        h = block.mlp(block.pre_mlp_norm(x))
+        if block.post_mlp_norm is not None:
+            h = block.post_mlp_norm(h)
+        x = x + h
+    return x, new_cache
+
+
+# ---------------------------------------------------------------------------------------------
+# the jitted program
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "use_top_p", "inject_layer",
+                                   "inject_mode", "group_size", "return_logits", "decode_impl", "mesh",
+                                   "rules_items"))
+def _generate_program(state, tokens, valid, active, inj_vectors, inj_slots, group_weights, stop_ids, key,
+                      temperature, top_p, pad_id, *, graphdef, max_new_tokens: int, greedy: bool,
+                      use_top_p: bool, inject_layer: int | None, inject_mode: str, group_size: int,
+                      return_logits: bool, decode_impl: str, mesh: Mesh | None, rules_items: tuple | None):
+    model = nnx.merge(graphdef, state)
+    rules = dict(rules_items) if rules_items is not None else None
+    batch, prompt_len = tokens.shape
+    n_new = max_new_tokens
+    cache_len = prompt_len + n_new
+
+    def constrain_batch(x):
+        return shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh, rules)
+
+    positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+    row_lengths = valid.sum(axis=1).astype(jnp.int32)
+    kv_valid = jnp.concatenate([valid, jnp.ones((batch, n_new), bool)], axis=1)
+
+    # -- prefill, with the injection ---------------------------------------------------------
+    x = model.embed_tokens(tokens)
+    residual_add = None
+    if inject_layer is not None:
+        at_marker = (jnp.arange(prompt_len)[None, :] == inj_slots[:, None])[..., None]  # [B, P, 1]
+        vec = inj_vectors[:, None, :]
+        if inject_layer == 0:
+            vec = vec.astype(x.dtype)
+            x = jnp.where(at_marker, vec if inject_mode == "replace" else x + vec, x)
+        else:
+            delta = vec.astype(jnp.float32)
+            if inject_mode == "replace":
+                # The residual at the marker must *become* the vector: run the blocks before the
+                # injection point once (no cache) to learn what is there, then add the difference.
+                before, _ = model.run(x, positions, valid, stop_after=inject_layer - 1)
+                delta = delta - before.astype(jnp.float32)
+            residual_add = (inject_layer - 1, jnp.where(at_marker, delta, 0.0))
+    cache = model.init_cache(batch, cache_len)
+    cache = [(shd.constrain(k, ("batch", "length", "kv_heads", "head_dim"), mesh, rules),
+              shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"), mesh, rules)) for k, v in cache]
+    q_index = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32)[None], (batch, prompt_len))
+    hidden, cache = model.run(x, positions, kv_valid, q_index=q_index, cache=cache, residual_add=residual_add)
+    logits = model.head(hidden[:, -1:])[:, 0]  # left padding: the last slot is every row's last token
+    if decode_impl == "heads_major":
+        cache = [(shd.constrain(k, ("batch", "kv_heads", "length", "head_dim"), mesh, rules),
+                  shd.constrain(v, ("batch", "kv_heads", "length", "head_dim"), mesh, rules))
+                 for k, v in to_heads_major(cache)]
+
+    choose = partial(_choose, group_weights=group_weights, temperature=temperature, top_p=top_p,
+                     group_size=group_size, greedy=greedy, use_top_p=use_top_p)
+
+    def is_stop(tok):
+        return (tok[:, None] == stop_ids[None, :]).any(axis=-1)
+
+    done0 = ~active
+    tok0, comb0 = choose(logits, jax.random.fold_in(key, 0))
+    tok0 = jnp.where(done0, pad_id, tok0)
+    out = jnp.full((batch, n_new), pad_id, jnp.int32).at[:, 0].set(tok0)
+    lengths = jnp.where(done0, 0, 1).astype(jnp.int32)
+    done = done0 | is_stop(tok0)
+    logit_log = None
+    if return_logits:
+        logit_log = jnp.zeros((comb0.shape[0], n_new, comb0.shape[1]), jnp.float32).at[:, 0].set(comb0)
+
+    # -- decode --------------------------------------------------------------------------------
+    def cond(carry):
+        t, _, _, _, done, _, _ = carry
+        return (t < n_new) & ~jnp.all(done)
+
+    def body(carry):
+        t, cur, out, lengths, done, cache, logit_log = carry
+        slot = prompt_len + t - 1  # where the token being fed (cur) goes
+        x = model.embed_tokens(cur[:, None])
+        pos = (row_lengths + t - 1)[:, None]
+        if decode_impl == "heads_major":
+            hidden, cache = decode_step(model, x, pos, slot, kv_valid, cache)
+        else:
+            q_idx = jnp.full((batch, 1), slot, jnp.int32)
+            hidden, cache = model.run(x, pos, kv_valid, q_index=q_idx, cache=cache)
+        step_logits = model.head(hidden)[:, 0]
+        tok, comb = choose(step_logits, jax.random.fold_in(key, t))
+        tok = jnp.where(done, pad_id, tok)
+        out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], t, axis=1)
+        lengths = lengths + (~done).astype(jnp.int32)
+        if logit_log is not None:
+            logit_log = jax.lax.dynamic_update_slice_in_dim(logit_log, comb[:, None], t, axis=1)
+        return t + 1, tok, out, lengths, done | is_stop(tok), cache, logit_log
+
+    carry = (jnp.int32(1), tok0, out, lengths, done, cache, logit_log)
+    _, _, out, lengths, done, _, logit_log = jax.lax.while_loop(cond, body, carry)
+    stopped = done & active
+    out, lengths, stopped = constrain_batch(out), constrain_batch(lengths), constrain_batch(stopped)
+    return out, lengths, stopped, logit_log
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+def _as_key(seed_or_key) -> Array:
+    """An int seed or a PRNG key (typed, or raw uint32 data from jax.random.PRNGKey) -> typed key."""
+    if isinstance(seed_or_key, (int, np.integer)):
+        return jax.random.key(int(seed_or_key))
+    if jnp.issubdtype(seed_or_key.dtype, jax.dtypes.prng_key):
+        return seed_or_key
+    return jax.random.wrap_key_data(jnp.asarray(seed_or_key))
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[np.ndarray]:
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
+        raise ValueError("prompts must be a batch: a list of token-id sequences or a 2-D array, got a 1-D array")
+    rows = [np.asarray(p) for p in prompts]
+    if not rows:
+        raise ValueError("prompts is empty: nothing to generate")
+    for i, r in enumerate(rows):
+        if r.ndim != 1 or r.size == 0:
+            raise ValueError(f"prompt {i} must be a non-empty 1-D sequence of token ids, got shape {r.shape}")
+        if not np.issubdtype(r.dtype, np.integer):
+            raise ValueError(f"prompt {i} holds {r.dtype} values; token ids must be integers")
+        if r.min() < 0 or r.max() >= vocab_size:
+            raise ValueError(f"prompt {i} has token id {int(r.max() if r.max() >= vocab_size else r.min())} "
+                             f"outside the vocabulary [0, {vocab_size})")
+    return rows
+
+
+def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray, *, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_p: float = 1.0, key: int | Array = 0,
+             stop_token_ids: Sequence[int] | None = None, use_model_eos: bool = True,
+             injection: Injection | None = None, group_size: int = 1,
+             group_weights: Sequence[float] | None = None, pad_id: int | None = None,
+             mesh: Mesh | None = None, rules: dict | None = None, length_bucket_min: int = MIN_LENGTH_BUCKET,
+             batch_size_bucket: int | None = None, return_logits: bool = False,
+             decode_impl: str = "heads_major") -> GenerationResult:
+    """Generate up to `max_new_tokens` tokens after each prompt (ragged lengths are left padded).
+
+    model: a crossmap `Transformer`.  prompts: B token-id sequences (or a [B, T] array, every row
+    real).  temperature <= 0 is greedy (argmax); otherwise softmax sampling at `temperature`,
+    restricted to the top-`top_p` nucleus when top_p < 1, with `key` (an int seed or a jax PRNG
+    key; step t uses fold_in(key, t)).  A row stops after a token in `stop_token_ids` (plus the
+    model config's `eos_token_ids` when `use_model_eos`); later slots hold `pad_id`.
+
+    group_size / group_weights: consecutive groups of rows share each chosen token, picked from
+    sum_r w_r * logits_r (see the module docstring); B must be a multiple of group_size.
+    mesh: batch split over the data axes (parameters stay where they are placed).  Batch and
+    prompt length are padded up to buckets so repeated calls reuse compiled programs;
+    `batch_size_bucket` fixes the padded group count instead (>= the groups in this call).
+    decode_impl: "heads_major" (default; `decode_step` on a [B, K, S, H] copy of the prefill cache)
+    or "model" (every step through `Transformer.run` on its [B, S, K, H] cache; slower on GPU).
+    """
+    cfg = model.config
+    rows = _check_prompts(prompts, cfg.vocab_size)
+    n_rows = len(rows)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if decode_impl not in DECODE_IMPLS:
+        raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
+    if group_size < 1 or n_rows % group_size:
+        raise ValueError(f"{n_rows} prompts do not split into groups of group_size={group_size}")
+    weights = np.ones(group_size, np.float32) if group_weights is None else np.asarray(group_weights, np.float32)
+    if weights.shape != (group_size,):
+        raise ValueError(f"group_weights has shape {weights.shape}, expected ({group_size},)")
+    if not np.isfinite(temperature) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need a finite temperature and 0 < top_p <= 1, got temperature={temperature}, "
+                         f"top_p={top_p}")
+    stops = list(stop_token_ids or []) + (list(cfg.eos_token_ids) if use_model_eos else [])
+    stop_ids = np.asarray(sorted(set(int(s) for s in stops)), np.int32)
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (stops[0] if stops else 0)
+
+    # -- buckets: pad the prompt length and the number of groups ---------------------------------
+    shards = batch_shards(mesh, rules)
+    n_groups = n_rows // group_size
+    groups_bucket = batch_bucket(n_groups, shards) if batch_size_bucket is None else int(batch_size_bucket)
+    if groups_bucket < n_groups or groups_bucket * group_size % shards:
+        raise ValueError(f"batch_size_bucket={batch_size_bucket} cannot hold {n_groups} groups split {shards} ways")
+    batch = groups_bucket * group_size
+    longest = max(len(r) for r in rows)
+    prompt_len = length_bucket(longest, length_bucket_min)
+    tokens = np.full((batch, prompt_len), pad_id, np.int32)
+    valid = np.zeros((batch, prompt_len), bool)
+    for i in range(batch):
+        r = rows[i] if i < n_rows else rows[i % group_size]  # filler rows copy a real group
+        tokens[i, prompt_len - len(r):] = r
+        valid[i, prompt_len - len(r):] = True
+    active = np.arange(batch) < n_rows
+
+    # -- injection --------------------------------------------------------------------------------
+    inject_layer = None
+    inject_mode = "replace"
+    inj_vectors = np.zeros((batch, 1), np.float32)
+    inj_slots = np.full((batch,), -1, np.int32)
+    if injection is not None:
+        inject_layer, inject_mode = int(injection.layer), injection.mode
+        if inject_mode not in INJECTION_MODES:
+            raise ValueError(f"injection.mode must be one of {INJECTION_MODES}, got {inject_mode!r}")
+        if not 0 <= inject_layer <= cfg.n_layers:
+            raise ValueError(f"injection.layer={inject_layer} out of range: 0 (embeddings) .. {cfg.n_layers} "
+                             f"(after the last of {cfg.n_layers} blocks)")
+        vec = np.asarray(injection.vectors, np.float32)
+        if vec.shape != (n_rows, cfg.d_model):
+            raise ValueError(f"injection.vectors has shape {vec.shape}, expected ({n_rows}, {cfg.d_model}) "
+                             f"(one d_model={cfg.d_model} vector per prompt)")
+        bad = np.flatnonzero(~np.isfinite(vec).all(axis=1))
+        if bad.size:
+            raise ValueError(f"injection.vectors row {int(bad[0])} contains NaN or inf")
+        pos = np.asarray(injection.positions, np.int64).reshape(-1)
+        if pos.shape != (n_rows,):
+            raise ValueError(f"injection.positions has {pos.size} entries for {n_rows} prompts")
+        inj_vectors = np.zeros((batch, cfg.d_model), np.float32)
+        for i in range(batch):
+            src = i if i < n_rows else i % group_size
+            p = int(pos[src])
+            if p < -1 or p >= len(rows[src]):
+                raise ValueError(f"injection.positions[{src}]={p} is outside prompt {src} "
+                                 f"(length {len(rows[src])}); use -1 for no injection")
+            inj_vectors[i] = vec[src]
+            inj_slots[i] = -1 if p == -1 else prompt_len - len(rows[src]) + p
+
+    greedy = temperature <= 0.0
+    args = [tokens, valid, active, inj_vectors, inj_slots]
+    if mesh is not None:
+        args = [shd.shard_batch(a, mesh, rules) for a in args]
+    graphdef, state = nnx.split(model)
+    out, lengths, stopped, logit_log = _generate_program(
+        state, *args, jnp.asarray(weights), jnp.asarray(stop_ids), _as_key(key),
+        jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p), jnp.int32(pad_id),
+        graphdef=graphdef, max_new_tokens=int(max_new_tokens), greedy=greedy, use_top_p=(top_p < 1.0 and not greedy),
+        inject_layer=inject_layer, inject_mode=inject_mode, group_size=group_size, return_logits=return_logits,
+        decode_impl=decode_impl, mesh=mesh, rules_items=None if rules is None else tuple(sorted(rules.items())))
+    out, lengths, stopped = (shd.to_host(a)[:n_rows] for a in (out, lengths, stopped))
+    logits = None if logit_log is None else shd.to_host(logit_log)[:n_groups]
+    return GenerationResult(tokens=out, lengths=lengths, stopped=stopped, logits=logits)

@@ -1,0 +1,566 @@
+"""Generation engine and verbalisers against transformers (the oracle) and full recomputation.
+
+Tiny random models (paired with a transformers copy of the same weights) keep the default run fast;
+tests on the real shipped models are marked slow.  Calls share shapes (batch bucket 4, prompt
+bucket 16, N_NEW new tokens, one stop id) so most reuse one compiled program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import run_with_devices
+from hf_oracle import build_hf_model
+
+from crossmap.models import load_model, tiny_config
+from crossmap.verbalize import (
+    Injection,
+    Verbaliser,
+    VerbaliserSpec,
+    WashoutConfig,
+    build_prompt,
+    generate,
+    load_verbaliser_spec,
+    self_verbaliser_spec,
+    top_p_filter,
+)
+
+N_NEW = 20
+PROMPT_LENGTHS = (7, 3, 12)
+_BUILT: dict = {}
+
+
+def _pair(arch: str, tmp_path_factory):
+    """(cfg, hf model, crossmap LoadedModel) with identical random weights, built once per session."""
+    if arch not in _BUILT:
+        import torch
+
+        cfg = tiny_config(arch)
+        hf = build_hf_model(cfg)
+        with torch.no_grad():  # smaller embeddings: with a tied head, big ones make every model repeat its input
+            hf.model.embed_tokens.weight.mul_(0.1)
+        path = tmp_path_factory.mktemp(arch)
+        hf.save_pretrained(path)
+        _BUILT[arch] = (cfg, hf, load_model(path, with_tokenizer=False))
+    return _BUILT[arch]
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3_text"])
+def pair(request, tmp_path_factory):
+    return _pair(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _pair("llama", tmp_path_factory)
+
+
+def _prompts(vocab: int, lengths=PROMPT_LENGTHS, seed=0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(8, vocab, n).tolist() for n in lengths]
+
+
+def _hf_generate(hf, *, input_ids=None, inputs_embeds=None, stop: int, n_new: int = N_NEW) -> np.ndarray:
+    """transformers' greedy generate for ONE prompt (no padding); returns the new tokens only."""
+    import torch
+
+    with torch.no_grad():
+        if inputs_embeds is not None:
+            mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long)
+            out = hf.generate(inputs_embeds=inputs_embeds, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
+                              eos_token_id=stop, pad_token_id=0)
+            return out[0].numpy()  # decoder-only with embeds: only the new tokens come back
+        ids = torch.as_tensor([input_ids], dtype=torch.long)
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                          eos_token_id=stop, pad_token_id=0)
+        return out[0, len(input_ids):].numpy()
+
+
+def _assert_same_as_hf(ours_tokens: np.ndarray, ours_length: int, ref: np.ndarray, what: str):
+    assert ours_length == len(ref), f"{what}: generated {ours_length} tokens, transformers {len(ref)}"
+    np.testing.assert_array_equal(ours_tokens[:ours_length], ref, err_msg=what)
+    assert (ours_tokens[ours_length:] == 0).all(), f"{what}: slots after the stop token must hold pad"
+
+
+# ---------------------------------------------------------------------------------------------
+# engine vs transformers and vs full recomputation
+
+@pytest.fixture(scope="module")
+def greedy_run(pair):
+    """Greedy generation of a ragged batch, with a stop token that really stops row 0."""
+    cfg, hf, lm = pair
+    prompts = _prompts(cfg.vocab_size)
+    kw = dict(max_new_tokens=N_NEW, use_model_eos=False, pad_id=0, return_logits=True, batch_size_bucket=4)
+    first = generate(lm.model, prompts, stop_token_ids=[0], **kw)
+    stop = int(first.tokens[0, 4])  # row 0's fifth token: with it as a stop id, row 0 ends there
+    res = generate(lm.model, prompts, stop_token_ids=[stop], **kw)
+    alone = [generate(lm.model, [p], stop_token_ids=[stop], **kw) for p in prompts]
+    return cfg, hf, lm, prompts, stop, res, alone
+
+
+def test_greedy_generation_matches_transformers(greedy_run):
+    cfg, hf, _, prompts, stop, res, _ = greedy_run
+    assert res.stopped[0] and res.lengths[0] <= 5
+    assert len(set(res.tokens[1].tolist())) > 3, "degenerate model: generation repeats one token"
+    for i, p in enumerate(prompts):
+        ref = _hf_generate(hf, input_ids=p, stop=stop)
+        _assert_same_as_hf(res.tokens[i], int(res.lengths[i]), ref, f"{cfg.model_type} prompt {i}")
+        assert res.stopped[i] == (ref[-1] == stop)
+
+
+def test_ragged_left_padded_batch_equals_each_prompt_alone(greedy_run):
+    *_, res, alone = greedy_run
+    for i, a in enumerate(alone):
+        np.testing.assert_array_equal(res.tokens[i], a.tokens[0])
+        n = int(a.lengths[0])  # after its stop token a row's logits are not used (alone: never computed)
+        np.testing.assert_allclose(res.logits[i, :n], a.logits[0, :n], rtol=1e-4, atol=1e-4)
+
+
+def test_decode_paths_agree(greedy_run):
+    """The heads-major decode step (default) == decoding through Transformer.run on its own cache
+    (gemma only: sliding windows, qk norms and sandwich norms are the paths most likely to differ)."""
+    cfg, _, lm, prompts, stop, res, _ = greedy_run
+    if cfg.model_type != "gemma3_text":
+        pytest.skip("checked on the gemma model (a superset of llama's code paths)")
+    via_run = generate(lm.model, prompts, stop_token_ids=[stop], max_new_tokens=N_NEW, use_model_eos=False, pad_id=0,
+                       return_logits=True, batch_size_bucket=4, decode_impl="model")
+    np.testing.assert_array_equal(res.tokens, via_run.tokens)
+    for i in range(len(prompts)):
+        n = int(res.lengths[i])
+        np.testing.assert_allclose(res.logits[i, :n], via_run.logits[i, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_decode_equals_full_recomputation(greedy_run):
+    """Logits of every decode step (KV cache) == a full forward over prompt + generated prefix, ours
+    and transformers'; the gemma model's sliding window (5) is passed long before step 20."""
+    import torch
+
+    cfg, hf, lm, prompts, _, res, _ = greedy_run
+    # prompt + generated tokens, RIGHT padded: causal attention keeps the padding out of earlier positions
+    seqs = [p + res.tokens[i, :int(res.lengths[i]) - 1].tolist() for i, p in enumerate(prompts)]
+    total = max(map(len, seqs))
+    batch = np.zeros((len(seqs), total), np.int32)
+    for i, s in enumerate(seqs):
+        batch[i, :len(s)] = s
+    positions = np.broadcast_to(np.arange(total, dtype=np.int32), batch.shape)
+    ours = np.asarray(lm.model.logits(jnp.asarray(batch), positions, np.ones_like(batch, bool)))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.as_tensor(batch, dtype=torch.long)).logits.numpy()
+    for i, p in enumerate(prompts):
+        n = int(res.lengths[i])
+        for full in (ours[i], ref[i]):
+            full = full[len(p) - 1:len(p) - 1 + n]
+            np.testing.assert_allclose(res.logits[i, :n], full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+    if cfg.sliding_window:
+        assert max(len(p) for p in prompts) + N_NEW > 3 * cfg.sliding_window
+
+
+def test_embedding_injection_matches_transformers_inputs_embeds(pair):
+    import torch
+
+    cfg, hf, lm = pair
+    prompt = _prompts(cfg.vocab_size, lengths=(9,), seed=1)[0]
+    marker = 4
+    with torch.no_grad():
+        embeds = hf.get_input_embeddings()(torch.as_tensor([prompt]))  # gemma: already times sqrt(d)
+    rng = np.random.default_rng(2)
+    vec = rng.normal(size=cfg.d_model).astype(np.float32)
+    vec *= 2.0 * float(embeds[0].norm(dim=-1).mean()) / np.linalg.norm(vec)
+    res = generate(lm.model, [prompt], max_new_tokens=N_NEW, stop_token_ids=[0], use_model_eos=False, pad_id=0,
+                   injection=Injection(vec[None], [marker]), return_logits=True, batch_size_bucket=4)
+    embeds[0, marker] = torch.as_tensor(vec)
+    ref = _hf_generate(hf, inputs_embeds=embeds, stop=0)
+    _assert_same_as_hf(res.tokens[0], int(res.lengths[0]), ref, f"{cfg.model_type} with injection")
+    plain = generate(lm.model, [prompt], max_new_tokens=N_NEW, stop_token_ids=[0], use_model_eos=False, pad_id=0,
+                     return_logits=True, batch_size_bucket=4)
+    assert not np.array_equal(plain.tokens, res.tokens), "injection changed nothing"
+
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_layer_injection_matches_transformers_hook(llama, mode):
+    """Injection after block k (layer = k + 1) == transformers with a forward hook on block k that
+    edits the residual at the marker during prefill only."""
+    import torch
+
+    cfg, hf, lm = llama
+    prompt, marker, layer = _prompts(cfg.vocab_size, lengths=(9,), seed=3)[0], 5, 2
+    vec = np.random.default_rng(4).normal(size=cfg.d_model).astype(np.float32) * 0.5
+
+    def hook(module, args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        if hidden.shape[1] > 1:  # prefill only
+            hidden = hidden.clone()
+            v = torch.as_tensor(vec)
+            hidden[:, marker] = v if mode == "replace" else hidden[:, marker] + v
+        return (hidden,) + tuple(out[1:]) if isinstance(out, tuple) else hidden
+
+    handle = hf.model.layers[layer - 1].register_forward_hook(hook)
+    try:
+        ref = _hf_generate(hf, input_ids=prompt, stop=0)
+    finally:
+        handle.remove()
+    res = generate(lm.model, [prompt], max_new_tokens=N_NEW, stop_token_ids=[0], use_model_eos=False, pad_id=0,
+                   injection=Injection(vec[None], [marker], layer=layer, mode=mode), batch_size_bucket=4)
+    _assert_same_as_hf(res.tokens[0], int(res.lengths[0]), ref, f"layer-{layer} {mode}")
+
+
+def test_top_p_filter_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 50)).astype(np.float32) * 3
+    for p in (0.05, 0.5, 0.9, 1.0):
+        ours = np.asarray(top_p_filter(jnp.asarray(logits), p))
+        for row, out in zip(logits, ours, strict=True):
+            order = np.argsort(-row)
+            probs = np.exp(row[order] - row.max())
+            probs /= probs.sum()
+            n_keep = int(np.searchsorted(np.cumsum(probs), p) + 1)  # smallest prefix with mass >= p
+            kept = set(order[:min(n_keep, len(row))].tolist())
+            assert set(np.flatnonzero(np.isfinite(out)).tolist()) == kept, f"top_p={p}"
+            np.testing.assert_array_equal(out[list(kept)], row[list(kept)])
+
+
+def test_generate_rejects_bad_input(llama):
+    cfg, _, lm = llama
+    with pytest.raises(ValueError, match="prompt 1 has token id 128 outside the vocabulary"):
+        generate(lm.model, [[1, 2], [3, 128]])
+    with pytest.raises(ValueError, match="prompt 0 must be a non-empty"):
+        generate(lm.model, [[]])
+    with pytest.raises(ValueError, match=r"injection.vectors has shape \(1, 3\), expected \(1, 64\)"):
+        generate(lm.model, [[1, 2]], injection=Injection(np.ones((1, 3)), [0]))
+    bad = np.ones((2, cfg.d_model), np.float32)
+    bad[1, 3] = np.nan
+    with pytest.raises(ValueError, match="injection.vectors row 1 contains NaN"):
+        generate(lm.model, [[1, 2], [3, 4]], injection=Injection(bad, [0, 0]))
+    with pytest.raises(ValueError, match=r"injection.positions\[0\]=5 is outside prompt 0"):
+        generate(lm.model, [[1, 2]], injection=Injection(np.ones((1, cfg.d_model)), [5]))
+    with pytest.raises(ValueError, match="group_size=2"):
+        generate(lm.model, [[1, 2]] * 3, group_size=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# verbaliser: prompts, specs, explain, washout
+
+def _tiny_tokenizer():
+    """A 128-token word-level HF tokenizer with BOS, special tokens and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>", "<concept>", "<|user|>", "<|assistant|>", "<|end|>"]
+    words = ["cat", "->", "hello", "1135", "?", "What", "does", '"', "X", "mean", "Answer", "in", "one", "short",
+             "sentence", ".", "<", ">", "explanation", "/", "Explain", ":", "multi"]
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    while len(vocab) < 128:
+        vocab[f"w{len(vocab)}"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>",
+                                  eos_token="<eos>", additional_special_tokens=specials[4:])
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return _tiny_tokenizer()
+
+
+CHAT_SPEC = dict(injection_token="<concept>", prompt_template="Explain : {marker} . Answer in one short sentence",
+                 use_chat_template=True, max_new_tokens=N_NEW, explanation_regex=r"<explanation>(.*?)</explanation>")
+
+
+def test_build_prompt_locates_marker(tokenizer):
+    p = build_prompt(tokenizer, VerbaliserSpec(**CHAT_SPEC))
+    assert p.token_ids[p.marker_index] == tokenizer.convert_tokens_to_ids("<concept>")
+    assert p.token_ids[0] == tokenizer.convert_tokens_to_ids("<|user|>")  # chat text: no extra BOS
+    assert p.token_ids[-1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
+    # raw base preset: BOS added, marker "?" is the last "?" even though the text has none other
+    base = build_prompt(tokenizer, self_verbaliser_spec("base"))
+    assert base.token_ids[0] == tokenizer.bos_token_id
+    assert tokenizer.convert_ids_to_tokens(base.token_ids[base.marker_index]) == "?"
+    assert tokenizer.convert_ids_to_tokens(list(base.token_ids[base.marker_index:])) == ["?", "->"]
+    # the marker text may also occur elsewhere in the prompt: the placeholder decides
+    spec = VerbaliserSpec(injection_token="?", prompt_template="? cat ? {marker} hello ?", use_chat_template=False)
+    p = build_prompt(tokenizer, spec)
+    assert p.marker_index == 4 and tokenizer.convert_ids_to_tokens(p.token_ids[5]) == "hello"
+    # a template without {marker} uses the first literal injection token
+    p = build_prompt(tokenizer, VerbaliserSpec(injection_token="<concept>", prompt_template="cat <concept> hello",
+                                               use_chat_template=False))
+    assert p.marker_index == 2
+    # multi-token markers: the last token by default, an error on request
+    spec = VerbaliserSpec(injection_token="cat hello", prompt_template="What {marker} ?", use_chat_template=False)
+    assert build_prompt(tokenizer, spec).marker_index == 3
+    with pytest.raises(ValueError, match=r"spans 2 tokens"):
+        build_prompt(tokenizer, spec.replace(multi_token_marker="error"))
+
+
+def test_bad_prompts_and_specs_are_named(tokenizer):
+    with pytest.raises(ValueError, match=r"exactly one '\{marker\}' placeholder.*found 0"):
+        build_prompt(tokenizer, VerbaliserSpec(prompt_template="no marker here", use_chat_template=False))
+    with pytest.raises(ValueError, match="found 2"):
+        build_prompt(tokenizer, VerbaliserSpec(prompt_template="{marker} {marker}", use_chat_template=False))
+    with pytest.raises(ValueError, match="cannot encode injection_token 'zebra'"):
+        build_prompt(tokenizer, VerbaliserSpec(injection_token="zebra", prompt_template="cat {marker}",
+                                               use_chat_template=False))
+    no_chat = _tiny_tokenizer()
+    no_chat.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        build_prompt(no_chat, VerbaliserSpec(**CHAT_SPEC))
+    with pytest.raises(ValueError, match="no chat template"):
+        self_verbaliser_spec("chat", no_chat)
+    assert self_verbaliser_spec("auto", no_chat).use_chat_template is False
+    with pytest.raises(ValueError, match=r"scale_policy 'fixed' needs a positive injection_scale"):
+        VerbaliserSpec(scale_policy="fixed")
+    with pytest.raises(ValueError, match=r"injection_mode must be one of.*'swap'"):
+        VerbaliserSpec(injection_mode="swap")
+    with pytest.raises(ValueError, match=r"unknown VerbaliserSpec field\(s\) \['colour'\]"):
+        VerbaliserSpec().replace(colour=1)
+
+
+def test_parse_and_truncate():
+    spec = VerbaliserSpec(stop_strings=("\n\n", "</s>"))
+    assert spec.parse("x <explanation> a cat\n</explanation> y") == "a cat"
+    assert spec.parse("  no tags here ") == "no tags here"
+    assert spec.truncate("one line\n\nsecond</s>") == "one line"
+    assert spec.replace(explanation_regex=None).parse(" <explanation>k</explanation>") == "<explanation>k</explanation>"
+    assert spec.replace(explanation_regex=r"Meaning: \w+").parse("so Meaning: cats.") == "Meaning: cats"
+
+
+def test_load_verbaliser_spec_from_sidecar(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 3584, "model_type": "qwen2"}))
+    assert load_verbaliser_spec(tmp_path).d_model == 3584  # no sidecar: defaults + config width
+    assert "no sidecar" in load_verbaliser_spec(tmp_path).source
+    meta = {"injection": {"token": "<|act|>", "layer": 0, "scale": 150.0, "mode": "add"},
+            "prompt": "Explain <|act|> please", "normalization": "fixed", "stop": "</explanation>",
+            "max_tokens": 48, "layer": 20, "base_model": "Qwen/Qwen2.5-7B-Instruct"}
+    (tmp_path / "nla_meta.json").write_text(json.dumps(meta))
+    spec = load_verbaliser_spec(tmp_path)
+    assert (spec.injection_token, spec.injection_layer, spec.injection_scale, spec.injection_mode) == \
+        ("<|act|>", 0, 150.0, "add")
+    assert spec.prompt_template == "Explain <|act|> please" and spec.scale_policy == "fixed"
+    assert spec.stop_strings == ("</explanation>",) and spec.max_new_tokens == 48 and spec.d_model == 3584
+    assert spec.extra == {"layer": 20, "base_model": "Qwen/Qwen2.5-7B-Instruct"}  # source layer: not injection
+    assert spec.source.endswith("nla_meta.json")
+    over = load_verbaliser_spec(tmp_path, {"injection_layer": 3, "use_chat_template": False})
+    assert over.injection_layer == 3 and over.use_chat_template is False
+    with pytest.raises(ValueError, match="unknown VerbaliserSpec field"):
+        load_verbaliser_spec(tmp_path, {"injection_laye": 3})
+    (tmp_path / "nla_meta.json").write_text(json.dumps({"injection_layer": "first"}))
+    with pytest.raises(ValueError, match=r"nla_meta.json: field 'injection_layer' has value 'first'"):
+        load_verbaliser_spec(tmp_path)
+    (tmp_path / "nla_meta.json").write_text(json.dumps({"injection_mode": "swap"}))
+    with pytest.raises(ValueError, match=r"nla_meta.json.*injection_mode"):
+        load_verbaliser_spec(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_verbaliser_spec(tmp_path / "nowhere")
+
+
+def test_verbaliser_rejects_bad_vectors(llama, tokenizer):
+    cfg, _, lm = llama
+    v = Verbaliser(lm.model, tokenizer, VerbaliserSpec(**CHAT_SPEC))
+    with pytest.raises(ValueError, match=r"vectors must have shape \[N, 64\].*got \(2, 65\)"):
+        v.explain(np.ones((2, 65)))
+    bad = np.ones((3, cfg.d_model))
+    bad[2, 0] = np.inf
+    with pytest.raises(ValueError, match=r"vectors\[2\] contains NaN or inf"):
+        v.explain(bad)
+    with pytest.raises(ValueError, match=r"vectors\[0\] is all zeros"):
+        v.explain(np.zeros((1, cfg.d_model)))
+    with pytest.raises(ValueError, match="d_model=32"):
+        Verbaliser(lm.model, tokenizer, VerbaliserSpec(**CHAT_SPEC, d_model=32))
+    with pytest.raises(ValueError, match="washout needs backgrounds"):
+        v.explain(np.ones((1, cfg.d_model)), washout=WashoutConfig())
+    with pytest.raises(ValueError, match=r"n_backgrounds=4 but only 2"):
+        v.explain(np.ones((1, cfg.d_model)), washout=WashoutConfig(n_backgrounds=4),
+                  backgrounds=np.ones((2, cfg.d_model)))
+    bg = np.ones((2, cfg.d_model))
+    bg[1, 1] = np.nan
+    with pytest.raises(ValueError, match=r"backgrounds row 1 \(for vector 0\) contains NaN"):
+        v.explain(np.ones((1, cfg.d_model)), washout=WashoutConfig(n_backgrounds=2), backgrounds=bg)
+
+
+def test_explain_equals_generate_with_scaled_injection(llama, tokenizer):
+    cfg, _, lm = llama
+    v = Verbaliser(lm.model, tokenizer, VerbaliserSpec(**CHAT_SPEC))
+    vectors = np.random.default_rng(5).normal(size=(3, cfg.d_model)).astype(np.float32)
+    out = v.explain(vectors, n_samples=2, batch_size=8, progress=False)
+    # oracle: the vector scaled to the vocabulary's mean embedding norm, injected by hand
+    table = np.asarray(lm.model.embed[...])
+    target = np.linalg.norm(table, axis=1).mean()
+    scaled = vectors / np.linalg.norm(vectors, axis=1, keepdims=True) * target
+    ref = generate(lm.model, [list(v.prompt.token_ids)] * 3, max_new_tokens=N_NEW,
+                   stop_token_ids=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")],
+                   injection=Injection(scaled, [v.prompt.marker_index] * 3))
+    assert [e.index for e in out] == [0, 1, 2]
+    for i, e in enumerate(out):
+        assert e.tokens[0] == e.tokens[1]  # greedy: both samples equal
+        n = int(ref.lengths[i])
+        assert e.tokens[0] == ref.tokens[i, :n].tolist() and e.stopped[0] == bool(ref.stopped[i])
+        text_ids = e.tokens[0][:-1] if e.stopped[0] else e.tokens[0]
+        assert e.raw[0] == tokenizer.decode(text_ids) and e.parsed[0] == e.raw[0].strip()
+
+
+def test_sampling_is_seeded_and_tiny_top_p_is_greedy(llama, tokenizer):
+    cfg, _, lm = llama
+    v = Verbaliser(lm.model, tokenizer, VerbaliserSpec(**CHAT_SPEC, stop_strings_as_tokens=False))
+    vectors = np.random.default_rng(6).normal(size=(3, cfg.d_model))
+    kw = dict(n_samples=2, batch_size=8, progress=False)
+    greedy = v.explain(vectors, **kw)
+    nucleus_of_one = v.explain(vectors, temperature=1.0, top_p=1e-6, seed=0, **kw)
+    assert [e.tokens for e in greedy] == [e.tokens for e in nucleus_of_one]
+    a = v.explain(vectors, temperature=1.0, top_p=0.95, seed=0, **kw)
+    b = v.explain(vectors, temperature=1.0, top_p=0.95, seed=0, **kw)
+    c = v.explain(vectors, temperature=1.0, top_p=0.95, seed=1, **kw)
+    assert [e.tokens for e in a] == [e.tokens for e in b]
+    assert [e.tokens for e in a] != [e.tokens for e in c]
+    assert any(e.tokens[0] != e.tokens[1] for e in a), "samples of one vector should differ"
+
+
+def _teacher_forced_logits(model, prompt, marker, rows):
+    """Logits of one full (cache-free) forward over prompt + generated for every (vector, generated)
+    in `rows`, the vector replacing the marker's embedding; per row, the positions that predicted
+    each generated token.  Rows are right padded: causal attention keeps padding out of them."""
+    seqs = [list(prompt) + list(gen[:-1]) for _, gen in rows]
+    total = max(map(len, seqs))
+    tokens = jnp.asarray([s + [0] * (total - len(s)) for s in seqs], jnp.int32)
+    x = model.embed_tokens(tokens).at[:, marker].set(jnp.asarray(np.stack([v for v, _ in rows]), jnp.float32))
+    positions = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32), tokens.shape)
+    hidden, _ = model.run(x, positions, jnp.ones(tokens.shape, bool))
+    logits = np.asarray(model.head(hidden))
+    return [logits[i, len(prompt) - 1:len(prompt) - 1 + len(gen)] for i, (_, gen) in enumerate(rows)]
+
+
+def test_washout(llama, tokenizer):
+    cfg, _, lm = llama
+    v = Verbaliser(lm.model, tokenizer, VerbaliserSpec(**CHAT_SPEC))
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(3, cfg.d_model)).astype(np.float32)
+    bgs = rng.normal(size=(2, cfg.d_model)).astype(np.float32) * 3
+    kw = dict(batch_size=8, progress=False)
+    # alpha = 0 with one background is plain generation on background + direction (|direction| = |background|)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    plain = v.explain(bgs[0] + np.linalg.norm(bgs[0]) * unit, **kw)
+    washed = v.explain(vectors, washout=WashoutConfig(alpha=0.0, n_backgrounds=1), backgrounds=bgs, **kw)
+    assert [e.tokens for e in plain] == [e.tokens for e in washed]
+    # alpha > 0: each chosen token is the argmax of mean(direction rows) - alpha * mean(background rows),
+    # checked by full forwards of each row on its own
+    alpha = 0.7
+    washed = v.explain(vectors, washout=WashoutConfig(alpha=alpha, n_backgrounds=2), backgrounds=bgs, **kw)
+    target = np.linalg.norm(np.asarray(lm.model.embed[...]), axis=1).mean()
+
+    def scale(x):
+        return x / np.linalg.norm(x) * target
+
+    rows = []  # per vector: 2 direction-plus-background rows, then 2 background rows
+    for i, e in enumerate(washed):
+        rows += [(scale(b + np.linalg.norm(b) * unit[i]), e.tokens[0]) for b in bgs]
+        rows += [(scale(b), e.tokens[0]) for b in bgs]
+    logits = _teacher_forced_logits(lm.model, v.prompt.token_ids, v.prompt.marker_index, rows)
+    differs = False
+    for i, e in enumerate(washed):
+        with_dir, alone = logits[4 * i:4 * i + 2], logits[4 * i + 2:4 * i + 4]
+        combined = np.mean(with_dir, axis=0) - alpha * np.mean(alone, axis=0)
+        np.testing.assert_array_equal(combined.argmax(-1), e.tokens[0])
+        differs |= not np.array_equal(np.mean(with_dir, axis=0).argmax(-1), e.tokens[0])
+    assert differs, "washout never changed a token: the test would pass without the subtraction"
+
+
+def test_sharded_on_8_devices_equals_one_device():
+    code = """
+    import json
+    import numpy as np
+    from crossmap.models import init_random, shard_model, tiny_config
+    from crossmap.sharding import make_mesh
+    from crossmap.verbalize import Injection, generate
+
+    cfg = tiny_config("llama", n_layers=2)
+    model = init_random(cfg, seed=1)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]] * 2
+    vec = np.random.default_rng(0).normal(size=(6, cfg.d_model)).astype(np.float32) * 2
+    kw = dict(max_new_tokens=12, temperature=0.8, top_p=0.9, key=3, stop_token_ids=[0], pad_id=0,
+              injection=Injection(vec, [1, 0, 2, 1, 0, 2]), return_logits=True, batch_size_bucket=8)
+    single = generate(model, prompts, **kw)
+    mesh = make_mesh({"data": 4, "tensor": 2})
+    multi = generate(shard_model(model, mesh), prompts, mesh=mesh, **kw)
+    print(json.dumps({"same_tokens": bool((single.tokens == multi.tokens).all()),
+                      "same_lengths": bool((single.lengths == multi.lengths).all()),
+                      "distinct": len(set(single.tokens.ravel().tolist())),
+                      "logit_err": float(np.abs(single.logits - multi.logits).max() / np.abs(single.logits).max())}))
+    """
+    out = run_with_devices(code)
+    assert out["same_tokens"] and out["same_lengths"] and out["distinct"] > 5
+    assert out["logit_err"] < 1e-5
+
+
+def test_benchmark_tiny_preset(tmp_path):
+    from crossmap.benchmarks import verbalize as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    result = bench.run(parser.parse_args(["--preset", "tiny", "--reps", "1", "--decode-impls", "heads_major",
+                                         "--out", str(out)]))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    ours = result["crossmap"]
+    assert ours["decode_step_s"] > 0 and ours["explanations_per_s"] > 0 and ours["new_tokens"] == result["new_tokens"]
+    assert result["floor"]["step_s"] > 0 and result["floor"]["copy_bandwidth_GBps"] > 0
+    assert result["transformers"]["explanations_per_s"] > 0 and result["speedup_vs_transformers"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# real shipped models (slow)
+
+REAL_TEXTS = ["The capital of France is", "def add(a, b):\n    return",
+              "Photosynthesis converts light into chemical energy. In plants, it happens in the"]
+
+
+def _hf_real(lm):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma-3-270m"])
+def test_real_greedy_generation_matches_transformers(name, shipped_model):
+    lm, _ = shipped_model(name)
+    hf = _hf_real(lm)
+    prompts = [lm.tokenizer(t)["input_ids"] for t in REAL_TEXTS]
+    stop = list(lm.config.eos_token_ids)
+    res = generate(lm.model, prompts, max_new_tokens=16, stop_token_ids=stop, use_model_eos=False, pad_id=0)
+    for i, p in enumerate(prompts):
+        ref = _hf_generate(hf, input_ids=p, stop=stop[0], n_new=16)
+        _assert_same_as_hf(res.tokens[i], int(res.lengths[i]), ref, f"{name}: {REAL_TEXTS[i]!r}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kind,word", [("smollm2-135m-instruct", "chat", " ocean"),
+                                            ("gemma-3-270m", "base", " ocean")])
+def test_real_self_verbaliser_matches_transformers_inputs_embeds(name, kind, word, shipped_model):
+    """The self-verbaliser's explain() == transformers' generate on inputs_embeds with the injected row."""
+    import torch
+
+    lm, _ = shipped_model(name)
+    hf = _hf_real(lm)
+    spec = self_verbaliser_spec(kind, lm.tokenizer, max_new_tokens=16, stop_strings_as_tokens=False)
+    v = Verbaliser(lm.model, lm.tokenizer, spec)
+    word_id = lm.tokenizer(word, add_special_tokens=False)["input_ids"][-1]
+    vector = np.asarray(lm.model.embed_tokens(jnp.asarray([[word_id]])))[0, 0]
+    e = v.explain(vector, progress=False)[0]
+    with torch.no_grad():
+        embeds = hf.get_input_embeddings()(torch.as_tensor([v.prompt.token_ids]))
+    embeds[0, v.prompt.marker_index] = torch.as_tensor(v.scale_vectors(vector[None])[0])
+    stops = list(v.stop_token_ids)
+    with torch.no_grad():
+        ref = hf.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                          max_new_tokens=16, do_sample=False, eos_token_id=stops, pad_token_id=0)[0].tolist()
+    while ref and ref[-1] == 0 and (len(ref) > len(e.tokens[0])):
+        ref.pop()
+    assert e.tokens[0] == ref, f"{name}: {e.raw[0]!r} vs {lm.tokenizer.decode(ref)!r}"
+    assert e.raw[0].strip(), f"{name} produced no text"
