@@ -71,8 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="parameter dtype (preset default)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     parser.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth-probe copy")
-    parser.add_argument("--decode-impls", default="heads_major,model",
-                        help="crossmap decode paths to time (comma list; the first is the headline)")
     parser.add_argument("--torch-device", default="auto", help="auto | cuda | cpu | none")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="verbalize_bench.json", help="JSON output path")
@@ -130,10 +128,10 @@ def _floor(cfg: ModelConfig, model, batch: int, prompt_len: int, new_tokens: int
             "ratio_to_floor": step_s / floor if step_s > 0 else None}
 
 
-def _run_crossmap(model, prompts, inj, new_tokens, mesh, reps, decode_impl) -> dict[str, Any]:
+def _run_crossmap(model, prompts, inj, new_tokens, mesh, reps) -> dict[str, Any]:
     def call(n):
         return generate(model, prompts, max_new_tokens=n, stop_token_ids=[], use_model_eos=False, pad_id=0,
-                        injection=inj, mesh=mesh, length_bucket_min=1, decode_impl=decode_impl)
+                        injection=inj, mesh=mesh, length_bucket_min=1)
 
     t0 = time.perf_counter()
     res = call(new_tokens)
@@ -146,7 +144,7 @@ def _run_crossmap(model, prompts, inj, new_tokens, mesh, reps, decode_impl) -> d
     t_one = _median_time(lambda: call(1), reps)
     step = (t_full - t_one) / max(new_tokens - 1, 1)
     batch = len(prompts)
-    return {"decode_impl": decode_impl, "first_call_s": compile_full, "first_call_1_token_s": compile_one, "total_s": t_full,
+    return {"first_call_s": compile_full, "first_call_1_token_s": compile_one, "total_s": t_full,
             "prefill_plus_first_token_s": t_one, "decode_step_s": step, "new_tokens": new_tokens,
             "explanations_per_s": batch / t_full, "tokens_per_s": batch * new_tokens / t_full,
             "distinct_tokens_generated": int(len(np.unique(res.tokens)))}
@@ -246,18 +244,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     vectors *= mean_embedding_norm(model) / np.linalg.norm(vectors, axis=1, keepdims=True)
     inj = Injection(vectors, [marker] * batch)
 
-    variants = {}
-    for impl in [x.strip() for x in args.decode_impls.split(",") if x.strip()]:
-        variants[impl] = _run_crossmap(model, prompts, inj, new_tokens, mesh, args.reps, impl)
-        print(f"[verbalize bench] crossmap ({impl}): {variants[impl]['total_s']:.3f} s per call, decode step "
-              f"{variants[impl]['decode_step_s'] * 1e3:.2f} ms, {variants[impl]['explanations_per_s']:.1f} "
-              f"explanations/s", flush=True)
-    ours = next(iter(variants.values()))
+    ours = _run_crossmap(model, prompts, inj, new_tokens, mesh, args.reps)
+    print(f"[verbalize bench] crossmap: {ours['total_s']:.3f} s per call, decode step "
+          f"{ours['decode_step_s'] * 1e3:.2f} ms, {ours['explanations_per_s']:.1f} explanations/s", flush=True)
     ours["init_random_s"] = init_s
     bandwidth = _copy_bandwidth(copy_mib << 20, args.reps)
     floor = _floor(cfg, model, batch, prompt_len, new_tokens, bandwidth, ours["decode_step_s"])
-    for v in variants.values():
-        v["ratio_to_floor"] = v["decode_step_s"] / floor["step_s"]
+    ours["ratio_to_floor"] = ours["decode_step_s"] / floor["step_s"]
     print(f"[verbalize bench] floor {floor['step_s'] * 1e3:.3f} ms/step at {floor['copy_bandwidth_GBps']:.0f} GB/s: "
           f"ratio {floor['ratio_to_floor']:.3f}", flush=True)
     del model
@@ -269,7 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "injection": {"mode": "replace", "layer": 0, "position": marker},
         "devices": [str(d.device_kind) for d in jax.devices()], "jax_version": jax.__version__,
         "python": sys.version.split()[0], "platform": platform.platform(),
-        "crossmap": ours, "crossmap_decode_variants": variants, "floor": floor,
+        "crossmap": ours, "floor": floor,
     }
     device = _torch_device(args.torch_device, args.preset)
     if device is None:

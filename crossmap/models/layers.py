@@ -113,9 +113,10 @@ class Attention(nnx.Module):
                  cache: tuple[Array, Array] | None = None, implementation: str | None = None):
         """x [B, T, D] -> ([B, T, D], new cache).
 
-        With a cache (k, v each [B, S, K, H]) the new keys and values are written at the slots
-        `q_index` (contiguous per row: q_index[:, 0] + arange(T)) and attention reads the whole
-        cache; without one, keys are this call's own (S = T).
+        With a cache (k, v each [B, K, S, H]: kv-heads before slots, so a decode step's two
+        attention products are plain batched matmuls with no per-step transpose of the cache) the
+        new keys and values are written at the slots `q_index` (contiguous per row: q_index[:, 0] +
+        arange(T)) and attention reads the whole cache; without one, keys are this call's own.
         """
         q = jnp.einsum("btd,dnh->btnh", x, self.q[...])
         k = jnp.einsum("btd,dkh->btkh", x, self.k[...])
@@ -125,32 +126,36 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            start = q_index[0, 0]  # every row writes the same slots; padding lives in kv_valid
-            k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=1)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=1)
-            k, v, cache = k_cache, v_cache, (k_cache, v_cache)
         if implementation == "cudnn" and cache is None:
             # Fused flash attention; assumes right padding (valid prefix per row).
             out = jax.nn.dot_product_attention(
                 q, k, v, scale=self.scale, is_causal=True, implementation="cudnn",
                 key_value_seq_lengths=kv_valid.sum(-1).astype(jnp.int32),
                 local_window_size=(self.window - 1, 0) if self.window else None)
-        else:
-            mask = attention_mask(q_index, kv_valid, self.window)
-            out = _grouped_attention(q, k, v, mask, self.scale)
+            return jnp.einsum("btnh,nhd->btd", out, self.o[...]), None
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+        if cache is not None:
+            start = q_index[0, 0]  # every row writes the same slots; padding lives in kv_valid
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=2)
+            cache = (k, v)
+        mask = attention_mask(q_index, kv_valid, self.window)
+        out = _grouped_attention(q, k, v, mask, self.scale)
         return jnp.einsum("btnh,nhd->btd", out, self.o[...]), cache
 
 
 def _grouped_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
-    """Softmax attention with GQA (query heads grouped over KV heads), float32 softmax."""
+    """Softmax attention with GQA (query heads grouped over KV heads), float32 softmax.
+
+    q [B, T, N, H]; k, v [B, K, S, H]; mask [B, 1, T, S].
+    """
     b, t, n, h = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     q = q.reshape(b, t, kv, n // kv, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
 
 
@@ -280,8 +285,8 @@ class Transformer(nnx.Module):
         return self.head(x)
 
     def init_cache(self, batch: int, length: int, dtype=None) -> list[tuple[Array, Array]]:
-        """Zeroed KV cache, one (k, v) pair of [batch, length, n_kv_heads, head_dim] per layer."""
+        """Zeroed KV cache, one (k, v) pair of [batch, n_kv_heads, length, head_dim] per layer."""
         cfg = self.config
         dtype = dtype or self.embed[...].dtype
-        shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)]

@@ -32,10 +32,8 @@ The KV cache never crosses the jit boundary: it is created inside the function a
 the while loop, which XLA updates in place (dynamic_update_slice on a loop carry), so there is
 nothing to donate and no per-step copy.
 
-Prefill runs through `Transformer.run` (which owns the injection hooks); decode steps run through
-`decode_step`, the same blocks with the cache stored heads-major ([B, K, S, H], transposed once
-after prefill) so that the attention dots need no per-step transpose of the cache
-(`decode_impl="model"` decodes through `Transformer.run` instead; tests check both agree).
+Prefill and every decode step run through `Transformer.run` (the model's own blocks; the cache
+is kept heads-major, [B, K, S, H], so a decode step's attention needs no transpose of the cache).
 """
 
 from __future__ import annotations
@@ -52,13 +50,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from .. import sharding as shd
-from ..models.layers import apply_rope, rope_tables
 
 Array = jax.Array
 
 INJECTION_MODES = ("replace", "add")
 MIN_LENGTH_BUCKET = 16
-DECODE_IMPLS = ("heads_major", "model")
 
 
 @dataclass(frozen=True)
@@ -163,75 +159,15 @@ def _choose(logits: Array, key: Array, group_weights: Array, temperature: Array,
 
 
 # ---------------------------------------------------------------------------------------------
-# one decode step with a heads-major cache
-
-def to_heads_major(cache: list) -> list:
-    """[B, S, K, H] (Transformer.init_cache / run layout) -> [B, K, S, H] per layer."""
-    return [(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) for k, v in cache]
-
-
-def decode_step(model, x: Array, positions: Array, slot: Array, kv_valid: Array, cache: list):
-    """One token per row (x [B, 1, D]) through every block, reading and writing a heads-major cache
-    (k, v each [B, K, S, H]); returns (residual after the last block, new cache).
-
-    Same arithmetic as `Transformer.run(x, positions, kv_valid, q_index=slot, cache=...)` (it reuses
-    each block's norms, projections and MLP), but with the cache's slot axis next to head_dim the
-    two attention dots are plain batched matmuls over (batch, kv head): with run's [B, S, K, H]
-    layout XLA transposes every layer's whole cache on every step, which costs more than reading it.
-    """
-    cfg = model.config
-    batch = x.shape[0]
-    tables = {"full": rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
-    if "sliding" in cfg.layer_types:
-        tables["sliding"] = rope_tables(positions, cfg.head_dim, cfg.rope_local_theta or cfg.rope_theta)
-    key_slots = jnp.arange(kv_valid.shape[1])
-    visible = kv_valid & (key_slots[None, :] <= slot)  # [B, S]
-    new_cache = []
-    for block, (k_cache, v_cache) in zip(model.layers, cache, strict=True):
-        attn = block.attn
-        h = block.input_norm(x)
-        q = jnp.einsum("btd,dnh->btnh", h, attn.q[...])
-        k = jnp.einsum("btd,dkh->btkh", h, attn.k[...])
-        v = jnp.einsum("btd,dkh->btkh", h, attn.v[...])
-        if attn.q_bias is not None:
-            q, k, v = q + attn.q_bias[...], k + attn.k_bias[...], v + attn.v_bias[...]
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = tables[block.layer_type]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
-                                                      slot, axis=2)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
-                                                      slot, axis=2)
-        new_cache.append((k_cache, v_cache))
-        mask = visible if attn.window is None else visible & (slot - key_slots[None, :] < attn.window)
-        n_kv, head_dim = k_cache.shape[1], k_cache.shape[3]
-        qg = q.reshape(batch, n_kv, attn.n_heads // n_kv, head_dim)  # t = 1
-        logits = jnp.einsum("bkgh,bksh->bkgs", qg, k_cache, preferred_element_type=jnp.float32) * attn.scale
-        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
-        out = jnp.einsum("bkgs,bksh->bkgh", probs, v_cache).reshape(batch, 1, attn.n_heads, head_dim)
-        h = jnp.einsum("btnh,nhd->btd", out, attn.o[...])
-        if block.post_attn_norm is not None:
-            h = block.post_attn_norm(h)
-        x = x + h
-        h = block.mlp(block.pre_mlp_norm(x))
-        if block.post_mlp_norm is not None:
-            h = block.post_mlp_norm(h)
-        x = x + h
-    return x, new_cache
-
-
-# ---------------------------------------------------------------------------------------------
 # the jitted program
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "use_top_p", "inject_layer",
-                                   "inject_mode", "group_size", "return_logits", "decode_impl", "mesh",
+                                   "inject_mode", "group_size", "return_logits", "mesh",
                                    "rules_items"))
 def _generate_program(state, tokens, valid, active, inj_vectors, inj_slots, group_weights, stop_ids, key,
                       temperature, top_p, pad_id, *, graphdef, max_new_tokens: int, greedy: bool,
                       use_top_p: bool, inject_layer: int | None, inject_mode: str, group_size: int,
-                      return_logits: bool, decode_impl: str, mesh: Mesh | None, rules_items: tuple | None):
+                      return_logits: bool, mesh: Mesh | None, rules_items: tuple | None):
     model = nnx.merge(graphdef, state)
     rules = dict(rules_items) if rules_items is not None else None
     batch, prompt_len = tokens.shape
@@ -263,15 +199,11 @@ def _generate_program(state, tokens, valid, active, inj_vectors, inj_slots, grou
                 delta = delta - before.astype(jnp.float32)
             residual_add = (inject_layer - 1, jnp.where(at_marker, delta, 0.0))
     cache = model.init_cache(batch, cache_len)
-    cache = [(shd.constrain(k, ("batch", "length", "kv_heads", "head_dim"), mesh, rules),
-              shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"), mesh, rules)) for k, v in cache]
+    cache = [(shd.constrain(k, ("batch", "kv_heads", "length", "head_dim"), mesh, rules),
+              shd.constrain(v, ("batch", "kv_heads", "length", "head_dim"), mesh, rules)) for k, v in cache]
     q_index = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32)[None], (batch, prompt_len))
     hidden, cache = model.run(x, positions, kv_valid, q_index=q_index, cache=cache, residual_add=residual_add)
     logits = model.head(hidden[:, -1:])[:, 0]  # left padding: the last slot is every row's last token
-    if decode_impl == "heads_major":
-        cache = [(shd.constrain(k, ("batch", "kv_heads", "length", "head_dim"), mesh, rules),
-                  shd.constrain(v, ("batch", "kv_heads", "length", "head_dim"), mesh, rules))
-                 for k, v in to_heads_major(cache)]
 
     choose = partial(_choose, group_weights=group_weights, temperature=temperature, top_p=top_p,
                      group_size=group_size, greedy=greedy, use_top_p=use_top_p)
@@ -299,11 +231,8 @@ def _generate_program(state, tokens, valid, active, inj_vectors, inj_slots, grou
         slot = prompt_len + t - 1  # where the token being fed (cur) goes
         x = model.embed_tokens(cur[:, None])
         pos = (row_lengths + t - 1)[:, None]
-        if decode_impl == "heads_major":
-            hidden, cache = decode_step(model, x, pos, slot, kv_valid, cache)
-        else:
-            q_idx = jnp.full((batch, 1), slot, jnp.int32)
-            hidden, cache = model.run(x, pos, kv_valid, q_index=q_idx, cache=cache)
+        q_idx = jnp.full((batch, 1), slot, jnp.int32)
+        hidden, cache = model.run(x, pos, kv_valid, q_index=q_idx, cache=cache)
         step_logits = model.head(hidden)[:, 0]
         tok, comb = choose(step_logits, jax.random.fold_in(key, t))
         tok = jnp.where(done, pad_id, tok)
@@ -355,8 +284,7 @@ def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray, *, max_new_to
              injection: Injection | None = None, group_size: int = 1,
              group_weights: Sequence[float] | None = None, pad_id: int | None = None,
              mesh: Mesh | None = None, rules: dict | None = None, length_bucket_min: int = MIN_LENGTH_BUCKET,
-             batch_size_bucket: int | None = None, return_logits: bool = False,
-             decode_impl: str = "heads_major") -> GenerationResult:
+             batch_size_bucket: int | None = None, return_logits: bool = False) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after each prompt (ragged lengths are left padded).
 
     model: a crossmap `Transformer`.  prompts: B token-id sequences (or a [B, T] array, every row
@@ -370,16 +298,12 @@ def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray, *, max_new_to
     mesh: batch split over the data axes (parameters stay where they are placed).  Batch and
     prompt length are padded up to buckets so repeated calls reuse compiled programs;
     `batch_size_bucket` fixes the padded group count instead (>= the groups in this call).
-    decode_impl: "heads_major" (default; `decode_step` on a [B, K, S, H] copy of the prefill cache)
-    or "model" (every step through `Transformer.run` on its [B, S, K, H] cache; slower on GPU).
     """
     cfg = model.config
     rows = _check_prompts(prompts, cfg.vocab_size)
     n_rows = len(rows)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if decode_impl not in DECODE_IMPLS:
-        raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
     if group_size < 1 or n_rows % group_size:
         raise ValueError(f"{n_rows} prompts do not split into groups of group_size={group_size}")
     weights = np.ones(group_size, np.float32) if group_weights is None else np.asarray(group_weights, np.float32)
@@ -452,7 +376,7 @@ def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray, *, max_new_to
         jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p), jnp.int32(pad_id),
         graphdef=graphdef, max_new_tokens=int(max_new_tokens), greedy=greedy, use_top_p=(top_p < 1.0 and not greedy),
         inject_layer=inject_layer, inject_mode=inject_mode, group_size=group_size, return_logits=return_logits,
-        decode_impl=decode_impl, mesh=mesh, rules_items=None if rules is None else tuple(sorted(rules.items())))
+        mesh=mesh, rules_items=None if rules is None else tuple(sorted(rules.items())))
     out, lengths, stopped = (shd.to_host(a)[:n_rows] for a in (out, lengths, stopped))
     logits = None if logit_log is None else shd.to_host(logit_log)[:n_groups]
     return GenerationResult(tokens=out, lengths=lengths, stopped=stopped, logits=logits)
