@@ -264,24 +264,25 @@ def _check_batch(stats: RidgeStats, x, y, fold, weights) -> None:
         raise ValueError(f"ridge update: fold ids must be integers, got dtype {fold.dtype}")
 
 
-def _cross(a: Array, b: Array, precision: str) -> Array:
-    """a^T b over the row axis, accumulated in a's dtype, at the requested matmul precision."""
+_PRECISIONS = {"highest": lax.Precision.HIGHEST, "tf32": lax.Precision.HIGH, "default": lax.Precision.DEFAULT}
+
+
+def _products(spec: str, a: Array, b: Array, precision: str) -> Array:
+    """einsum(spec, a, b) accumulated in a's dtype, at the requested matmul precision."""
     out_dtype = a.dtype
     if precision == "bf16":
-        a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-        return jnp.einsum("bi,bj->ij", a, b, preferred_element_type=out_dtype)
-    prec = {"highest": lax.Precision.HIGHEST, "tf32": lax.Precision.HIGH, "default": lax.Precision.DEFAULT}[precision]
-    return jnp.einsum("bi,bj->ij", a, b, precision=prec, preferred_element_type=out_dtype)
+        return jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=out_dtype)
+    return jnp.einsum(spec, a, b, precision=_PRECISIONS[precision], preferred_element_type=out_dtype)
+
+
+def _cross(a: Array, b: Array, precision: str) -> Array:
+    """a^T b over the row axis: a [B, i], b [B, j] -> [i, j]."""
+    return _products("bi,bj->ij", a, b, precision)
 
 
 def _cross_folds(a: Array, b: Array, precision: str) -> Array:
     """Per-fold a_k^T b for a [K, B, i], b [B, j] -> [K, i, j]."""
-    out_dtype = a.dtype
-    if precision == "bf16":
-        a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-        return jnp.einsum("kbi,bj->kij", a, b, preferred_element_type=out_dtype)
-    prec = {"highest": lax.Precision.HIGHEST, "tf32": lax.Precision.HIGH, "default": lax.Precision.DEFAULT}[precision]
-    return jnp.einsum("kbi,bj->kij", a, b, precision=prec, preferred_element_type=out_dtype)
+    return _products("kbi,bj->kij", a, b, precision)
 
 
 def _safe_div(a: Array, n: Array) -> Array:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def device_info() -> dict:
@@ -55,12 +56,22 @@ def measured_copy_bandwidth(n_bytes: int = 2 << 30) -> dict:
     return {"bytes": n_bytes, "gb_per_s": 2 * n_bytes / t["median_s"] / 1e9}
 
 
-def write_json(result: dict, out: str | None) -> None:
-    text = json.dumps(result, indent=2, default=str)
+def _json_default(o):
+    if isinstance(o, (np.ndarray, jax.Array)):
+        return np.asarray(o).tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    return str(o)
+
+
+def write_json(result: dict, out: str | None, *, echo: bool = True) -> None:
+    """Write a benchmark result (numpy / jax arrays become lists) to `out`, and print it if `echo`."""
+    text = json.dumps(result, indent=1, default=_json_default)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
-    print(text)
+    if echo:
+        print(text)
 
 
 def torch_cuda_available() -> bool:

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crossmap import ridge
+from crossmap.benchmarks.common import write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -380,7 +381,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ratios[f"torch_{entry['dtype']}_over_jax_solve_{entry['dtype']}"] = (
                 entry["seconds"] / solves[entry["dtype"]]["seconds"])
     result["ratios"] = ratios
-    _write_json(args.out, result)
+    write_json(result, args.out, echo=False)
     print(f"[ridge bench] wrote {args.out}: " + json.dumps(ratios), flush=True)
     return result
 
@@ -423,26 +424,3 @@ def _torch_part(args, stats, lambdas, ours) -> dict[str, Any]:
     return {"method": "torch.linalg.solve(Sxx_train + lam I, Sxy_train) per (fold, lambda), same exact held-out "
                       "SSE from fold stats, argmin, refit; train stats merged from the other folds",
             "runs": runs}
-
-
-def _write_json(path: str, result: dict[str, Any]) -> None:
-    def default(o):
-        if isinstance(o, (np.ndarray, jax.Array)):
-            return np.asarray(o).tolist()
-        if isinstance(o, np.generic):
-            return o.item()
-        return str(o)
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1, default=default)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

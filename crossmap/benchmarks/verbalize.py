@@ -31,26 +31,23 @@ loads, if this module loads first), so PyTorch finds room next to it.
 
 from __future__ import annotations
 
+import argparse
 import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from crossmap.models import ModelConfig, init_random, tiny_config  # noqa: E402
-from crossmap.sharding import make_mesh  # noqa: E402
-from crossmap.verbalize import Injection, generate, mean_embedding_norm  # noqa: E402
+from crossmap.benchmarks.common import write_json
+from crossmap.models import ModelConfig, init_random, tiny_config
+from crossmap.sharding import make_mesh
+from crossmap.verbalize import Injection, generate, mean_embedding_norm
 
 # Qwen2.5-7B(-Instruct) shapes: the reference source model and its NLA verbaliser.
 QWEN25_7B = dict(model_type="qwen2", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
@@ -220,6 +217,8 @@ def _run_transformers(cfg: ModelConfig, prompts: np.ndarray, marker: int, vector
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    # transformers runs in the same process: JAX allocates on demand instead of taking 75% up front
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     preset = PRESETS[args.preset]
     cfg = _config(preset)
     batch = args.batch or preset["batch"]
@@ -282,28 +281,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "step_s_at_torch_copy_bandwidth"]
         print(f"[verbalize bench] transformers on {device}: {hf['total_s']:.3f} s per call, decode step "
               f"{hf['decode_step_s'] * 1e3:.2f} ms; speedup {result['speedup_vs_transformers']:.2f}x", flush=True)
-    _write_json(args.out, result)
+    write_json(result, args.out, echo=False)
     return result
-
-
-def _write_json(path: str, result: dict[str, Any]) -> None:
-    def default(o):
-        if isinstance(o, (np.ndarray, jax.Array)):
-            return np.asarray(o).tolist()
-        if isinstance(o, np.generic):
-            return o.item()
-        return str(o)
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1, default=default)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
