@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from crossmap.sharding import shard_batch
+from crossmap.sharding import shard_batch, to_host
 
 DEFAULT_BUCKETS: tuple[int, ...] = (64, 128, 256, 512)
 DEFAULT_SKIP_FIRST = 2
@@ -524,9 +524,9 @@ class HostPairCollector:
                                                     ("x", "y", "doc", "fold", "end", "source_pos", "target_pos")}
 
     def __call__(self, x, y, mask, fold, info) -> None:
-        keep = np.asarray(mask)
-        self._parts["x"].append(np.asarray(x)[keep])
-        self._parts["y"].append(np.asarray(y)[keep])
+        keep = to_host(mask)
+        self._parts["x"].append(to_host(x)[keep])
+        self._parts["y"].append(to_host(y)[keep])
         for key, info_key in (("doc", "pair_doc"), ("fold", "pair_fold"), ("end", "pair_end"),
                               ("source_pos", "pair_source_pos"), ("target_pos", "pair_target_pos")):
             self._parts[key].append(info[info_key][keep])
@@ -575,7 +575,7 @@ def collect_activations(fn: HiddenFn, tokenizer: Any, documents: Sequence[str], 
             use[row, usable_positions(docs[i], skip_first)] = True
             doc_of_row[row] = i
         rr, tt = np.nonzero(use)
-        acts = np.asarray(hidden)[rr, tt]
+        acts = to_host(hidden)[rr, tt]
         n_tokens += len(rr)
         bar.update(len(doc_ids))
         bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")

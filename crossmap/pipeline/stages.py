@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import activations, ridge
 from .. import sae as sae_lib
+from ..sharding import to_host
 from .run import _load_json, _log, _save_json
 
 if TYPE_CHECKING:
@@ -27,14 +28,14 @@ class _CappedPairs:
         self.parts: dict[str, list[np.ndarray]] = {k: [] for k in ("x", "y", "doc", "fold", "source_pos")}
 
     def add(self, x, y, mask, fold, info) -> None:
-        keep = np.flatnonzero(np.asarray(mask))
+        keep = np.flatnonzero(to_host(mask))
         room = self.cap - self.kept[fold]
         if room <= 0 or keep.size == 0:
             return
         keep = keep[:room]
         self.kept[fold] += keep.size
-        self.parts["x"].append(np.asarray(x)[keep].astype(np.float32))
-        self.parts["y"].append(np.asarray(y)[keep].astype(np.float32))
+        self.parts["x"].append(to_host(x)[keep].astype(np.float32))
+        self.parts["y"].append(to_host(y)[keep].astype(np.float32))
         self.parts["doc"].append(info["pair_doc"][keep].astype(np.int32))
         self.parts["fold"].append(info["pair_fold"][keep].astype(np.int32))
         self.parts["source_pos"].append(info["pair_source_pos"][keep].astype(np.int32))
