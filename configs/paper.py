@@ -31,7 +31,9 @@ PATHS = {
 def get_config():
     c = base_config()
     c.name = "paper"
-    c.mesh = {"data": -1, "fsdp": 1, "tensor": 8}  # 8 GPUs of a node: tensor parallel; -1 takes the rest
+    # tensor parallel over the devices of each host (0 = jax.local_device_count()), data parallel across
+    # hosts: the same config on a 4- or 8-GPU node, several nodes, or a TPU slice
+    c.mesh = {"data": -1, "fsdp": 1, "tensor": 0}
     c.models.source.path = PATHS["source"]
     c.models.source.layer = 20
     c.models.source.dtype = "bfloat16"

@@ -38,9 +38,11 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Build a ("data", "fsdp", "tensor") mesh.
 
-    `shape` gives the size of each axis; at most one may be -1 (takes what is left).  With
-    no shape, every device goes on the data axis.  Sizes that do not multiply to the device
-    count are an error naming both.
+    `shape` gives the size of each axis; at most one may be -1 (takes what is left), and 0 means
+    "the devices of one host" (jax.local_device_count()), so `{"data": -1, "tensor": 0}` keeps
+    tensor parallelism inside each host's fast interconnect and data parallelism across hosts
+    on any node or slice size.  With no shape, every device goes on the data axis.  Sizes that
+    do not multiply to the device count are an error naming both.
     """
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
@@ -48,7 +50,8 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device]
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"mesh: unknown axis name(s) {sorted(unknown)}; known axes are {MESH_AXES}")
-    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    local = min(jax.local_device_count(), n)
+    sizes = [local if int(shape.get(a, 1)) == 0 else int(shape.get(a, 1)) for a in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: at most one axis may be -1, got {shape}")
     if -1 in sizes:

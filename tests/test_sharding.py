@@ -56,6 +56,16 @@ def test_sharded_forward_equals_single_device(arch):
     assert "data" in out["out_spec"] and out["n_shards"] == 8
 
 
+def test_mesh_zero_means_devices_per_host():
+    out = run_with_devices("""
+        import json
+        from crossmap.sharding import make_mesh
+        mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 0})
+        print(json.dumps(dict(mesh.shape)))
+    """)
+    assert out == {"data": 1, "fsdp": 1, "tensor": 8}
+
+
 def test_random_init_straight_onto_mesh():
     out = run_with_devices("""
         import json

@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.name = "run"
     c.run_dir = ""  # default: checkpoints/<name>
     c.seed = 0
-    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}  # -1: all remaining devices
+    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}  # -1: all remaining devices; 0: the devices of one host
     c.models = {"source": _model(), "target": _model()}
     c.corpus = {
         "path": "",  # "" = the corpus shipped with crossmap
