@@ -395,6 +395,9 @@ def run_report(run: Run) -> None:
             "target_explanation": tgt["settings"][primary]["features"][i],
             "matched": per["matched"][i], "control_mean": per["control_mean"][i], "lift": per["lift"][i],
             "retrieval_rank": per["retrieval_rank"][i]})
+    # held-out squared error per element: fold SSE [lambdas, folds] / (fold rows x target width)
+    d_out = len(map_summary["norms"]["target_mean"])
+    cv_mse = np.asarray(fit["cv_sse"]) / (np.asarray(fit["fold_counts"])[None, :] * d_out)
     timings = {stage: _load_json(run.stage_dir(stage) / "done.json")["seconds"]
                for stage in ("map", "sae", "features", "verbalize_source", "verbalize_target", "evaluate")}
     data = {
@@ -404,7 +407,7 @@ def run_report(run: Run) -> None:
                 "r2": fit["heldout_r2"], "r2_mean": fit["heldout_r2_mean"], "cosine": fit["heldout_mean_cosine"],
                 "pooled_cosine": fit["heldout_pooled_cosine"], "lambda": fit["lambda"], "n_pairs": map_summary["n_pairs"],
                 "n_documents": map_summary["n_documents"],
-                "cv": {"lambdas": fit["lambdas"], "cv_r2": fit["cv_r2"], "cv_error": fit["cv_sse"]}},
+                "cv": {"lambdas": fit["lambdas"], "cv_r2": fit["cv_r2"], "cv_error": cv_mse.tolist()}},
         "sae": {**sae_summary["heldout"], "n_features": sae_summary["n_features"],
                 "top_contexts": {str(k): [ctx["text"] for ctx in v] for k, v in features["contexts"].items()}},
         "features": feature_rows,
