@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +17,12 @@ import numpy as np
 
 
 def device_info() -> dict:
+    """What a benchmark ran on: accelerator, counts, versions, host and date."""
     dev = jax.devices()[0]
-    return {"platform": dev.platform, "device_kind": getattr(dev, "device_kind", "cpu"),
-            "n_devices": jax.device_count(), "jax": jax.__version__, "host": platform.node(),
+    return {"platform": dev.platform, "backend": jax.default_backend(),
+            "device_kind": getattr(dev, "device_kind", "cpu"), "n_devices": jax.device_count(),
+            "jax": jax.__version__, "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+            "os": platform.platform(), "host": platform.node(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -46,13 +51,13 @@ def measured_matmul_peak(dtype="bfloat16", n: int = 8192, precision=None) -> dic
     return {"dtype": str(dtype), "n": n, "precision": str(precision), "tflops": 2 * n**3 / t["median_s"] / 1e12}
 
 
-def measured_copy_bandwidth(n_bytes: int = 2 << 30) -> dict:
+def measured_copy_bandwidth(n_bytes: int = 2 << 30, repeats: int = 10) -> dict:
     """Measured device memory bandwidth (GB/s) of a large on-device copy (read + write counted)."""
     if jax.devices()[0].platform == "cpu":
         n_bytes = min(n_bytes, 256 << 20)
     x = jnp.ones((n_bytes // 4,), jnp.float32)
-    f = jax.jit(lambda v: v + 1.0)
-    t = time_jax(lambda: f(x), warmup=2, repeats=10)
+    f = jax.jit(lambda v: v + 1.0)  # reads and writes every element once
+    t = time_jax(lambda: f(x), warmup=2, repeats=repeats)
     return {"bytes": n_bytes, "gb_per_s": 2 * n_bytes / t["median_s"] / 1e9}
 
 

@@ -32,9 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import statistics
-import sys
 import time
 from functools import partial
 from typing import Any
@@ -44,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crossmap import ridge
-from crossmap.benchmarks.common import write_json
+from crossmap.benchmarks.common import device_info, time_jax, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,14 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _median_time(fn, reps: int) -> float:
-    """Median wall time of fn() (which must block) over `reps` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_jax(fn, warmup=1, repeats=reps)["median_s"]
 
 
 def _rel_err(a, b) -> float:
@@ -103,14 +93,6 @@ def _make_chunk(key, w_true, x_scale, x_mean, rows: int, d_in: int, d_out: int):
     y = jnp.matmul(x - x_mean, w_true, precision=jax.lax.Precision.HIGHEST)
     y = y + jax.random.normal(kn, (rows, d_out), jnp.float32)
     return x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
-
-
-def _device_info() -> dict[str, Any]:
-    dev = jax.devices()[0]
-    info = {"backend": jax.default_backend(), "device_kind": dev.device_kind, "n_devices": jax.device_count(),
-            "jax": jax.__version__, "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
-            "platform": platform.platform()}
-    return info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,9 +119,17 @@ def _peak(chunk: int, d_in: int, d_out: int, reps: int, key) -> dict[str, Any]:
     return out
 
 
-def _accumulate(pool, n_batches: int, folds: int, d_in: int, d_out: int, precision: str):
-    """Time n_batches accumulate calls cycling through the pool; returns (stats, seconds)."""
-    warm = ridge.accumulate(ridge.init_stats(d_in, d_out, folds), pool[0][0], pool[0][1], fold=0,
+def _accumulate(pool, n_batches: int, folds: int, d_in: int, d_out: int, precision: str, fold_ids=None):
+    """Time n_batches accumulate calls cycling through the pool; returns (stats, seconds).
+
+    fold_ids: None gives each batch one fold (the fast path); a list of per-row id arrays, one per
+    pool entry, times the per-row path.
+    """
+    def fold_of(i):
+        j = i % len(pool)
+        return j % folds if fold_ids is None else fold_ids[j]
+
+    warm = ridge.accumulate(ridge.init_stats(d_in, d_out, folds), pool[0][0], pool[0][1], fold=fold_of(0),
                             precision=precision)
     jax.block_until_ready(warm)
     del warm
@@ -147,25 +137,9 @@ def _accumulate(pool, n_batches: int, folds: int, d_in: int, d_out: int, precisi
     t0 = time.perf_counter()
     for i in range(n_batches):
         x, y = pool[i % len(pool)]
-        stats = ridge.accumulate(stats, x, y, fold=(i % len(pool)) % folds, precision=precision)
+        stats = ridge.accumulate(stats, x, y, fold=fold_of(i), precision=precision)
     stats = jax.block_until_ready(stats)
     return stats, time.perf_counter() - t0
-
-
-def _accumulate_per_row(pool, n_batches: int, folds: int, d_in: int, d_out: int, precision: str, key) -> float:
-    chunk = pool[0][0].shape[0]
-    fold_ids = [jax.random.randint(k, (chunk,), 0, folds) for k in jax.random.split(key, len(pool))]
-    warm = ridge.accumulate(ridge.init_stats(d_in, d_out, folds), pool[0][0], pool[0][1], fold=fold_ids[0],
-                            precision=precision)
-    jax.block_until_ready(warm)
-    del warm
-    stats = jax.block_until_ready(ridge.init_stats(d_in, d_out, folds))
-    t0 = time.perf_counter()
-    for i in range(n_batches):
-        x, y = pool[i % len(pool)]
-        stats = ridge.accumulate(stats, x, y, fold=fold_ids[i % len(pool)], precision=precision)
-    jax.block_until_ready(stats)
-    return time.perf_counter() - t0
 
 
 def _lambda_grid(stats: ridge.RidgeStats, n: int, lo: float, hi: float) -> np.ndarray:
@@ -281,12 +255,15 @@ def _sklearn(args, lambdas_rel: np.ndarray, rng: np.random.Generator) -> dict[st
 def run(args: argparse.Namespace) -> dict[str, Any]:
     d_in, d_out, chunk, folds = args.d_in, args.d_out, args.chunk, args.folds
     n_batches = max(1, math.ceil(args.pairs / chunk))
+    if n_batches < folds:
+        raise ValueError(f"--pairs {args.pairs} in --chunk {chunk} rows gives {n_batches} batch(es), fewer than "
+                         f"--folds {folds}: every fold needs a batch (raise --pairs or lower --chunk)")
     n_pool = max(args.pool, folds)  # every fold needs at least one chunk of its own
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     key = jax.random.PRNGKey(args.seed)
     k_peak, k_w, k_pool, k_rows = jax.random.split(key, 4)
     result: dict[str, Any] = {
-        "benchmark": "ridge", "device": _device_info(),
+        "benchmark": "ridge", "device": device_info(),
         "config": {"d_in": d_in, "d_out": d_out, "pairs": n_batches * chunk, "chunk": chunk, "batches": n_batches,
                    "pool_chunks": n_pool, "fold_of_pool_chunk": "j % folds", "folds": folds, "lambdas": args.lambdas,
                    "lambda_range_log10_rel": list(args.lambda_range), "precisions": precisions,
@@ -330,7 +307,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if prec != main_prec:
             del stats_by_precision[prec]
     if args.per_row_batches > 0:
-        secs = _accumulate_per_row(pool, args.per_row_batches, folds, d_in, d_out, main_prec, k_rows)
+        chunk = pool[0][0].shape[0]
+        fold_ids = [jax.random.randint(k, (chunk,), 0, folds) for k in jax.random.split(k_rows, len(pool))]
+        _, secs = _accumulate(pool, args.per_row_batches, folds, d_in, d_out, main_prec, fold_ids)
         tflops = flops_per_batch * args.per_row_batches / secs / 1e12
         acc["per_row_folds"] = {"precision": main_prec, "batches": args.per_row_batches, "seconds": secs,
                                 "useful_tflops": tflops,

@@ -34,17 +34,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from crossmap.benchmarks.common import write_json
+from crossmap.benchmarks.common import measured_copy_bandwidth, time_jax, write_json
 from crossmap.models import ModelConfig, init_random, tiny_config
 from crossmap.sharding import make_mesh
 from crossmap.verbalize import Injection, generate, mean_embedding_norm
@@ -73,30 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="verbalize_bench.json", help="JSON output path")
 
 
-def _median_time(fn, reps: int) -> float:
-    """Median wall time of fn() (which must block until done) over `reps` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _median(fn, reps: int) -> float:
+    return time_jax(fn, warmup=1, repeats=reps)["median_s"]
 
 
 def _config(preset: dict) -> ModelConfig:
     if preset["config"] == "tiny-qwen2":
         return tiny_config("qwen2", eos_token_ids=(1,))
     return ModelConfig(**preset["config"])
-
-
-def _copy_bandwidth(n_bytes: int, reps: int) -> float:
-    """One device's bandwidth (bytes read + written per second) of an elementwise bf16 copy."""
-    n = n_bytes // 2
-    src = jnp.ones((n,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a + jnp.bfloat16(1))  # reads and writes every element once
-    seconds = _median_time(lambda: copy(src).block_until_ready(), max(reps, 5))
-    return 2 * n * 2 / seconds
 
 
 def _param_bytes(model) -> tuple[int, int]:
@@ -137,8 +119,8 @@ def _run_crossmap(model, prompts, inj, new_tokens, mesh, reps) -> dict[str, Any]
     call(1)
     compile_one = time.perf_counter() - t0
     assert (res.lengths == new_tokens).all(), "every row must generate the full length"
-    t_full = _median_time(lambda: call(new_tokens), reps)
-    t_one = _median_time(lambda: call(1), reps)
+    t_full = _median(lambda: call(new_tokens), reps)
+    t_one = _median(lambda: call(1), reps)
     step = (t_full - t_one) / max(new_tokens - 1, 1)
     batch = len(prompts)
     return {"first_call_s": compile_full, "first_call_1_token_s": compile_one, "total_s": t_full,
@@ -200,8 +182,8 @@ def _run_transformers(cfg: ModelConfig, prompts: np.ndarray, marker: int, vector
     out = call(new_tokens)
     first = time.perf_counter() - t0
     assert out.shape[1] == new_tokens, f"transformers generated {out.shape[1]} tokens, expected {new_tokens}"
-    t_full = _median_time(lambda: call(new_tokens), reps)
-    t_one = _median_time(lambda: call(1), reps)
+    t_full = _median(lambda: call(new_tokens), reps)
+    t_one = _median(lambda: call(1), reps)
     result = {"device": device, "dtype": dtype, "attention": "sdpa", "cache": "dynamic (default)",
               "init_s": init_s, "first_call_s": first, "total_s": t_full, "prefill_plus_first_token_s": t_one,
               "decode_step_s": (t_full - t_one) / max(new_tokens - 1, 1),
@@ -211,7 +193,7 @@ def _run_transformers(cfg: ModelConfig, prompts: np.ndarray, marker: int, vector
         n = 1 << 30
         src = torch.ones(n // 2, dtype=torch.bfloat16, device=device)
         dst = torch.empty_like(src)
-        seconds = _median_time(lambda: (dst.copy_(src), sync()), 5)
+        seconds = _median(lambda: (dst.copy_(src), sync()), 5)
         result["torch_copy_bandwidth_GBps"] = 2 * n / seconds / 1e9
     return result
 
@@ -247,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[verbalize bench] crossmap: {ours['total_s']:.3f} s per call, decode step "
           f"{ours['decode_step_s'] * 1e3:.2f} ms, {ours['explanations_per_s']:.1f} explanations/s", flush=True)
     ours["init_random_s"] = init_s
-    bandwidth = _copy_bandwidth(copy_mib << 20, args.reps)
+    bandwidth = measured_copy_bandwidth(copy_mib << 20, repeats=max(args.reps, 5))["gb_per_s"] * 1e9
     floor = _floor(cfg, model, batch, prompt_len, new_tokens, bandwidth, ours["decode_step_s"])
     ours["ratio_to_floor"] = ours["decode_step_s"] / floor["step_s"]
     print(f"[verbalize bench] floor {floor['step_s'] * 1e3:.3f} ms/step at {floor['copy_bandwidth_GBps']:.0f} GB/s: "
