@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "_bench_error", None):
             print(f"crossmap bench {args.bench}: unavailable ({args._bench_error})", file=sys.stderr)
             return 2
-        importlib.import_module(f"crossmap.benchmarks.{args._bench_module}").run(args)
+        try:
+            importlib.import_module(f"crossmap.benchmarks.{args._bench_module}").run(args)
+        except (ValueError, FileNotFoundError) as err:  # bad arguments: say which, no traceback
+            print(f"crossmap bench {args.bench}: {err}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "convert":
         from .models import convert_gguf, resolve_model_path
