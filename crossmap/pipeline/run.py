@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -45,9 +46,11 @@ def _log(msg: str) -> None:
 
 def _save_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    # atomic: a killed run never leaves a half-written result; on a multi-host run every process
+    # writes the same content through its own temporary file onto the shared run directory
+    tmp = path.with_suffix(path.suffix + f".tmp{jax.process_index()}")
     tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    tmp.replace(path)  # atomic: a killed run never leaves a half-written result
+    tmp.replace(path)
 
 
 def _json_default(o):
