@@ -154,3 +154,31 @@ def test_launch_script_runs_the_pipeline_on_a_data_by_tensor_mesh(full_run, tmp_
     assert sharded["lambda"] == single["lambda"]
     assert abs(sharded["r2"] - single["r2"]) < 1e-4
     assert abs(sharded["fve"] - single["fve"]) < 0.02
+
+
+def test_paper_style_run_with_public_sae_and_nla_verbaliser(full_run, tmp_path):
+    """The paths configs/paper.py takes: an SAE read from a public format (SAE-Lens) and a target NLA
+    verbaliser read from its checkpoint directory with the sidecar contract."""
+    import shutil
+
+    from crossmap.models.tiny import tiny_checkpoint
+
+    nla = tmp_path / "nla-tiny-gemma"
+    shutil.copytree(tiny_checkpoint("gemma3_text"), nla)
+    (nla / "nla_config.json").write_text(json.dumps({
+        "injection_token": "<concept>", "prompt_template": "Concept: {marker}\nExplanation: <explanation>",
+        "use_chat_template": False, "explanation_regex": "<explanation>(.*?)(?:</explanation>|$)",
+        "max_new_tokens": 5}))
+    run_dir = tmp_path / "paper-style"
+    c = _config(run_dir, f"--config.sae.path={full_run[0] / 'sae' / 'sae_lens'}",
+                "--config.verbalizers.target.kind=nla", f"--config.verbalizers.target.checkpoint={nla}",
+                "--config.washout.compare=false")
+    run = run_experiment(c)
+    assert run.is_done("report")
+    explanations = json.loads((run_dir / "verbalize_target" / "explanations.json").read_text())
+    assert "Concept: <concept>" in explanations["prompt"]
+    assert explanations["spec"]["injection_token"] == "<concept>"
+    sae = json.loads((run_dir / "sae" / "summary.json").read_text())
+    assert sae["train"] == {"loaded_from": str(full_run[0] / "sae" / "sae_lens")}
+    single = json.loads((full_run[0] / "sae" / "summary.json").read_text())
+    assert sae["n_features"] == single["n_features"]
