@@ -20,6 +20,16 @@ how much closer matched explanations are than explanations of random control dir
 Every stage writes its result under the run directory and is skipped when it already exists,
 so a killed run resumes where it stopped."""
 
+EXAMPLES = """\
+examples:
+  crossmap run --config configs/demo.py                  the embedded demo (real small models, CPU is enough)
+  crossmap run --config configs/demo.py --only map       one stage (its inputs must exist)
+  crossmap run --config configs/paper.py --config.models.source.path=/ckpt/Qwen2.5-7B-Instruct ...
+  crossmap run --config configs/demo.py --print-config   every field, with its value
+  crossmap bench forward --model qwen2.5-7b-instruct --layer 20 --batch 32 --seq 1024
+  crossmap convert shipped:gemma-3-270m /tmp/gemma-3-270m
+Run `crossmap COMMAND --help` for a command's options."""
+
 BENCHES = {
     "forward": "tokens/s and MFU of the truncated forward vs transformers (random weights, real shapes)",
     "ridge": "streaming accumulation + closed-form CV ridge solve vs scikit-learn and a PyTorch solve",
@@ -28,7 +38,7 @@ BENCHES = {
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crossmap", description=DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="crossmap", description=DESCRIPTION, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
