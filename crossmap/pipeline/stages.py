@@ -87,6 +87,7 @@ def run_map(run: Run) -> None:
              "target_median_norm": float(np.median(np.linalg.norm(pairs["y"], axis=1))),
              "target_mean": pairs["y"].mean(0).tolist()}
     kept = np.asarray(summary["kept_per_document"])
+    _save_json(out / "kept_per_document.json", {"pairing": c.pairing.to_dict(), "kept": kept.tolist()})
     _save_json(out / "summary.json", {
         **meta, "norms": norms, "solve_seconds": solve_s, "collect": {
             k: v for k, v in summary.items() if k != "kept_per_document"},
