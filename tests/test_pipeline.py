@@ -50,6 +50,9 @@ def test_full_run_writes_every_stage_and_report(full_run):
     assert set(numbers["summary"]) == {"alpha=0", "alpha=0.5"}  # washout off and on, same features
     n = len(json.loads((run_dir / "features" / "features.json").read_text())["features"])
     assert len(numbers["src"]["alpha=0"]["features"]) == n == len(numbers["tgt"]["alpha=0.5"]["features"])
+    kept = json.loads((run_dir / "map" / "kept_per_document.json").read_text())["kept"]
+    summary = json.loads((run_dir / "map" / "summary.json").read_text())
+    assert len(kept) == summary["n_documents"] and sum(kept) == summary["n_pairs"]
     # the map stage kept the ridge map with its metadata
     from crossmap.ridge import MetadataMismatchError, load_map
 
