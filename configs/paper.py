@@ -48,7 +48,7 @@ def get_config():
     c.corpus.batch_size = 64
     c.ridge.folds = 5
     c.ridge.lambdas = tuple(float(10.0 ** (e / 2)) for e in range(0, 16))  # 16 lambdas, 1 .. 3e7
-    c.ridge.keep_pairs = 500_000
+    c.ridge.keep_pairs = 200_000  # host sample for SAE stats and evaluation: 200k x (3584 + 5376) floats = 7 GB
     c.sae.path = PATHS["sae"]
     c.features.method = "random"
     c.features.n = 45
