@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -207,4 +206,4 @@ def main_from_cli(args, extra: list[str]) -> int:
     return 0
 
 
-__all__ = ["Run", "run_experiment", "main_from_cli", "dataclasses"]
+__all__ = ["Run", "run_experiment", "main_from_cli"]

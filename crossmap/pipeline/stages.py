@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import activations, ridge
 from .. import sae as sae_lib
+from ..models import make_hidden_fn
 from ..sharding import to_host
 from .run import _load_json, _log, _save_json
 
@@ -60,7 +61,8 @@ def run_map(run: Run) -> None:
         keeper.add(x, y, mask, int(fold), info)
 
     summary = activations.collect_pairs(
-        make_hidden(run, "source"), make_hidden(run, "target"), src.tokenizer, tgt.tokenizer, docs,
+        make_hidden_fn(src.model, c.models.source.layer, mesh=run.mesh),
+        make_hidden_fn(tgt.model, c.models.target.layer, mesh=run.mesh), src.tokenizer, tgt.tokenizer, docs,
         consumer=consume, pairing=c.pairing.method, skip_first=c.pairing.skip_first,
         batch_size=c.corpus.batch_size, buckets=tuple(c.corpus.buckets), max_length=c.corpus.max_length,
         chat_source=c.models.source.chat, chat_target=c.models.target.chat, fold_of_doc=folds, mesh=run.mesh)
@@ -96,20 +98,6 @@ def run_map(run: Run) -> None:
         "kept_pairs_for_sae_and_evaluation": int(len(pairs["x"]))})
     _log(f"map: {summary['n_pairs']} pairs from {summary['n_documents']} documents; lambda={fit.lam:.3g}, "
          f"held-out R^2={fit.r2:.3f}, mean cosine={fit.mean_cosine:.3f}")
-
-
-def make_hidden(run: Run, side: str):
-    lm = run.model(side)
-    return make_hidden_fn_cached(run, side, lm)
-
-
-def make_hidden_fn_cached(run: Run, side: str, lm):
-    key = f"_hidden_{side}"
-    if not hasattr(run, key):
-        from ..models import make_hidden_fn
-
-        setattr(run, key, make_hidden_fn(lm.model, run.config.models[side].layer, mesh=run.mesh))
-    return getattr(run, key)
 
 
 def _chunks(pairs: dict[str, np.ndarray], size: int):
