@@ -3,7 +3,7 @@
     crossmap run --config configs/demo.py                 # the whole experiment, staged and resumable
     crossmap run --config configs/demo.py --only map      # one stage
     crossmap run --config configs/paper.py --config.models.source.path=/ckpt/Qwen2.5-7B-Instruct
-    crossmap bench forward|ridge|verbalize [...]          # benchmarks that write JSON
+    crossmap bench forward|ridge|verbalize|scaling [...]  # benchmarks that write JSON
     crossmap convert model.gguf OUT_DIR                   # GGUF -> HF-layout safetensors directory
 """
 
@@ -27,6 +27,7 @@ examples:
   crossmap run --config configs/paper.py --config.models.source.path=/ckpt/Qwen2.5-7B-Instruct ...
   crossmap run --config configs/demo.py --print-config   every field, with its value
   crossmap bench forward --model qwen2.5-7b-instruct --layer 20 --batch 32 --seq 1024
+  launch/gpu_node.sh bench scaling --out scaling.json   27B-shaped workloads over every GPU of a node
   crossmap convert shipped:gemma-3-270m /tmp/gemma-3-270m
 Run `crossmap COMMAND --help` for a command's options."""
 
@@ -34,6 +35,8 @@ BENCHES = {
     "forward": "tokens/s and MFU of the truncated forward vs transformers (random weights, real shapes)",
     "ridge": "streaming accumulation + closed-form CV ridge solve vs scikit-learn and a PyTorch solve",
     "verbalize": "batched generation with injected vectors: explanations/s and decode step vs bandwidth floor",
+    "scaling": "forward, ridge statistics and verbalisation on one device vs a mesh over all devices "
+               "(scaling efficiency, equality with one device)",
 }
 
 

@@ -279,9 +279,34 @@ def err(a, b):
                         / (1 + np.max(np.abs(np.asarray(getattr(b, f)))))))
                for f in ("count", "mean_x", "mean_y", "sxx", "sxy", "syy"))
 
+# each device keeps its own slot, one psum at the end (scalar folds and per-row folds)
+dev = ridge.init_device_stats(mesh, d_in, d_out, k, jnp.float64)
+assert dev.sxx.shape == (8, k, d_in, d_in) and len(dev.sxx.sharding.device_set) == 8
+for s in range(0, n, 128):
+    dev = ridge.accumulate_on_devices(dev, shard_batch(x[s:s+128], mesh), shard_batch(y[s:s+128], mesh),
+                                      shard_batch(fold[s:s+128], mesh), shard_batch(mask[s:s+128], mesh),
+                                      mesh=mesh)
+on_devices = ridge.reduce_device_stats(dev, mesh)
+scalar_one = ridge.init_stats(d_in, d_out, k, jnp.float64)
+scalar_dev = ridge.init_device_stats(mesh, d_in, d_out, k, jnp.float64)
+for i, s in enumerate(range(0, n, 128)):
+    scalar_one = step(scalar_one, x[s:s+128], y[s:s+128], i % k)
+    scalar_dev = ridge.accumulate_on_devices(scalar_dev, x[s:s+128], y[s:s+128], i % k, mesh=mesh)
+scalar_dev = ridge.reduce_device_stats(scalar_dev, mesh)
+errors = []
+for bad in (lambda: ridge.accumulate_on_devices(ridge.init_device_stats(mesh, d_in, d_out, k, jnp.float64),
+                                                x[:100], y[:100], 0, mesh=mesh),
+            lambda: ridge.accumulate_on_devices(one, x[:128], y[:128], 0, mesh=mesh)):
+    try:
+        bad()
+    except ValueError as e:
+        errors.append(str(e))
+
 m1, _ = ridge.solve(one, [0.1, 10.0])
 m8, _ = ridge.solve(sharded, [0.1, 10.0])
 print(json.dumps({"sharded": err(sharded, one), "shard_map": err(psummed, one),
+                  "on_devices": err(on_devices, one), "on_devices_scalar_fold": err(scalar_dev, scalar_one),
+                  "errors": errors,
                   "W": float(np.max(np.abs(np.asarray(m8.W) - np.asarray(m1.W)))),
                   "count": float(one.count.sum()), "expected_count": int(mask.sum())}))
 """
@@ -292,6 +317,10 @@ def test_eight_devices_equal_one_device():
     assert out["count"] == out["expected_count"]
     assert out["sharded"] < 1e-12
     assert out["shard_map"] < 1e-12
+    assert out["on_devices"] < 1e-12
+    assert out["on_devices_scalar_fold"] < 1e-12
+    assert "100 rows does not split evenly over 8 devices" in out["errors"][0]
+    assert "3 device slots but the mesh splits the batch 8 ways" in out["errors"][1]
     assert out["W"] < 1e-10
 
 

@@ -1,0 +1,368 @@
+"""`crossmap bench scaling`: the reference-scale workloads on one device and over every device.
+
+For a model config at real shape (random weights; default Gemma-3-27B-it, the reference target)
+this runs, first on one device and then on each mesh layout that spans all devices (default:
+all devices on the data axis, then all on the tensor axis):
+
+1. forward: the truncated forward (`make_hidden_fn`) on one global batch.  Tokens/s, TFLOP/s per
+   device, MFU per device (against the bf16 matmul peak measured on device 0 in this run), scaling
+   efficiency = tokens/s / (n_devices x single-device tokens/s), and the largest per-row relative
+   difference of the residuals from the single-device result on the same batch.
+2. ridge: streaming statistics of d_in -> d_out pairs, on one device (`ridge.accumulate`), then over
+   every device with the batch split two ways: a jitted `accumulate` on batch-sharded inputs (XLA
+   all-reduces the products after each batch) and `accumulate_on_devices` (each device keeps its own
+   slot; `reduce_device_stats` does one psum at the end).  Pairs/s and the largest relative
+   difference of every statistic from the single-device run.
+3. verbalize: `verbalize.generate` with a vector injected at one prompt position (batch x prompt
+   tokens, `--new-tokens` greedy tokens, no early stop) on the same model: explanations/s, decode
+   step, and the decode step's memory-bandwidth floor per device (weights and KV cache each device
+   holds, read once per step at the copy bandwidth measured on device 0).
+
+Each layout builds the model once, straight onto its mesh (the same seed gives the same weights on
+every layout), and frees it before the next.  The JSON at --out is rewritten after every step, so a
+run cut short keeps what finished.  On CPU with forced devices (XLA_FLAGS=
+--xla_force_host_platform_device_count=8) the same code runs at tiny shapes: that is its test.
+Run it on a multi-GPU node through the node's launch script:
+
+    launch/gpu_node.sh bench scaling --out scaling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .. import ridge
+from ..models import init_random, make_hidden_fn
+from ..sharding import make_mesh, shard_batch
+from ..verbalize import Injection, generate, mean_embedding_norm
+from .common import device_info, measured_copy_bandwidth, measured_matmul_peak, time_jax, write_json
+from .forward import model_config
+
+PARTS = ("forward", "ridge", "verbalize")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="gemma-3-27b-it",
+                   help="a config in configs/models/ (name or path), or tiny-<arch> for a smoke run")
+    p.add_argument("--layer", type=int, default=41, help="truncate the forward after this block (paper: 41)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--layouts", default='[{"data": -1}, {"tensor": -1}]',
+                   help="JSON list of mesh shapes to compare with one device (-1 = all devices on that axis)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    p.add_argument("--batch", type=int, default=16, help="forward: global batch (the same on every layout)")
+    p.add_argument("--seq", type=int, default=1024, help="forward: tokens per row")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--ridge-d-in", type=int, default=3584, help="ridge: source width (Qwen2.5-7B)")
+    p.add_argument("--ridge-d-out", type=int, default=5376, help="ridge: target width (Gemma-3-27B)")
+    p.add_argument("--ridge-pairs", type=int, default=1 << 20)
+    p.add_argument("--ridge-chunk", type=int, default=8192, help="ridge: rows per batch (global)")
+    p.add_argument("--ridge-folds", type=int, default=5)
+    p.add_argument("--verbalize-batch", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--copy-mib", type=int, default=4096, help="size of the bandwidth-probe copy")
+    p.add_argument("--single-device", default="auto", choices=["auto", "yes", "no"],
+                   help="run the one-device baseline (auto: yes; its numbers are what the rest is compared to)")
+    p.add_argument("--out", default="bench-scaling.json")
+
+
+def _rel_rows(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest over rows of |a - b| / |b| (flattened per batch row and position)."""
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return float(np.max(np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-30)))
+
+
+def _rel_stats(a: ridge.RidgeStats, b: ridge.RidgeStats) -> dict[str, float]:
+    out = {}
+    for f in ("count", "mean_x", "mean_y", "sxx", "sxy", "syy"):
+        x, y = np.asarray(getattr(a, f), np.float64), np.asarray(getattr(b, f), np.float64)
+        out[f] = float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(y))), 1e-30))
+    return out
+
+
+def _layout_name(shape: dict) -> str:
+    return "x".join(f"{k}{v}" for k, v in shape.items() if v != 1) or "one"
+
+
+# -- forward ---------------------------------------------------------------------------------------
+
+def _forward(model, layer: int, mesh, tokens, positions, valid, repeats: int) -> tuple[dict, np.ndarray]:
+    """Time the truncated forward: fused cuDNN attention on GPU (as `bench forward`), else XLA's."""
+    on_gpu = jax.devices()[0].platform == "gpu"
+    errors = {}
+    for impl in (["cudnn", "xla"] if on_gpu else ["xla"]):
+        model.attention_impl = None if impl == "xla" else impl
+        fn = make_hidden_fn(model, layer, mesh=mesh)
+        try:
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(fn(tokens, positions, valid))
+            compile_s = time.perf_counter() - t0
+            t = time_jax(lambda fn=fn: fn(tokens, positions, valid), warmup=1, repeats=repeats)
+        except Exception as err:  # noqa: BLE001 - e.g. no cuDNN fused attention here: fall back, and say so
+            errors[impl] = f"{type(err).__name__}: {str(err)[:300]}"
+            continue
+        finally:
+            model.attention_impl = None
+        host = np.asarray(jax.device_get(out)).astype(np.float32)
+        timing = {"attention": impl, "compile_s": compile_s, "median_s": t["median_s"], "min_s": t["min_s"]}
+        if errors:
+            timing["attention_errors"] = errors
+        return timing, host
+    raise RuntimeError(f"forward failed with every attention implementation: {errors}")
+
+
+# -- ridge -----------------------------------------------------------------------------------------
+
+def _ridge_pool(key, n_pool: int, chunk: int, d_in: int, d_out: int):
+    """Random correlated pairs (a few large column means, as residual streams have)."""
+    kw, kp = jax.random.split(key)
+    w = jax.random.normal(kw, (d_in, d_out), jnp.float32) / math.sqrt(d_in)
+
+    @jax.jit
+    def make(k):
+        kx, ky = jax.random.split(k)
+        x = jax.random.normal(kx, (chunk, d_in), jnp.float32).at[:, :4].add(100.0)
+        return x, x @ w + jax.random.normal(ky, (chunk, d_out), jnp.float32)
+
+    return [make(k) for k in jax.random.split(kp, n_pool)]
+
+
+def _ridge(args, mesh, pool_single, result_layout: dict, reference: ridge.RidgeStats | None):
+    d_in, d_out, folds = args.ridge_d_in, args.ridge_d_out, args.ridge_folds
+    chunk = pool_single[0][0].shape[0]
+    n_batches = max(folds, args.ridge_pairs // chunk)
+    out: dict[str, Any] = {"pairs": n_batches * chunk}
+    if mesh is None:  # one device
+        warm = ridge.accumulate(ridge.init_stats(d_in, d_out, folds), *pool_single[0], fold=0)
+        jax.block_until_ready(warm)
+        del warm
+        stats = ridge.init_stats(d_in, d_out, folds)
+        t0 = time.perf_counter()
+        for i in range(n_batches):
+            stats = ridge.accumulate(stats, *pool_single[i % len(pool_single)], fold=i % folds)
+        stats = jax.block_until_ready(stats)
+        secs = time.perf_counter() - t0
+        out["accumulate"] = {"seconds": secs, "pairs_per_s": n_batches * chunk / secs}
+        result_layout["ridge"] = out
+        return stats
+    pool = [(shard_batch(x, mesh), shard_batch(y, mesh)) for x, y in pool_single]
+    jax.block_until_ready(pool)
+    # (a) plain accumulate on batch-sharded inputs: XLA all-reduces each batch's products
+    warm = ridge.accumulate(ridge.init_stats(d_in, d_out, folds), *pool[0], fold=0)
+    warm = jax.block_until_ready(ridge.accumulate(warm, *pool[1], fold=1))  # also compiles for its own output
+    stats = jax.tree.map(jnp.zeros_like, warm)
+    del warm
+    t0 = time.perf_counter()
+    for i in range(n_batches):
+        stats = ridge.accumulate(stats, *pool[i % len(pool)], fold=i % folds)
+    stats = jax.block_until_ready(stats)
+    secs = time.perf_counter() - t0
+    out["accumulate_sharded_batch"] = {"seconds": secs, "pairs_per_s": n_batches * chunk / secs}
+    if reference is not None:
+        out["accumulate_sharded_batch"]["rel_diff_vs_one_device"] = _rel_stats(stats, reference)
+    del stats
+    # (b) one slot per device, one psum at the end
+    warm = ridge.accumulate_on_devices(ridge.init_device_stats(mesh, d_in, d_out, folds), *pool[0], 0, mesh=mesh)
+    jax.block_until_ready(ridge.reduce_device_stats(warm, mesh))
+    del warm
+    dev = ridge.init_device_stats(mesh, d_in, d_out, folds)
+    jax.block_until_ready(dev)
+    t0 = time.perf_counter()
+    for i in range(n_batches):
+        dev = ridge.accumulate_on_devices(dev, *pool[i % len(pool)], i % folds, mesh=mesh)
+    stats = jax.block_until_ready(ridge.reduce_device_stats(dev, mesh))
+    secs = time.perf_counter() - t0
+    out["accumulate_on_devices_psum"] = {"seconds": secs, "pairs_per_s": n_batches * chunk / secs,
+                                         "device_slots": int(dev.count.shape[0])}
+    if reference is not None:
+        out["accumulate_on_devices_psum"]["rel_diff_vs_one_device"] = _rel_stats(stats, reference)
+        m1, f1 = ridge.solve(reference, [1e-2, 1.0, 1e2, 1e4])
+        mn, fn = ridge.solve(stats, [1e-2, 1.0, 1e2, 1e4])
+        out["solve_vs_one_device"] = {"lambda_one": f1.lam, "lambda_mesh": fn.lam,
+                                      "W_max_rel_diff": float(np.max(np.abs(np.asarray(mn.W) - np.asarray(m1.W)))
+                                                              / np.max(np.abs(np.asarray(m1.W))))}
+    del dev, stats, pool
+    result_layout["ridge"] = out
+    return None
+
+
+# -- verbalize -------------------------------------------------------------------------------------
+
+def _verbalize(model, cfg, mesh, args, n_dev: int, tensor: int, data: int) -> tuple[dict, np.ndarray]:
+    rng = np.random.default_rng(0)
+    batch, plen, new = args.verbalize_batch, args.prompt_len, args.new_tokens
+    prompts = rng.integers(0, cfg.vocab_size, size=(batch, plen)).astype(np.int32)
+    vectors = rng.normal(size=(batch, cfg.d_model)).astype(np.float32)
+    vectors *= mean_embedding_norm(model) / np.linalg.norm(vectors, axis=1, keepdims=True)
+    inj = Injection(vectors, [plen // 2] * batch)
+
+    def call(n):
+        return generate(model, prompts, max_new_tokens=n, stop_token_ids=[], use_model_eos=False, pad_id=0,
+                        injection=inj, mesh=mesh, length_bucket_min=1)
+
+    t0 = time.perf_counter()
+    res = call(new)
+    first = time.perf_counter() - t0
+    call(1)
+    t_full = time_jax(lambda: call(new).tokens, warmup=0, repeats=max(3, args.repeats // 2))["median_s"]
+    t_one = time_jax(lambda: call(1).tokens, warmup=0, repeats=max(3, args.repeats // 2))["median_s"]
+    step = (t_full - t_one) / max(new - 1, 1)
+    # per-device bytes read by one decode step: the weights it holds (tensor-split) and its KV share
+    _, state = nnx.split(model)
+    total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+    embed = model.embed[...]
+    itemsize = embed.dtype.itemsize
+    table = int(np.prod(embed.shape)) * itemsize
+    weights = (total - (0 if cfg.tie_embeddings else table)) / tensor
+    rows = batch / data
+    kv_split = tensor if cfg.n_kv_heads % tensor == 0 else 1
+    kv = 2 * cfg.n_layers * rows * cfg.n_kv_heads / kv_split * cfg.head_dim * itemsize * (plen + new / 2)
+    out = {"batch": batch, "prompt_len": plen, "new_tokens": new, "first_call_s": first, "total_s": t_full,
+           "prefill_plus_first_token_s": t_one, "decode_step_s": step, "explanations_per_s": batch / t_full,
+           "tokens_per_s": batch * new / t_full, "weight_bytes_per_device_step": weights,
+           "kv_bytes_per_device_step_avg": kv}
+    return out, np.asarray(res.tokens)
+
+
+# -- driver ----------------------------------------------------------------------------------------
+
+def _free(*objs) -> None:
+    del objs
+    gc.collect()
+    jax.clear_caches()
+
+
+def run(args: argparse.Namespace) -> dict:
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"--parts: unknown part(s) {sorted(unknown)}; choose from {PARTS}")
+    layouts = json.loads(args.layouts)
+    if not isinstance(layouts, list) or not all(isinstance(x, dict) for x in layouts):
+        raise ValueError(f"--layouts must be a JSON list of mesh shapes like {{\"tensor\": -1}}, got {args.layouts}")
+    cfg, _ = model_config(args.model)
+    layer = cfg.n_layers - 1 if args.layer < 0 else min(args.layer, cfg.n_layers - 1)
+    devices = jax.devices()
+    n_dev = len(devices)
+    result: dict[str, Any] = {"bench": "scaling", "model": args.model, "layer": layer, "dtype": args.dtype,
+                              "parts": parts, "device": device_info(), "layouts": {}}
+
+    def save():
+        write_json({k: v for k, v in result.items()}, args.out, echo=False)
+
+    print(f"[scaling] {n_dev} x {devices[0].device_kind}; {args.model} to block {layer}; parts {parts}", flush=True)
+    one = make_mesh({"data": 1}, devices=devices[:1])
+    with jax.default_device(devices[0]):
+        result["measured_peak_tflops_device0"] = measured_matmul_peak(args.dtype)["tflops"]
+        if "verbalize" in parts:
+            result["copy_bandwidth_GBps_device0"] = measured_copy_bandwidth(args.copy_mib << 20)["gb_per_s"]
+    save()
+    peak = result["measured_peak_tflops_device0"]
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(args.seq, dtype=np.int32), tokens.shape).copy()
+    valid = np.ones(tokens.shape, bool)
+    flops = cfg.forward_flops_per_token(args.seq, upto_layer=layer) * tokens.size
+    result["forward_flops"] = flops
+
+    plan = ([("one", {"data": 1}, one)] if args.single_device != "no" else []) + \
+        [(_layout_name(s), s, None) for s in layouts]
+    ref_hidden = ref_tokens = ref_stats = None
+    single: dict[str, Any] = {}
+    for name, shape, mesh in plan:
+        mesh = mesh or make_mesh(shape)
+        name = name if name == "one" else _layout_name(dict(mesh.shape))
+        n = mesh.devices.size
+        tensor, data = mesh.shape["tensor"], mesh.shape["data"] * mesh.shape["fsdp"]
+        entry: dict[str, Any] = {"mesh": dict(mesh.shape), "n_devices": n}
+        result["layouts"][name] = entry
+        print(f"[scaling] layout {name}: {dict(mesh.shape)}", flush=True)
+        if "ridge" in parts and name != "one" and ridge._device_axes(mesh, None)[1] == 1:
+            entry["ridge"] = {"skipped": "this layout does not split the batch (pure tensor parallelism)"}
+        elif "ridge" in parts:
+            if name == "one":
+                with jax.default_device(devices[0]):
+                    pool = _ridge_pool(jax.random.key(1), 8, args.ridge_chunk, args.ridge_d_in, args.ridge_d_out)
+                    ref_stats = _ridge(args, None, pool, entry, None)
+                single["ridge"] = entry["ridge"]["accumulate"]["pairs_per_s"]
+            else:
+                with jax.default_device(devices[0]):
+                    pool = _ridge_pool(jax.random.key(1), 8, args.ridge_chunk, args.ridge_d_in, args.ridge_d_out)
+                _ridge(args, mesh, pool, entry, ref_stats)
+                for key in ("accumulate_sharded_batch", "accumulate_on_devices_psum"):
+                    if "ridge" in single:
+                        entry["ridge"][key]["scaling_efficiency"] = entry["ridge"][key]["pairs_per_s"] / (
+                            n * single["ridge"])
+            _free(pool)
+            print(f"[scaling]   ridge: {json.dumps(entry['ridge'])[:400]}", flush=True)
+            save()
+        if not {"forward", "verbalize"} & set(parts):
+            continue
+        try:
+            t0 = time.perf_counter()
+            model = init_random(cfg, seed=0, dtype=args.dtype, mesh=mesh)
+            jax.block_until_ready(nnx.split(model)[1])
+            entry["init_random_s"] = time.perf_counter() - t0
+        except Exception as err:  # noqa: BLE001 - e.g. the model does not fit one device: say so, go on
+            entry["error"] = f"init_random: {type(err).__name__}: {str(err)[:300]}"
+            print(f"[scaling]   {entry['error']}", flush=True)
+            save()
+            continue
+        if "forward" in parts:
+            try:
+                fwd, hidden = _forward(model, layer, mesh, tokens, positions, valid, args.repeats)
+                fwd["tokens_per_s"] = tokens.size / fwd["median_s"]
+                fwd["tflops_per_device"] = flops / fwd["median_s"] / n / 1e12
+                fwd["mfu_per_device"] = fwd["tflops_per_device"] / peak
+                if name == "one":
+                    ref_hidden, single["forward"] = hidden, fwd["tokens_per_s"]
+                else:
+                    if "forward" in single:
+                        fwd["scaling_efficiency"] = fwd["tokens_per_s"] / (n * single["forward"])
+                    if ref_hidden is not None:
+                        fwd["max_row_rel_diff_vs_one_device"] = _rel_rows(hidden, ref_hidden)
+                entry["forward"] = fwd
+                print(f"[scaling]   forward: {fwd['tokens_per_s']:.0f} tok/s, MFU/device "
+                      f"{fwd['mfu_per_device']:.3f}, {json.dumps({k: v for k, v in fwd.items() if 'diff' in k or 'eff' in k})}",
+                      flush=True)
+                del hidden
+            except Exception as err:  # noqa: BLE001
+                entry["forward"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                print(f"[scaling]   forward failed: {entry['forward']['error']}", flush=True)
+            save()
+        if "verbalize" in parts:
+            try:
+                verb, gen = _verbalize(model, cfg, mesh, args, n, tensor, data)
+                bw = result["copy_bandwidth_GBps_device0"] * 1e9
+                verb["floor_step_s"] = (verb["weight_bytes_per_device_step"] + verb["kv_bytes_per_device_step_avg"]) / bw
+                verb["ratio_to_floor"] = verb["decode_step_s"] / verb["floor_step_s"]
+                if name == "one":
+                    ref_tokens, single["verbalize"] = gen, verb["explanations_per_s"]
+                else:
+                    if "verbalize" in single:
+                        verb["speedup_vs_one_device"] = verb["explanations_per_s"] / single["verbalize"]
+                    if ref_tokens is not None:
+                        verb["tokens_equal_to_one_device"] = float(np.mean(gen == ref_tokens))
+                        verb["first_token_equal_to_one_device"] = float(np.mean(gen[:, 0] == ref_tokens[:, 0]))
+                entry["verbalize"] = verb
+                print(f"[scaling]   verbalize: {verb['explanations_per_s']:.1f} explanations/s, step "
+                      f"{verb['decode_step_s'] * 1e3:.2f} ms ({verb['ratio_to_floor']:.2f}x floor)", flush=True)
+            except Exception as err:  # noqa: BLE001
+                entry["verbalize"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                print(f"[scaling]   verbalize failed: {entry['verbalize']['error']}", flush=True)
+            save()
+        _free(model)
+        model = None
+    save()
+    return result
