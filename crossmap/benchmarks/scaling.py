@@ -67,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ridge-pairs", type=int, default=1 << 20)
     p.add_argument("--ridge-chunk", type=int, default=8192, help="ridge: rows per batch (global)")
     p.add_argument("--ridge-folds", type=int, default=5)
+    p.add_argument("--ridge-nonfinite", default="skip", choices=["skip", "ignore"],
+                   help="ridge: skip batches holding NaN/Inf (default, as the pipeline does) or no check")
     p.add_argument("--verbalize-batch", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -139,18 +141,18 @@ def _ridge_pool(key, n_pool: int, chunk: int, d_in: int, d_out: int):
 
 
 def _ridge(args, mesh, pool_single, result_layout: dict, reference: ridge.RidgeStats | None):
-    d_in, d_out, folds = args.ridge_d_in, args.ridge_d_out, args.ridge_folds
+    d_in, d_out, folds, nf = args.ridge_d_in, args.ridge_d_out, args.ridge_folds, args.ridge_nonfinite
     chunk = pool_single[0][0].shape[0]
     n_batches = max(folds, args.ridge_pairs // chunk)
     out: dict[str, Any] = {"pairs": n_batches * chunk}
     if mesh is None:  # one device
-        warm = ridge.accumulate(ridge.init_stats(d_in, d_out, folds), *pool_single[0], fold=0)
+        warm = ridge.accumulate(ridge.init_stats(d_in, d_out, folds), *pool_single[0], fold=0, on_nonfinite=nf)
         jax.block_until_ready(warm)
         del warm
         stats = ridge.init_stats(d_in, d_out, folds)
         t0 = time.perf_counter()
         for i in range(n_batches):
-            stats = ridge.accumulate(stats, *pool_single[i % len(pool_single)], fold=i % folds)
+            stats = ridge.accumulate(stats, *pool_single[i % len(pool_single)], fold=i % folds, on_nonfinite=nf)
         stats = jax.block_until_ready(stats)
         secs = time.perf_counter() - t0
         out["accumulate"] = {"seconds": secs, "pairs_per_s": n_batches * chunk / secs}
@@ -159,13 +161,13 @@ def _ridge(args, mesh, pool_single, result_layout: dict, reference: ridge.RidgeS
     pool = [(shard_batch(x, mesh), shard_batch(y, mesh)) for x, y in pool_single]
     jax.block_until_ready(pool)
     # (a) plain accumulate on batch-sharded inputs: XLA all-reduces each batch's products
-    warm = ridge.accumulate(ridge.init_stats(d_in, d_out, folds), *pool[0], fold=0)
-    warm = jax.block_until_ready(ridge.accumulate(warm, *pool[1], fold=1))  # also compiles for its own output
+    warm = ridge.accumulate(ridge.init_stats(d_in, d_out, folds), *pool[0], fold=0, on_nonfinite=nf)
+    warm = jax.block_until_ready(ridge.accumulate(warm, *pool[1], fold=1, on_nonfinite=nf))  # also compiles for its own output
     stats = jax.tree.map(jnp.zeros_like, warm)
     del warm
     t0 = time.perf_counter()
     for i in range(n_batches):
-        stats = ridge.accumulate(stats, *pool[i % len(pool)], fold=i % folds)
+        stats = ridge.accumulate(stats, *pool[i % len(pool)], fold=i % folds, on_nonfinite=nf)
     stats = jax.block_until_ready(stats)
     secs = time.perf_counter() - t0
     out["accumulate_sharded_batch"] = {"seconds": secs, "pairs_per_s": n_batches * chunk / secs}
@@ -173,14 +175,16 @@ def _ridge(args, mesh, pool_single, result_layout: dict, reference: ridge.RidgeS
         out["accumulate_sharded_batch"]["rel_diff_vs_one_device"] = _rel_stats(stats, reference)
     del stats
     # (b) one slot per device, one psum at the end
-    warm = ridge.accumulate_on_devices(ridge.init_device_stats(mesh, d_in, d_out, folds), *pool[0], 0, mesh=mesh)
+    warm = ridge.accumulate_on_devices(ridge.init_device_stats(mesh, d_in, d_out, folds), *pool[0], 0, mesh=mesh,
+                                        on_nonfinite=nf)
     jax.block_until_ready(ridge.reduce_device_stats(warm, mesh))
     del warm
     dev = ridge.init_device_stats(mesh, d_in, d_out, folds)
     jax.block_until_ready(dev)
     t0 = time.perf_counter()
     for i in range(n_batches):
-        dev = ridge.accumulate_on_devices(dev, *pool[i % len(pool)], i % folds, mesh=mesh)
+        dev = ridge.accumulate_on_devices(dev, *pool[i % len(pool)], i % folds, mesh=mesh,
+                                         on_nonfinite=nf)
     stats = jax.block_until_ready(ridge.reduce_device_stats(dev, mesh))
     secs = time.perf_counter() - t0
     out["accumulate_on_devices_psum"] = {"seconds": secs, "pairs_per_s": n_batches * chunk / secs,
