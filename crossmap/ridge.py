@@ -13,6 +13,11 @@ Accumulate
 `jax.jit` / `shard_map`; `accumulate` is `update` jitted with the old stats donated, so K folds of
 [d_in, d_in] and [d_in, d_out] statistics are updated in place.
 
+On several devices, `accumulate` on batch-sharded inputs is correct (XLA all-reduces every batch's
+products); `init_device_stats` / `accumulate_on_devices` / `reduce_device_stats` instead keep one slot of
+statistics per device and merge them with a single exact psum (`psum_stats`) at the end, which scales
+better (on 2 H100s: 0.94 of linear with 32k-row batches; BENCHMARKS.md).
+
 Per fold k the statistics are the (weighted) row count n, the means of x and y, the centred
 cross-products Sxx = sum w (x - mx)(x - mx)^T and Sxy = sum w (x - mx)(y - my)^T, and syy, the centred
 sum of squares of each target dimension.  These are all that ridge with an intercept needs, and all
@@ -555,6 +560,9 @@ def init_device_stats(mesh, d_in: int, d_out: int, n_folds: int = 1, dtype: Any 
 @partial(jax.jit, static_argnames=("mesh", "axes", "on_nonfinite", "precision", "warn"), donate_argnums=0)
 def _accumulate_on_devices(stats, x, y, fold, weights, *, mesh, axes, on_nonfinite, precision, warn):
     rows = P(axes if axes else None)
+    # defaults made here, inside jit, so a call dispatches no extra device ops
+    fold = jnp.zeros((), jnp.int32) if fold is None else fold
+    weights = jnp.ones((x.shape[0],), bool) if weights is None else weights
     fold_spec = rows if fold.ndim else P()
 
     def local(st, xb, yb, fb, wb):
@@ -590,8 +598,6 @@ def accumulate_on_devices(stats: RidgeStats, x: Array, y: Array, fold: Array | i
     weights = None if weights is None else jnp.asarray(weights)
     one_slot = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stats)
     _check_batch(one_slot, jnp.asarray(x), jnp.asarray(y), fold, weights)  # the same errors as `update`
-    fold = jnp.zeros((), jnp.int32) if fold is None else fold
-    weights = jnp.ones((rows,), bool) if weights is None else weights
     return _accumulate_on_devices(stats, x, y, fold, weights, mesh=mesh, axes=axes, on_nonfinite=on_nonfinite,
                                   precision=precision, warn=warn)
 
@@ -601,13 +607,17 @@ def reduce_device_stats(stats: RidgeStats, mesh, rules: dict | None = None) -> R
     axes, n = _device_axes(mesh, rules)
     if stats.count.shape[0] != n:
         raise ValueError(f"reduce_device_stats: stats have {stats.count.shape[0]} device slots, mesh has {n}")
-    rows = P(axes if axes else None)
+    return _reduce_device_stats(stats, mesh=mesh, axes=axes)
 
+
+@partial(jax.jit, static_argnames=("mesh", "axes"))  # module level: compiled once per mesh, not per call
+def _reduce_device_stats(stats: RidgeStats, *, mesh, axes: tuple[str, ...]) -> RidgeStats:
     def local(st):
         st = jax.tree.map(lambda a: a[0], st)
         return psum_stats(st, axes) if axes else st
 
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows,), out_specs=P(), check_vma=False))(stats)
+    rows = P(axes if axes else None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows,), out_specs=P(), check_vma=False)(stats)
 
 
 # ----------------------------------------------------------------------------------------------

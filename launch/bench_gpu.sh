@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, one after another, JSON into OUT_DIR.
-#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize ...]
+#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|scaling ...]
+# scaling compares one GPU with all of them: run it on a multi-GPU node (it is not in the default list).
 set -uo pipefail
 out=${1:?usage: launch/bench_gpu.sh OUT_DIR [bench ...]}
 shift
@@ -19,5 +20,11 @@ for b in $benches; do
       python3 -m crossmap.cli bench ridge --out "$out/ridge.json" ;;
     verbalize)
       python3 -m crossmap.cli bench verbalize --preset 7b --out "$out/verbalize-qwen2.5-7b.json" ;;
+    scaling)
+      bash "$(dirname "$0")/gpu_node.sh" bench scaling --repeats 3 --out "$out/scaling-gemma-3-27b.json"
+      for chunk in 8192 32768; do
+        bash "$(dirname "$0")/gpu_node.sh" bench scaling --parts ridge --layouts '[{"data": -1}]' \
+          --ridge-chunk "$chunk" --out "$out/scaling-ridge-skip-$chunk.json"
+      done ;;
   esac
 done
