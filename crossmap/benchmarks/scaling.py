@@ -44,9 +44,10 @@ from flax import nnx
 from .. import ridge
 from ..models import init_random, make_hidden_fn
 from ..sharding import make_mesh, shard_batch
-from ..verbalize import Injection, generate, mean_embedding_norm
+from ..verbalize import Injection, mean_embedding_norm
 from .common import device_info, measured_copy_bandwidth, measured_matmul_peak, time_jax, write_json
 from .forward import model_config
+from .verbalize import param_bytes, time_generate
 
 PARTS = ("forward", "ridge", "verbalize")
 
@@ -140,55 +141,54 @@ def _ridge_pool(key, n_pool: int, chunk: int, d_in: int, d_out: int):
     return [make(k) for k in jax.random.split(kp, n_pool)]
 
 
+def _timed_accumulation(init, step, finish, n_batches: int):
+    """Warm up (two steps, so the step is also compiled for its own output), then time `n_batches` steps
+    and `finish`; returns (finished stats, seconds)."""
+    jax.block_until_ready(finish(step(step(init(), 0), 1)))
+    stats = jax.block_until_ready(init())
+    t0 = time.perf_counter()
+    for i in range(n_batches):
+        stats = step(stats, i)
+    stats = jax.block_until_ready(finish(stats))
+    return stats, time.perf_counter() - t0
+
+
 def _ridge(args, mesh, pool_single, result_layout: dict, reference: ridge.RidgeStats | None):
     d_in, d_out, folds, nf = args.ridge_d_in, args.ridge_d_out, args.ridge_folds, args.ridge_nonfinite
     chunk = pool_single[0][0].shape[0]
     n_batches = max(folds, args.ridge_pairs // chunk)
     out: dict[str, Any] = {"pairs": n_batches * chunk}
-    if mesh is None:  # one device
-        warm = ridge.accumulate(ridge.init_stats(d_in, d_out, folds), *pool_single[0], fold=0, on_nonfinite=nf)
-        jax.block_until_ready(warm)
-        del warm
-        stats = ridge.init_stats(d_in, d_out, folds)
-        t0 = time.perf_counter()
-        for i in range(n_batches):
-            stats = ridge.accumulate(stats, *pool_single[i % len(pool_single)], fold=i % folds, on_nonfinite=nf)
-        stats = jax.block_until_ready(stats)
-        secs = time.perf_counter() - t0
-        out["accumulate"] = {"seconds": secs, "pairs_per_s": n_batches * chunk / secs}
-        result_layout["ridge"] = out
-        return stats
-    pool = [(shard_batch(x, mesh), shard_batch(y, mesh)) for x, y in pool_single]
+    result_layout["ridge"] = out
+    pool = pool_single if mesh is None else [(shard_batch(x, mesh), shard_batch(y, mesh)) for x, y in pool_single]
     jax.block_until_ready(pool)
+
+    def plain_init():
+        return ridge.init_stats(d_in, d_out, folds)
+
+    def plain_step(stats, i):
+        return ridge.accumulate(stats, *pool[i % len(pool)], fold=i % folds, on_nonfinite=nf)
+
+    stats, secs = _timed_accumulation(plain_init, plain_step, lambda st: st, n_batches)
+    if mesh is None:  # one device: the reference
+        out["accumulate"] = {"seconds": secs, "pairs_per_s": n_batches * chunk / secs}
+        return stats
     # (a) plain accumulate on batch-sharded inputs: XLA all-reduces each batch's products
-    warm = ridge.accumulate(ridge.init_stats(d_in, d_out, folds), *pool[0], fold=0, on_nonfinite=nf)
-    warm = jax.block_until_ready(ridge.accumulate(warm, *pool[1], fold=1, on_nonfinite=nf))  # also compiles for its own output
-    stats = jax.tree.map(jnp.zeros_like, warm)
-    del warm
-    t0 = time.perf_counter()
-    for i in range(n_batches):
-        stats = ridge.accumulate(stats, *pool[i % len(pool)], fold=i % folds, on_nonfinite=nf)
-    stats = jax.block_until_ready(stats)
-    secs = time.perf_counter() - t0
     out["accumulate_sharded_batch"] = {"seconds": secs, "pairs_per_s": n_batches * chunk / secs}
     if reference is not None:
         out["accumulate_sharded_batch"]["rel_diff_vs_one_device"] = _rel_stats(stats, reference)
     del stats
+
     # (b) one slot per device, one psum at the end
-    warm = ridge.accumulate_on_devices(ridge.init_device_stats(mesh, d_in, d_out, folds), *pool[0], 0, mesh=mesh,
-                                        on_nonfinite=nf)
-    jax.block_until_ready(ridge.reduce_device_stats(warm, mesh))
-    del warm
-    dev = ridge.init_device_stats(mesh, d_in, d_out, folds)
-    jax.block_until_ready(dev)
-    t0 = time.perf_counter()
-    for i in range(n_batches):
-        dev = ridge.accumulate_on_devices(dev, *pool[i % len(pool)], i % folds, mesh=mesh,
-                                         on_nonfinite=nf)
-    stats = jax.block_until_ready(ridge.reduce_device_stats(dev, mesh))
-    secs = time.perf_counter() - t0
+    def device_init():
+        return ridge.init_device_stats(mesh, d_in, d_out, folds)
+
+    def device_step(stats, i):
+        return ridge.accumulate_on_devices(stats, *pool[i % len(pool)], i % folds, mesh=mesh, on_nonfinite=nf)
+
+    stats, secs = _timed_accumulation(device_init, device_step, lambda st: ridge.reduce_device_stats(st, mesh),
+                                      n_batches)
     out["accumulate_on_devices_psum"] = {"seconds": secs, "pairs_per_s": n_batches * chunk / secs,
-                                         "device_slots": int(dev.count.shape[0])}
+                                         "device_slots": ridge._device_axes(mesh, None)[1]}
     if reference is not None:
         out["accumulate_on_devices_psum"]["rel_diff_vs_one_device"] = _rel_stats(stats, reference)
         m1, f1 = ridge.solve(reference, [1e-2, 1.0, 1e2, 1e4])
@@ -196,14 +196,12 @@ def _ridge(args, mesh, pool_single, result_layout: dict, reference: ridge.RidgeS
         out["solve_vs_one_device"] = {"lambda_one": f1.lam, "lambda_mesh": fn.lam,
                                       "W_max_rel_diff": float(np.max(np.abs(np.asarray(mn.W) - np.asarray(m1.W)))
                                                               / np.max(np.abs(np.asarray(m1.W))))}
-    del dev, stats, pool
-    result_layout["ridge"] = out
     return None
 
 
 # -- verbalize -------------------------------------------------------------------------------------
 
-def _verbalize(model, cfg, mesh, args, n_dev: int, tensor: int, data: int) -> tuple[dict, np.ndarray]:
+def _verbalize(model, cfg, mesh, args, tensor: int, data: int) -> tuple[dict, np.ndarray]:
     rng = np.random.default_rng(0)
     batch, plen, new = args.verbalize_batch, args.prompt_len, args.new_tokens
     prompts = rng.integers(0, cfg.vocab_size, size=(batch, plen)).astype(np.int32)
@@ -211,32 +209,17 @@ def _verbalize(model, cfg, mesh, args, n_dev: int, tensor: int, data: int) -> tu
     vectors *= mean_embedding_norm(model) / np.linalg.norm(vectors, axis=1, keepdims=True)
     inj = Injection(vectors, [plen // 2] * batch)
 
-    def call(n):
-        return generate(model, prompts, max_new_tokens=n, stop_token_ids=[], use_model_eos=False, pad_id=0,
-                        injection=inj, mesh=mesh, length_bucket_min=1)
-
-    t0 = time.perf_counter()
-    res = call(new)
-    first = time.perf_counter() - t0
-    call(1)
-    t_full = time_jax(lambda: call(new).tokens, warmup=0, repeats=max(3, args.repeats // 2))["median_s"]
-    t_one = time_jax(lambda: call(1).tokens, warmup=0, repeats=max(3, args.repeats // 2))["median_s"]
-    step = (t_full - t_one) / max(new - 1, 1)
+    timing, generated = time_generate(model, prompts, inj, new, mesh, max(3, args.repeats // 2))
     # per-device bytes read by one decode step: the weights it holds (tensor-split) and its KV share
-    _, state = nnx.split(model)
-    total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
-    embed = model.embed[...]
-    itemsize = embed.dtype.itemsize
-    table = int(np.prod(embed.shape)) * itemsize
+    total, table = param_bytes(model)
+    itemsize = model.embed[...].dtype.itemsize
     weights = (total - (0 if cfg.tie_embeddings else table)) / tensor
     rows = batch / data
     kv_split = tensor if cfg.n_kv_heads % tensor == 0 else 1
     kv = 2 * cfg.n_layers * rows * cfg.n_kv_heads / kv_split * cfg.head_dim * itemsize * (plen + new / 2)
-    out = {"batch": batch, "prompt_len": plen, "new_tokens": new, "first_call_s": first, "total_s": t_full,
-           "prefill_plus_first_token_s": t_one, "decode_step_s": step, "explanations_per_s": batch / t_full,
-           "tokens_per_s": batch * new / t_full, "weight_bytes_per_device_step": weights,
+    out = {"batch": batch, "prompt_len": plen, **timing, "weight_bytes_per_device_step": weights,
            "kv_bytes_per_device_step_avg": kv}
-    return out, np.asarray(res.tokens)
+    return out, np.asarray(generated.tokens)
 
 
 # -- driver ----------------------------------------------------------------------------------------
@@ -347,7 +330,7 @@ def run(args: argparse.Namespace) -> dict:
             save()
         if "verbalize" in parts:
             try:
-                verb, gen = _verbalize(model, cfg, mesh, args, n, tensor, data)
+                verb, gen = _verbalize(model, cfg, mesh, args, tensor, data)
                 bw = result["copy_bandwidth_GBps_device0"] * 1e9
                 verb["floor_step_s"] = (verb["weight_bytes_per_device_step"] + verb["kv_bytes_per_device_step_avg"]) / bw
                 verb["ratio_to_floor"] = verb["decode_step_s"] / verb["floor_step_s"]

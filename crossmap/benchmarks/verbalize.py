@@ -81,7 +81,7 @@ def _config(preset: dict) -> ModelConfig:
     return ModelConfig(**preset["config"])
 
 
-def _param_bytes(model) -> tuple[int, int]:
+def param_bytes(model) -> tuple[int, int]:
     """(all parameter bytes, bytes of the input-embedding table)."""
     _, state = nnx.split(model)
     total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
@@ -93,7 +93,7 @@ def _floor(cfg: ModelConfig, model, batch: int, prompt_len: int, new_tokens: int
            step_s: float) -> dict[str, Any]:
     """Per-device floor: every device reads the weights it holds (all of them when only the batch is
     split) and its share of the KV cache, at one device's copy bandwidth."""
-    total, embed = _param_bytes(model)
+    total, embed = param_bytes(model)
     batch = batch // jax.device_count()  # the batch is split over every device (make_mesh() = data axis)
     itemsize = model.embed[...].dtype.itemsize
     weights = total - (0 if cfg.tie_embeddings else embed) + batch * cfg.d_model * itemsize
@@ -107,7 +107,8 @@ def _floor(cfg: ModelConfig, model, batch: int, prompt_len: int, new_tokens: int
             "ratio_to_floor": step_s / floor if step_s > 0 else None}
 
 
-def _run_crossmap(model, prompts, inj, new_tokens, mesh, reps) -> dict[str, Any]:
+def time_generate(model, prompts, inj, new_tokens, mesh, reps) -> tuple[dict[str, Any], Any]:
+    """Time `generate` (first call, median full call, median 1-token call); returns (timings, first result)."""
     def call(n):
         return generate(model, prompts, max_new_tokens=n, stop_token_ids=[], use_model_eos=False, pad_id=0,
                         injection=inj, mesh=mesh, length_bucket_min=1)
@@ -126,7 +127,7 @@ def _run_crossmap(model, prompts, inj, new_tokens, mesh, reps) -> dict[str, Any]
     return {"first_call_s": compile_full, "first_call_1_token_s": compile_one, "total_s": t_full,
             "prefill_plus_first_token_s": t_one, "decode_step_s": step, "new_tokens": new_tokens,
             "explanations_per_s": batch / t_full, "tokens_per_s": batch * new_tokens / t_full,
-            "distinct_tokens_generated": int(len(np.unique(res.tokens)))}
+            "distinct_tokens_generated": int(len(np.unique(res.tokens)))}, res
 
 
 def _torch_device(choice: str, preset: str) -> str | None:
@@ -225,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     vectors *= mean_embedding_norm(model) / np.linalg.norm(vectors, axis=1, keepdims=True)
     inj = Injection(vectors, [marker] * batch)
 
-    ours = _run_crossmap(model, prompts, inj, new_tokens, mesh, args.reps)
+    ours, _ = time_generate(model, prompts, inj, new_tokens, mesh, args.reps)
     print(f"[verbalize bench] crossmap: {ours['total_s']:.3f} s per call, decode step "
           f"{ours['decode_step_s'] * 1e3:.2f} ms, {ours['explanations_per_s']:.1f} explanations/s", flush=True)
     ours["init_random_s"] = init_s
