@@ -56,13 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="gemma-3-27b-it",
                    help="a config in configs/models/ (name or path), or tiny-<arch> for a smoke run")
     p.add_argument("--layer", type=int, default=41, help="truncate the forward after this block (paper: 41)")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="bfloat16", help="parameter dtype of the forward and verbaliser models")
     p.add_argument("--layouts", default='[{"data": -1}, {"tensor": -1}]',
                    help="JSON list of mesh shapes to compare with one device (-1 = all devices on that axis)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     p.add_argument("--batch", type=int, default=16, help="forward: global batch (the same on every layout)")
     p.add_argument("--seq", type=int, default=1024, help="forward: tokens per row")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions of each forward (median reported)")
     p.add_argument("--ridge-d-in", type=int, default=3584, help="ridge: source width (Qwen2.5-7B)")
     p.add_argument("--ridge-d-out", type=int, default=5376, help="ridge: target width (Gemma-3-27B)")
     p.add_argument("--ridge-pairs", type=int, default=1 << 20)
