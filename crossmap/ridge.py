@@ -532,10 +532,7 @@ def psum_stats(stats: RidgeStats, axis_name: str | tuple[str, ...]) -> RidgeStat
 
 
 def _device_axes(mesh, rules: dict | None) -> tuple[tuple[str, ...], int]:
-    """Mesh axes the batch is split over (by the logical rules) and how many slots that makes."""
-    entry = shd.logical_to_spec(("batch",), rules, mesh)[0]
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    return axes, math.prod(mesh.shape[a] for a in axes)
+    return shd.batch_axes(mesh, rules), shd.batch_shards(mesh, rules)
 
 
 def init_device_stats(mesh, d_in: int, d_out: int, n_folds: int = 1, dtype: Any = jnp.float32,

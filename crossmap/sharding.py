@@ -116,6 +116,19 @@ def sharding_for(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int]
     return NamedSharding(mesh, fit_spec_to_shape(spec, shape, mesh))
 
 
+def batch_axes(mesh: Mesh | None, rules: dict | None = None) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that split the batch, by the logical rules."""
+    if mesh is None:
+        return ()
+    entry = logical_to_spec(("batch",), rules, mesh)[0]
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def batch_shards(mesh: Mesh | None, rules: dict | None = None) -> int:
+    """How many ways the batch axis is split on `mesh` (1 without a mesh)."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules)) if mesh is not None else 1
+
+
 def shard_batch(x, mesh: Mesh, rules: dict | None = None):
     """Place a host array (batch first) on the mesh, split over the batch axes.
 

@@ -43,7 +43,7 @@ from flax import nnx
 
 from .. import ridge
 from ..models import init_random, make_hidden_fn
-from ..sharding import make_mesh, shard_batch
+from ..sharding import batch_shards, make_mesh, shard_batch
 from ..verbalize import Injection, mean_embedding_norm
 from .common import device_info, measured_copy_bandwidth, measured_matmul_peak, time_jax, write_json
 from .forward import model_config
@@ -95,7 +95,7 @@ def _rel_stats(a: ridge.RidgeStats, b: ridge.RidgeStats) -> dict[str, float]:
 
 
 def _layout_name(shape: dict) -> str:
-    return "x".join(f"{k}{v}" for k, v in shape.items() if v != 1) or "one"
+    return "x".join(f"{k}{v}" for k, v in shape.items() if v != 1) or "data1"  # "one" names the baseline
 
 
 # -- forward ---------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def _ridge(args, mesh, pool_single, result_layout: dict, reference: ridge.RidgeS
     stats, secs = _timed_accumulation(device_init, device_step, lambda st: ridge.reduce_device_stats(st, mesh),
                                       n_batches)
     out["accumulate_on_devices_psum"] = {"seconds": secs, "pairs_per_s": n_batches * chunk / secs,
-                                         "device_slots": ridge._device_axes(mesh, None)[1]}
+                                         "device_slots": batch_shards(mesh)}
     if reference is not None:
         out["accumulate_on_devices_psum"]["rel_diff_vs_one_device"] = _rel_stats(stats, reference)
         m1, f1 = ridge.solve(reference, [1e-2, 1.0, 1e2, 1e4])
@@ -230,6 +230,81 @@ def _free(*objs) -> None:
     jax.clear_caches()
 
 
+class _Baseline:
+    """What the one-device run produced, for every later layout to be compared with."""
+
+    def __init__(self) -> None:
+        self.stats = self.hidden = self.tokens = None
+        self.rates: dict[str, float] = {}
+
+
+def _ridge_part(args, name: str, mesh, entry: dict, base: _Baseline) -> None:
+    if name != "one" and batch_shards(mesh) == 1:
+        entry["ridge"] = {"skipped": "this layout does not split the batch (pure tensor parallelism)"}
+        return
+    with jax.default_device(jax.devices()[0]):
+        pool = _ridge_pool(jax.random.key(1), 8, args.ridge_chunk, args.ridge_d_in, args.ridge_d_out)
+    if name == "one":
+        with jax.default_device(jax.devices()[0]):
+            base.stats = _ridge(args, None, pool, entry, None)
+        base.rates["ridge"] = entry["ridge"]["accumulate"]["pairs_per_s"]
+    else:
+        _ridge(args, mesh, pool, entry, base.stats)
+        if "ridge" in base.rates:
+            for key in ("accumulate_sharded_batch", "accumulate_on_devices_psum"):
+                entry["ridge"][key]["scaling_efficiency"] = entry["ridge"][key]["pairs_per_s"] / (
+                    mesh.devices.size * base.rates["ridge"])
+    _free(pool)
+    print(f"[scaling]   ridge: {json.dumps(entry['ridge'])[:400]}", flush=True)
+
+
+def _forward_part(model, layer: int, name: str, mesh, batch: tuple, flops: float, peak: float, repeats: int,
+                  entry: dict, base: _Baseline) -> None:
+    n = mesh.devices.size
+    fwd, hidden = _forward(model, layer, mesh, *batch, repeats)
+    fwd["tokens_per_s"] = batch[0].size / fwd["median_s"]
+    fwd["tflops_per_device"] = flops / fwd["median_s"] / n / 1e12
+    fwd["mfu_per_device"] = fwd["tflops_per_device"] / peak
+    if name == "one":
+        base.hidden, base.rates["forward"] = hidden, fwd["tokens_per_s"]
+    else:
+        if "forward" in base.rates:
+            fwd["scaling_efficiency"] = fwd["tokens_per_s"] / (n * base.rates["forward"])
+        if base.hidden is not None:
+            fwd["max_row_rel_diff_vs_one_device"] = _rel_rows(hidden, base.hidden)
+    entry["forward"] = fwd
+    checks = {k: v for k, v in fwd.items() if "diff" in k or "eff" in k}
+    print(f"[scaling]   forward: {fwd['tokens_per_s']:.0f} tok/s, MFU/device {fwd['mfu_per_device']:.3f}, "
+          f"{json.dumps(checks)}", flush=True)
+
+
+def _verbalize_part(model, cfg, args, name: str, mesh, bandwidth: float, entry: dict, base: _Baseline) -> None:
+    tensor, data = mesh.shape["tensor"], mesh.shape["data"] * mesh.shape["fsdp"]
+    verb, gen = _verbalize(model, cfg, mesh, args, tensor, data)
+    verb["floor_step_s"] = (verb["weight_bytes_per_device_step"] + verb["kv_bytes_per_device_step_avg"]) / bandwidth
+    verb["ratio_to_floor"] = verb["decode_step_s"] / verb["floor_step_s"]
+    if name == "one":
+        base.tokens, base.rates["verbalize"] = gen, verb["explanations_per_s"]
+    else:
+        if "verbalize" in base.rates:
+            verb["speedup_vs_one_device"] = verb["explanations_per_s"] / base.rates["verbalize"]
+        if base.tokens is not None:
+            verb["tokens_equal_to_one_device"] = float(np.mean(gen == base.tokens))
+            verb["first_token_equal_to_one_device"] = float(np.mean(gen[:, 0] == base.tokens[:, 0]))
+    entry["verbalize"] = verb
+    print(f"[scaling]   verbalize: {verb['explanations_per_s']:.1f} explanations/s, step "
+          f"{verb['decode_step_s'] * 1e3:.2f} ms ({verb['ratio_to_floor']:.2f}x floor)", flush=True)
+
+
+def _guarded(entry: dict, key: str, fn, *fn_args) -> None:
+    """Run one part; a failure (e.g. out of memory on one device) is recorded and the rest go on."""
+    try:
+        fn(*fn_args)
+    except Exception as err:  # noqa: BLE001
+        entry[key] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+        print(f"[scaling]   {key} failed: {entry[key]['error']}", flush=True)
+
+
 def run(args: argparse.Namespace) -> dict:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - set(PARTS)
@@ -241,58 +316,36 @@ def run(args: argparse.Namespace) -> dict:
     cfg, _ = model_config(args.model)
     layer = cfg.n_layers - 1 if args.layer < 0 else min(args.layer, cfg.n_layers - 1)
     devices = jax.devices()
-    n_dev = len(devices)
     result: dict[str, Any] = {"bench": "scaling", "model": args.model, "layer": layer, "dtype": args.dtype,
                               "parts": parts, "device": device_info(), "layouts": {}}
 
     def save():
-        write_json({k: v for k, v in result.items()}, args.out, echo=False)
+        write_json(result, args.out, echo=False)
 
-    print(f"[scaling] {n_dev} x {devices[0].device_kind}; {args.model} to block {layer}; parts {parts}", flush=True)
-    one = make_mesh({"data": 1}, devices=devices[:1])
+    print(f"[scaling] {len(devices)} x {devices[0].device_kind}; {args.model} to block {layer}; parts {parts}",
+          flush=True)
     with jax.default_device(devices[0]):
         result["measured_peak_tflops_device0"] = measured_matmul_peak(args.dtype)["tflops"]
         if "verbalize" in parts:
             result["copy_bandwidth_GBps_device0"] = measured_copy_bandwidth(args.copy_mib << 20)["gb_per_s"]
     save()
-    peak = result["measured_peak_tflops_device0"]
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
     positions = np.broadcast_to(np.arange(args.seq, dtype=np.int32), tokens.shape).copy()
-    valid = np.ones(tokens.shape, bool)
-    flops = cfg.forward_flops_per_token(args.seq, upto_layer=layer) * tokens.size
-    result["forward_flops"] = flops
+    batch = (tokens, positions, np.ones(tokens.shape, bool))
+    result["forward_flops"] = flops = cfg.forward_flops_per_token(args.seq, upto_layer=layer) * tokens.size
 
-    plan = ([("one", {"data": 1}, one)] if args.single_device != "no" else []) + \
-        [(_layout_name(s), s, None) for s in layouts]
-    ref_hidden = ref_tokens = ref_stats = None
-    single: dict[str, Any] = {}
-    for name, shape, mesh in plan:
-        mesh = mesh or make_mesh(shape)
-        name = name if name == "one" else _layout_name(dict(mesh.shape))
-        n = mesh.devices.size
-        tensor, data = mesh.shape["tensor"], mesh.shape["data"] * mesh.shape["fsdp"]
-        entry: dict[str, Any] = {"mesh": dict(mesh.shape), "n_devices": n}
+    plan = [("one", make_mesh({"data": 1}, devices=devices[:1]))] if args.single_device != "no" else []
+    for mesh in (make_mesh(shape) for shape in layouts):
+        if _layout_name(dict(mesh.shape)) not in dict(plan):  # on one device every layout is the same
+            plan.append((_layout_name(dict(mesh.shape)), mesh))
+    base = _Baseline()
+    for name, mesh in plan:
+        entry: dict[str, Any] = {"mesh": dict(mesh.shape), "n_devices": mesh.devices.size}
         result["layouts"][name] = entry
         print(f"[scaling] layout {name}: {dict(mesh.shape)}", flush=True)
-        if "ridge" in parts and name != "one" and ridge._device_axes(mesh, None)[1] == 1:
-            entry["ridge"] = {"skipped": "this layout does not split the batch (pure tensor parallelism)"}
-        elif "ridge" in parts:
-            if name == "one":
-                with jax.default_device(devices[0]):
-                    pool = _ridge_pool(jax.random.key(1), 8, args.ridge_chunk, args.ridge_d_in, args.ridge_d_out)
-                    ref_stats = _ridge(args, None, pool, entry, None)
-                single["ridge"] = entry["ridge"]["accumulate"]["pairs_per_s"]
-            else:
-                with jax.default_device(devices[0]):
-                    pool = _ridge_pool(jax.random.key(1), 8, args.ridge_chunk, args.ridge_d_in, args.ridge_d_out)
-                _ridge(args, mesh, pool, entry, ref_stats)
-                for key in ("accumulate_sharded_batch", "accumulate_on_devices_psum"):
-                    if "ridge" in single:
-                        entry["ridge"][key]["scaling_efficiency"] = entry["ridge"][key]["pairs_per_s"] / (
-                            n * single["ridge"])
-            _free(pool)
-            print(f"[scaling]   ridge: {json.dumps(entry['ridge'])[:400]}", flush=True)
+        if "ridge" in parts:
+            _guarded(entry, "ridge", _ridge_part, args, name, mesh, entry, base)
             save()
         if not {"forward", "verbalize"} & set(parts):
             continue
@@ -307,47 +360,12 @@ def run(args: argparse.Namespace) -> dict:
             save()
             continue
         if "forward" in parts:
-            try:
-                fwd, hidden = _forward(model, layer, mesh, tokens, positions, valid, args.repeats)
-                fwd["tokens_per_s"] = tokens.size / fwd["median_s"]
-                fwd["tflops_per_device"] = flops / fwd["median_s"] / n / 1e12
-                fwd["mfu_per_device"] = fwd["tflops_per_device"] / peak
-                if name == "one":
-                    ref_hidden, single["forward"] = hidden, fwd["tokens_per_s"]
-                else:
-                    if "forward" in single:
-                        fwd["scaling_efficiency"] = fwd["tokens_per_s"] / (n * single["forward"])
-                    if ref_hidden is not None:
-                        fwd["max_row_rel_diff_vs_one_device"] = _rel_rows(hidden, ref_hidden)
-                entry["forward"] = fwd
-                print(f"[scaling]   forward: {fwd['tokens_per_s']:.0f} tok/s, MFU/device "
-                      f"{fwd['mfu_per_device']:.3f}, {json.dumps({k: v for k, v in fwd.items() if 'diff' in k or 'eff' in k})}",
-                      flush=True)
-                del hidden
-            except Exception as err:  # noqa: BLE001
-                entry["forward"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-                print(f"[scaling]   forward failed: {entry['forward']['error']}", flush=True)
+            _guarded(entry, "forward", _forward_part, model, layer, name, mesh, batch, flops,
+                     result["measured_peak_tflops_device0"], args.repeats, entry, base)
             save()
         if "verbalize" in parts:
-            try:
-                verb, gen = _verbalize(model, cfg, mesh, args, tensor, data)
-                bw = result["copy_bandwidth_GBps_device0"] * 1e9
-                verb["floor_step_s"] = (verb["weight_bytes_per_device_step"] + verb["kv_bytes_per_device_step_avg"]) / bw
-                verb["ratio_to_floor"] = verb["decode_step_s"] / verb["floor_step_s"]
-                if name == "one":
-                    ref_tokens, single["verbalize"] = gen, verb["explanations_per_s"]
-                else:
-                    if "verbalize" in single:
-                        verb["speedup_vs_one_device"] = verb["explanations_per_s"] / single["verbalize"]
-                    if ref_tokens is not None:
-                        verb["tokens_equal_to_one_device"] = float(np.mean(gen == ref_tokens))
-                        verb["first_token_equal_to_one_device"] = float(np.mean(gen[:, 0] == ref_tokens[:, 0]))
-                entry["verbalize"] = verb
-                print(f"[scaling]   verbalize: {verb['explanations_per_s']:.1f} explanations/s, step "
-                      f"{verb['decode_step_s'] * 1e3:.2f} ms ({verb['ratio_to_floor']:.2f}x floor)", flush=True)
-            except Exception as err:  # noqa: BLE001
-                entry["verbalize"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-                print(f"[scaling]   verbalize failed: {entry['verbalize']['error']}", flush=True)
+            _guarded(entry, "verbalize", _verbalize_part, model, cfg, args, name, mesh,
+                     result["copy_bandwidth_GBps_device0"] * 1e9, entry, base)
             save()
         _free(model)
         model = None

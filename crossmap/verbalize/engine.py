@@ -109,17 +109,6 @@ def batch_bucket(n_groups: int, shards: int = 1) -> int:
     return int(math.ceil(b / shards) * shards)
 
 
-def batch_shards(mesh: Mesh | None, rules: dict | None = None) -> int:
-    """How many ways the batch axis is split on `mesh` (1 without a mesh)."""
-    if mesh is None:
-        return 1
-    spec = shd.logical_to_spec(("batch",), rules, mesh)[0]
-    if spec is None:
-        return 1
-    axes = (spec,) if isinstance(spec, str) else tuple(spec)
-    return int(np.prod([mesh.shape[a] for a in axes]))
-
-
 # ---------------------------------------------------------------------------------------------
 # token choice
 
@@ -318,7 +307,7 @@ def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray, *, max_new_to
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (stops[0] if stops else 0)
 
     # -- buckets: pad the prompt length and the number of groups ---------------------------------
-    shards = batch_shards(mesh, rules)
+    shards = shd.batch_shards(mesh, rules)
     n_groups = n_rows // group_size
     groups_bucket = batch_bucket(n_groups, shards) if batch_size_bucket is None else int(batch_size_bucket)
     if groups_bucket < n_groups or groups_bucket * group_size % shards:

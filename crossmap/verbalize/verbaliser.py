@@ -35,7 +35,8 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from .engine import GenerationResult, Injection, batch_bucket, batch_shards, generate
+from .. import sharding as shd
+from .engine import GenerationResult, Injection, batch_bucket, generate
 from .spec import Prompt, VerbaliserSpec, build_prompt, stop_ids_for
 
 DIRECTION_NORMS = ("background", "as_is")
@@ -200,7 +201,7 @@ class Verbaliser:
             group = row_vectors.shape[1]
         rows_per_vector = n_samples * group
 
-        shards = batch_shards(self.mesh, self.rules)
+        shards = shd.batch_shards(self.mesh, self.rules)
         vectors_per_batch = max(1, batch_size // rows_per_vector)
         groups_bucket = batch_bucket(vectors_per_batch * n_samples, shards)
         key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
