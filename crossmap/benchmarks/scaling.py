@@ -70,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ridge-folds", type=int, default=5)
     p.add_argument("--ridge-nonfinite", default="skip", choices=["skip", "ignore"],
                    help="ridge: skip batches holding NaN/Inf (default, as the pipeline does) or no check")
+    p.add_argument("--ridge-warn", default="default", choices=["default", "yes", "no"],
+                   help="ridge: per-batch warning for skipped batches (a host callback); default: the library's")
     p.add_argument("--verbalize-batch", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -155,6 +157,7 @@ def _timed_accumulation(init, step, finish, n_batches: int):
 
 def _ridge(args, mesh, pool_single, result_layout: dict, reference: ridge.RidgeStats | None):
     d_in, d_out, folds, nf = args.ridge_d_in, args.ridge_d_out, args.ridge_folds, args.ridge_nonfinite
+    check = {"on_nonfinite": nf} | ({} if args.ridge_warn == "default" else {"warn": args.ridge_warn == "yes"})
     chunk = pool_single[0][0].shape[0]
     n_batches = max(folds, args.ridge_pairs // chunk)
     out: dict[str, Any] = {"pairs": n_batches * chunk}
@@ -166,7 +169,7 @@ def _ridge(args, mesh, pool_single, result_layout: dict, reference: ridge.RidgeS
         return ridge.init_stats(d_in, d_out, folds)
 
     def plain_step(stats, i):
-        return ridge.accumulate(stats, *pool[i % len(pool)], fold=i % folds, on_nonfinite=nf)
+        return ridge.accumulate(stats, *pool[i % len(pool)], fold=i % folds, **check)
 
     stats, secs = _timed_accumulation(plain_init, plain_step, lambda st: st, n_batches)
     if mesh is None:  # one device: the reference
@@ -183,7 +186,7 @@ def _ridge(args, mesh, pool_single, result_layout: dict, reference: ridge.RidgeS
         return ridge.init_device_stats(mesh, d_in, d_out, folds)
 
     def device_step(stats, i):
-        return ridge.accumulate_on_devices(stats, *pool[i % len(pool)], i % folds, mesh=mesh, on_nonfinite=nf)
+        return ridge.accumulate_on_devices(stats, *pool[i % len(pool)], i % folds, mesh=mesh, **check)
 
     stats, secs = _timed_accumulation(device_init, device_step, lambda st: ridge.reduce_device_stats(st, mesh),
                                       n_batches)
