@@ -327,7 +327,7 @@ def _warn_skipped(n_bad, n_rows) -> None:
 
 def update(stats: RidgeStats, x: Array, y: Array, fold: Array | int | None = None,
            weights: Array | None = None, *, on_nonfinite: str = "skip", precision: str = "tf32",
-           warn: bool = True) -> RidgeStats:
+           warn: bool = False) -> RidgeStats:
     """Add one batch of pairs to the statistics (pure; jit/shard_map friendly).
 
     x [B, d_in], y [B, d_out] (any float dtype; cast to the stats dtype before centring).
@@ -335,11 +335,14 @@ def update(stats: RidgeStats, x: Array, y: Array, fold: Array | int | None = Non
     weights: None, a bool mask [B] of valid rows (padding rows False: fixed batch shapes, no recompiles),
         or non-negative float row weights [B] (the objective becomes sum_i w_i |y_i - x_i W - b|^2).
         Values in rows with weight 0 are ignored, even NaN.
-    on_nonfinite: "skip" leaves out a batch whose valid rows hold NaN/Inf, counts it in
-        stats.skipped_batches/skipped_rows, and (if `warn`) warns with the count via jax.debug.callback;
+    on_nonfinite: "skip" leaves out a batch whose valid rows hold NaN/Inf and counts it in
+        stats.skipped_batches/skipped_rows (`solve` warns about them once);
         "raise" raises ValueError (needs concrete arrays: use `accumulate` or call outside jit);
         "ignore" does no check (NaN then poisons the stats).
     precision: "tf32" (default), "bf16", "highest" or "default" for the accumulation matmul (module doc).
+    warn: also warn at each skipped batch, through a host callback behind a `lax.cond`.  On a GPU that
+        conditional makes the host wait for the device every batch: on 2 H100s with batch-sharded inputs
+        it cut the accumulation rate by about a third (BENCHMARKS.md), hence off by default.
 
     Under jax.jit with x/y sharded over the batch axis, the sums are global (XLA inserts the
     all-reduce); inside shard_map each device accumulates its own rows: combine with `psum_stats`.
@@ -446,7 +449,7 @@ _update_donated = jax.jit(update, donate_argnums=0, static_argnames=("on_nonfini
 
 def accumulate(stats: RidgeStats, x: Array, y: Array, fold: Array | int | None = None,
                weights: Array | None = None, *, on_nonfinite: str = "skip", precision: str = "tf32",
-               warn: bool = True) -> RidgeStats:
+               warn: bool = False) -> RidgeStats:
     """`update`, jitted, with `stats` donated (updated in place: do not reuse the old stats).
 
     A Python int `fold` is traced as a value, so every fold shares one compiled step.  With
@@ -573,7 +576,7 @@ def _accumulate_on_devices(stats, x, y, fold, weights, *, mesh, axes, on_nonfini
 
 def accumulate_on_devices(stats: RidgeStats, x: Array, y: Array, fold: Array | int | None = None,
                           weights: Array | None = None, *, mesh, rules: dict | None = None,
-                          on_nonfinite: str = "skip", precision: str = "tf32", warn: bool = True) -> RidgeStats:
+                          on_nonfinite: str = "skip", precision: str = "tf32", warn: bool = False) -> RidgeStats:
     """`update` on every device at once: each adds the rows of the batch it holds to its own slot of
     `stats` (from `init_device_stats`), with no communication.  Jitted; `stats` is donated.
 

@@ -339,8 +339,13 @@ def test_nonfinite_batches_skip_warn_or_raise(x64):
     bad_y[5, 0] = -np.inf
     stats = ridge.init_stats(D_IN, D_OUT, 1, jnp.float64)
     stats = ridge.accumulate(stats, x[:BATCH], y[:BATCH])
+    with warnings.catch_warnings():  # by default no per-batch warning (it would sync every batch)...
+        warnings.simplefilter("error")
+        quiet = ridge.accumulate(ridge.init_stats(D_IN, D_OUT, 1, jnp.float64), bad_x, bad_y)
+        jax.effects_barrier()
+    assert float(quiet.skipped_batches) == 1
     with pytest.warns(RuntimeWarning, match=r"skipped a batch with 3 non-finite .* 64 valid rows"):
-        stats = ridge.accumulate(stats, bad_x, bad_y)
+        stats = ridge.accumulate(stats, bad_x, bad_y, warn=True)
         jax.effects_barrier()  # the warning comes from a jax.debug.callback
     assert float(stats.skipped_batches) == 1 and float(stats.skipped_rows) == BATCH
     np.testing.assert_array_equal(np.asarray(stats.sxx), np.asarray(clean.sxx))
