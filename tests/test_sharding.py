@@ -17,6 +17,20 @@ def test_logical_rules_map_names_to_mesh_axes():
     assert shd.logical_to_spec(("mlp", "vocab")) == P("tensor", None)
 
 
+def test_batch_axes_and_shards_follow_the_rules():
+    from types import SimpleNamespace
+
+    def mesh(data, fsdp, tensor):  # only the axis sizes matter here
+        return SimpleNamespace(shape={"data": data, "fsdp": fsdp, "tensor": tensor})
+
+    assert shd.batch_axes(mesh(2, 1, 4)) == ("data",) and shd.batch_shards(mesh(2, 1, 4)) == 2
+    assert shd.batch_axes(mesh(2, 2, 2)) == ("data", "fsdp") and shd.batch_shards(mesh(2, 2, 2)) == 4
+    assert shd.batch_axes(mesh(1, 1, 8)) == () and shd.batch_shards(mesh(1, 1, 8)) == 1
+    assert shd.batch_shards(None) == 1
+    # a config that moves the batch onto the tensor axis is obeyed
+    assert shd.batch_shards(mesh(2, 1, 4), dict(shd.LOGICAL_RULES, batch="tensor")) == 4
+
+
 def test_make_mesh_errors():
     with pytest.raises(ValueError, match="unknown axis"):
         shd.make_mesh({"model": 2})
