@@ -39,6 +39,24 @@ def time_jax(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> 
     return {"median_s": times[len(times) // 2], "min_s": times[0], "all_s": times}
 
 
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `fn()` (blocking on its outputs): `time_jax`'s median alone."""
+    return time_jax(fn, warmup=warmup, repeats=repeats)["median_s"]
+
+
+def timed_loop(init: Callable[[], object], step: Callable[[object, int], object],
+               finish: Callable[[object], object], n_steps: int) -> tuple[object, float]:
+    """Time `finish(step(...step(init(), 0)..., n_steps - 1))`, after a warm-up of two steps and `finish`
+    (so the step is also compiled for its own output, as in the timed loop).  Returns (result, seconds)."""
+    jax.block_until_ready(finish(step(step(init(), 0), 1)))
+    state = jax.block_until_ready(init())
+    t0 = time.perf_counter()
+    for i in range(n_steps):
+        state = step(state, i)
+    state = jax.block_until_ready(finish(state))
+    return state, time.perf_counter() - t0
+
+
 def measured_matmul_peak(dtype="bfloat16", n: int = 8192, precision=None) -> dict:
     """Measured TFLOP/s of an n x n x n matmul: the denominator of crossmap's MFU figures."""
     if jax.devices()[0].platform == "cpu":

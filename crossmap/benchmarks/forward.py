@@ -102,6 +102,31 @@ def _torch_forward(hf: dict, n_layers: int, batch: int, seq: int, dtype: str, re
     return {"median_s": times[len(times) // 2], "layers": cfg.num_hidden_layers, "attention": "sdpa", "note": note}
 
 
+def time_forward(model, layer: int, mesh, batch: tuple, attention: str, repeats: int) -> tuple[dict, jax.Array]:
+    """Compile and time `make_hidden_fn(model, layer)` on batch = (tokens, positions, valid).
+
+    attention "cudnn" (fused flash attention) falls back to "xla" (explicit mask) if it fails, and says
+    so under "attention_errors".  Returns ({attention, compile_s, median_s, min_s, ...}, the output).
+    """
+    errors = {}
+    for impl in [attention] + (["xla"] if attention == "cudnn" else []):
+        model.attention_impl = None if impl == "xla" else impl
+        fn = make_hidden_fn(model, layer, mesh=mesh)
+        try:
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(fn(*batch))
+            compile_s = time.perf_counter() - t0
+            t = time_jax(lambda fn=fn: fn(*batch), warmup=1, repeats=repeats)
+        except Exception as err:  # noqa: BLE001 - e.g. cuDNN missing: fall back, and say so
+            errors[impl] = f"{type(err).__name__}: {str(err)[:400]}"
+            continue
+        timing = {"attention": impl, "compile_s": compile_s, "median_s": t["median_s"], "min_s": t["min_s"]}
+        if errors:
+            timing["attention_errors"] = errors
+        return timing, out
+    raise RuntimeError(f"forward failed with every attention implementation: {errors}")
+
+
 def run(args: argparse.Namespace) -> dict:
     # The transformers peer runs first and frees its memory; JAX then allocates on demand rather
     # than grabbing 75% of the GPU up front, so the two never compete for memory.
@@ -135,22 +160,8 @@ def run(args: argparse.Namespace) -> dict:
     tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
     positions = np.broadcast_to(np.arange(args.seq, dtype=np.int32), tokens.shape).copy()
     valid = np.ones(tokens.shape, bool)
-    tried = [attention] + (["xla"] if attention == "cudnn" else [])
-    for impl in tried:
-        model.attention_impl = None if impl == "xla" else impl
-        fn = make_hidden_fn(model, layer, mesh=mesh)
-        try:
-            t_compile = time.perf_counter()
-            jax.block_until_ready(fn(tokens, positions, valid))
-            result["compile_s"] = time.perf_counter() - t_compile
-            t = time_jax(lambda fn=fn: fn(tokens, positions, valid), warmup=1, repeats=args.repeats)
-        except Exception as err:  # noqa: BLE001 - e.g. cuDNN missing: fall back, and say so
-            result.setdefault("attention_errors", {})[impl] = f"{type(err).__name__}: {str(err)[:400]}"
-            continue
-        result["attention"] = impl
-        break
-    else:
-        raise RuntimeError(f"forward failed with every attention implementation: {result['attention_errors']}")
+    t, _ = time_forward(model, layer, mesh, (tokens, positions, valid), attention, args.repeats)
+    result.update({k: t[k] for k in ("compile_s", "attention_errors", "attention") if k in t})
     ours = {"median_s": t["median_s"], "tokens_per_s": n_tokens / t["median_s"],
             "tflops": flops / t["median_s"] / 1e12}
     ours["mfu"] = ours["tflops"] / peak["tflops"]

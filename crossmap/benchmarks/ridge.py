@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crossmap import ridge
-from crossmap.benchmarks.common import device_info, time_jax, write_json
+from crossmap.benchmarks.common import device_info, median_time, timed_loop, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,10 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def _median_time(fn, reps: int) -> float:
-    return time_jax(fn, warmup=1, repeats=reps)["median_s"]
 
 
 def _rel_err(a, b) -> float:
@@ -114,7 +110,7 @@ def _peak(chunk: int, d_in: int, d_out: int, reps: int, key) -> dict[str, Any]:
     }
     out = {"shape": f"[{chunk},{d_in}]^T x [{chunk},{d_in + d_out}]", "flops": flops}
     for name, (fn, a, b) in variants.items():
-        t = _median_time(lambda fn=fn, a=a, b=b: jax.block_until_ready(fn(a, b)), reps)
+        t = median_time(lambda fn=fn, a=a, b=b: fn(a, b), reps)
         out[name] = {"seconds": t, "tflops": flops / t / 1e12}
     return out
 
@@ -129,17 +125,11 @@ def _accumulate(pool, n_batches: int, folds: int, d_in: int, d_out: int, precisi
         j = i % len(pool)
         return j % folds if fold_ids is None else fold_ids[j]
 
-    warm = ridge.accumulate(ridge.init_stats(d_in, d_out, folds), pool[0][0], pool[0][1], fold=fold_of(0),
-                            precision=precision)
-    jax.block_until_ready(warm)
-    del warm
-    stats = jax.block_until_ready(ridge.init_stats(d_in, d_out, folds))
-    t0 = time.perf_counter()
-    for i in range(n_batches):
+    def step(stats, i):
         x, y = pool[i % len(pool)]
-        stats = ridge.accumulate(stats, x, y, fold=fold_of(i), precision=precision)
-    stats = jax.block_until_ready(stats)
-    return stats, time.perf_counter() - t0
+        return ridge.accumulate(stats, x, y, fold=fold_of(i), precision=precision)
+
+    return timed_loop(lambda: ridge.init_stats(d_in, d_out, folds), step, lambda stats: stats, n_batches)
 
 
 def _lambda_grid(stats: ridge.RidgeStats, n: int, lo: float, hi: float) -> np.ndarray:

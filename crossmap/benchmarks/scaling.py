@@ -42,11 +42,11 @@ import numpy as np
 from flax import nnx
 
 from .. import ridge
-from ..models import init_random, make_hidden_fn
+from ..models import init_random
 from ..sharding import batch_shards, make_mesh, shard_batch
 from ..verbalize import Injection, mean_embedding_norm
-from .common import device_info, measured_copy_bandwidth, measured_matmul_peak, time_jax, write_json
-from .forward import model_config
+from .common import device_info, measured_copy_bandwidth, measured_matmul_peak, timed_loop, write_json
+from .forward import model_config, time_forward
 from .verbalize import param_bytes, time_generate
 
 PARTS = ("forward", "ridge", "verbalize")
@@ -104,27 +104,12 @@ def _layout_name(shape: dict) -> str:
 
 def _forward(model, layer: int, mesh, tokens, positions, valid, repeats: int) -> tuple[dict, np.ndarray]:
     """Time the truncated forward: fused cuDNN attention on GPU (as `bench forward`), else XLA's."""
-    on_gpu = jax.devices()[0].platform == "gpu"
-    errors = {}
-    for impl in (["cudnn", "xla"] if on_gpu else ["xla"]):
-        model.attention_impl = None if impl == "xla" else impl
-        fn = make_hidden_fn(model, layer, mesh=mesh)
-        try:
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(fn(tokens, positions, valid))
-            compile_s = time.perf_counter() - t0
-            t = time_jax(lambda fn=fn: fn(tokens, positions, valid), warmup=1, repeats=repeats)
-        except Exception as err:  # noqa: BLE001 - e.g. no cuDNN fused attention here: fall back, and say so
-            errors[impl] = f"{type(err).__name__}: {str(err)[:300]}"
-            continue
-        finally:
-            model.attention_impl = None
-        host = np.asarray(jax.device_get(out)).astype(np.float32)
-        timing = {"attention": impl, "compile_s": compile_s, "median_s": t["median_s"], "min_s": t["min_s"]}
-        if errors:
-            timing["attention_errors"] = errors
-        return timing, host
-    raise RuntimeError(f"forward failed with every attention implementation: {errors}")
+    attention = "cudnn" if jax.devices()[0].platform == "gpu" else "xla"
+    try:
+        timing, out = time_forward(model, layer, mesh, (tokens, positions, valid), attention, repeats)
+    finally:
+        model.attention_impl = None  # the verbaliser part runs the model next
+    return timing, np.asarray(jax.device_get(out)).astype(np.float32)
 
 
 # -- ridge -----------------------------------------------------------------------------------------
@@ -143,18 +128,6 @@ def _ridge_pool(key, n_pool: int, chunk: int, d_in: int, d_out: int):
     return [make(k) for k in jax.random.split(kp, n_pool)]
 
 
-def _timed_accumulation(init, step, finish, n_batches: int):
-    """Warm up (two steps, so the step is also compiled for its own output), then time `n_batches` steps
-    and `finish`; returns (finished stats, seconds)."""
-    jax.block_until_ready(finish(step(step(init(), 0), 1)))
-    stats = jax.block_until_ready(init())
-    t0 = time.perf_counter()
-    for i in range(n_batches):
-        stats = step(stats, i)
-    stats = jax.block_until_ready(finish(stats))
-    return stats, time.perf_counter() - t0
-
-
 def _ridge(args, mesh, pool_single, result_layout: dict, reference: ridge.RidgeStats | None):
     d_in, d_out, folds, nf = args.ridge_d_in, args.ridge_d_out, args.ridge_folds, args.ridge_nonfinite
     check = {"on_nonfinite": nf} | ({} if args.ridge_warn == "default" else {"warn": args.ridge_warn == "yes"})
@@ -171,7 +144,7 @@ def _ridge(args, mesh, pool_single, result_layout: dict, reference: ridge.RidgeS
     def plain_step(stats, i):
         return ridge.accumulate(stats, *pool[i % len(pool)], fold=i % folds, **check)
 
-    stats, secs = _timed_accumulation(plain_init, plain_step, lambda st: st, n_batches)
+    stats, secs = timed_loop(plain_init, plain_step, lambda st: st, n_batches)
     if mesh is None:  # one device: the reference
         out["accumulate"] = {"seconds": secs, "pairs_per_s": n_batches * chunk / secs}
         return stats
@@ -188,7 +161,7 @@ def _ridge(args, mesh, pool_single, result_layout: dict, reference: ridge.RidgeS
     def device_step(stats, i):
         return ridge.accumulate_on_devices(stats, *pool[i % len(pool)], i % folds, mesh=mesh, **check)
 
-    stats, secs = _timed_accumulation(device_init, device_step, lambda st: ridge.reduce_device_stats(st, mesh),
+    stats, secs = timed_loop(device_init, device_step, lambda st: ridge.reduce_device_stats(st, mesh),
                                       n_batches)
     out["accumulate_on_devices_psum"] = {"seconds": secs, "pairs_per_s": n_batches * chunk / secs,
                                          "device_slots": batch_shards(mesh)}

@@ -42,7 +42,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from crossmap.benchmarks.common import measured_copy_bandwidth, time_jax, write_json
+from crossmap.benchmarks.common import measured_copy_bandwidth, median_time, write_json
 from crossmap.models import ModelConfig, init_random, tiny_config
 from crossmap.sharding import make_mesh
 from crossmap.verbalize import Injection, generate, mean_embedding_norm
@@ -69,10 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-device", default="auto", help="auto | cuda | cpu | none")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="verbalize_bench.json", help="JSON output path")
-
-
-def _median(fn, reps: int) -> float:
-    return time_jax(fn, warmup=1, repeats=reps)["median_s"]
 
 
 def _config(preset: dict) -> ModelConfig:
@@ -120,8 +116,8 @@ def time_generate(model, prompts, inj, new_tokens, mesh, reps) -> tuple[dict[str
     call(1)
     compile_one = time.perf_counter() - t0
     assert (res.lengths == new_tokens).all(), "every row must generate the full length"
-    t_full = _median(lambda: call(new_tokens), reps)
-    t_one = _median(lambda: call(1), reps)
+    t_full = median_time(lambda: call(new_tokens), reps)
+    t_one = median_time(lambda: call(1), reps)
     step = (t_full - t_one) / max(new_tokens - 1, 1)
     batch = len(prompts)
     return {"first_call_s": compile_full, "first_call_1_token_s": compile_one, "total_s": t_full,
@@ -183,8 +179,8 @@ def _run_transformers(cfg: ModelConfig, prompts: np.ndarray, marker: int, vector
     out = call(new_tokens)
     first = time.perf_counter() - t0
     assert out.shape[1] == new_tokens, f"transformers generated {out.shape[1]} tokens, expected {new_tokens}"
-    t_full = _median(lambda: call(new_tokens), reps)
-    t_one = _median(lambda: call(1), reps)
+    t_full = median_time(lambda: call(new_tokens), reps)
+    t_one = median_time(lambda: call(1), reps)
     result = {"device": device, "dtype": dtype, "attention": "sdpa", "cache": "dynamic (default)",
               "init_s": init_s, "first_call_s": first, "total_s": t_full, "prefill_plus_first_token_s": t_one,
               "decode_step_s": (t_full - t_one) / max(new_tokens - 1, 1),
@@ -194,7 +190,7 @@ def _run_transformers(cfg: ModelConfig, prompts: np.ndarray, marker: int, vector
         n = 1 << 30
         src = torch.ones(n // 2, dtype=torch.bfloat16, device=device)
         dst = torch.empty_like(src)
-        seconds = _median(lambda: (dst.copy_(src), sync()), 5)
+        seconds = median_time(lambda: (dst.copy_(src), sync()), 5)
         result["torch_copy_bandwidth_GBps"] = 2 * n / seconds / 1e9
     return result
 
