@@ -366,10 +366,7 @@ def update(stats: RidgeStats, x: Array, y: Array, fold: Array | int | None = Non
         if isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer) or isinstance(w, jax.core.Tracer):
             raise ValueError("ridge update: on_nonfinite='raise' needs concrete arrays; under jit use 'skip' "
                              "and check stats.skipped_batches, or call `accumulate` (which checks on the host)")
-        n_bad = int(_nonfinite_count(x, y, valid))
-        if n_bad:
-            raise ValueError(f"ridge update: batch x{tuple(x.shape)} y{tuple(y.shape)} has {n_bad} non-finite "
-                             "(NaN/Inf) values in its valid rows")
+        _raise_if_nonfinite("ridge update", x, y, valid)
     skipped_batches, skipped_rows = stats.skipped_batches, stats.skipped_rows
     if on_nonfinite == "skip":
         n_bad = _nonfinite_count(x, y, valid)
@@ -458,15 +455,20 @@ def accumulate(stats: RidgeStats, x: Array, y: Array, fold: Array | int | None =
     if on_nonfinite == "raise":
         xa, ya = jnp.asarray(x), jnp.asarray(y)
         valid = jnp.ones((xa.shape[0],), bool) if weights is None else jnp.asarray(weights) > 0
-        n_bad = int(_nonfinite_count_jit(xa, ya, valid))
-        if n_bad:
-            raise ValueError(f"ridge accumulate: batch x{tuple(xa.shape)} y{tuple(ya.shape)} has {n_bad} "
-                             "non-finite (NaN/Inf) values in its valid rows")
+        _raise_if_nonfinite("ridge accumulate", xa, ya, valid)
         on_nonfinite = "ignore"
     return _update_donated(stats, x, y, fold, weights, on_nonfinite=on_nonfinite, precision=precision, warn=warn)
 
 
 _nonfinite_count_jit = jax.jit(_nonfinite_count)
+
+
+def _raise_if_nonfinite(where: str, x: Array, y: Array, valid: Array) -> None:
+    """The host-side check of on_nonfinite="raise" (concrete arrays only: it reads the count back)."""
+    n_bad = int(_nonfinite_count_jit(x, y, valid))
+    if n_bad:
+        raise ValueError(f"{where}: batch x{tuple(x.shape)} y{tuple(y.shape)} has {n_bad} non-finite (NaN/Inf) "
+                         "values in its valid rows")
 
 
 # ----------------------------------------------------------------------------------------------
