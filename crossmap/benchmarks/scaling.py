@@ -200,8 +200,8 @@ def _verbalize(model, cfg, mesh, args, tensor: int, data: int) -> tuple[dict, np
 
 # -- driver ----------------------------------------------------------------------------------------
 
-def _free(*objs) -> None:
-    del objs
+def _release_device_memory() -> None:
+    """After the caller dropped its references: collect them and the compiled programs that hold buffers."""
     gc.collect()
     jax.clear_caches()
 
@@ -230,7 +230,8 @@ def _ridge_part(args, name: str, mesh, entry: dict, base: _Baseline) -> None:
             for key in ("accumulate_sharded_batch", "accumulate_on_devices_psum"):
                 entry["ridge"][key]["scaling_efficiency"] = entry["ridge"][key]["pairs_per_s"] / (
                     mesh.devices.size * base.rates["ridge"])
-    _free(pool)
+    del pool
+    _release_device_memory()
     print(f"[scaling]   ridge: {json.dumps(entry['ridge'])[:400]}", flush=True)
 
 
@@ -343,7 +344,7 @@ def run(args: argparse.Namespace) -> dict:
             _guarded(entry, "verbalize", _verbalize_part, model, cfg, args, name, mesh,
                      result["copy_bandwidth_GBps_device0"] * 1e9, entry, base)
             save()
-        _free(model)
-        model = None
+        del model
+        _release_device_memory()
     save()
     return result
