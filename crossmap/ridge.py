@@ -549,7 +549,7 @@ def init_device_stats(mesh, d_in: int, d_out: int, n_folds: int = 1, dtype: Any 
     `accumulate` on batch-sharded inputs (where XLA all-reduces the [d_in, d_in + d_out] products
     after every batch), devices exchange nothing until the single reduction at the end.
     """
-    init_stats(d_in, d_out, n_folds, dtype)  # validates the arguments
+    jax.eval_shape(lambda: init_stats(d_in, d_out, n_folds, dtype))  # its argument checks, no allocation
     axes, n = _device_axes(mesh, rules)
     spec = NamedSharding(mesh, P(axes if axes else None))
 
