@@ -3,7 +3,7 @@
     crossmap run --config configs/demo.py                 # the whole experiment, staged and resumable
     crossmap run --config configs/demo.py --only map      # one stage
     crossmap run --config configs/paper.py --config.models.source.path=/ckpt/Qwen2.5-7B-Instruct
-    crossmap bench forward|ridge|verbalize|scaling [...]  # benchmarks that write JSON
+    crossmap bench forward|ridge|verbalize|scaling|paper [...]  # benchmarks that write JSON
     crossmap convert model.gguf OUT_DIR                   # GGUF -> HF-layout safetensors directory
 """
 
@@ -37,6 +37,8 @@ BENCHES = {
     "verbalize": "batched generation with injected vectors: explanations/s and decode step vs bandwidth floor",
     "scaling": "forward, ridge statistics and verbalisation on one device vs a mesh over all devices "
                "(scaling efficiency, equality with one device)",
+    "paper": "configs/paper.py end to end at the 7B/27B shapes on random checkpoints written to disk "
+             "(seconds and peak memory per stage)",
 }
 
 

@@ -159,9 +159,10 @@ def test_launch_script_runs_the_pipeline_on_a_data_by_tensor_mesh(full_run, tmp_
     assert abs(sharded["fve"] - single["fve"]) < 0.02
 
 
-def test_paper_style_run_with_public_sae_and_nla_verbaliser(full_run, tmp_path):
+def test_paper_style_run_with_public_sae_and_nla_verbaliser(full_run, tmp_path, capfd):
     """The paths configs/paper.py takes: an SAE read from a public format (SAE-Lens) and a target NLA
-    verbaliser read from its checkpoint directory with the sidecar contract."""
+    verbaliser read from its checkpoint directory with the sidecar contract.  Base models are
+    released once no later stage runs them, so an NLA verbaliser never shares memory with them."""
     import shutil
 
     from crossmap.models.tiny import tiny_checkpoint
@@ -178,6 +179,12 @@ def test_paper_style_run_with_public_sae_and_nla_verbaliser(full_run, tmp_path):
                 "--config.washout.compare=false")
     run = run_experiment(c)
     assert run.is_done("report")
+    log = capfd.readouterr().err
+    order = [log.index(s) for s in ("stage map: finished", "released target model weights", "stage sae: running",
+                                    "stage verbalize_source: finished", "released source model weights",
+                                    "stage verbalize_target: running")]
+    assert order == sorted(order), log
+    assert run._models == {}
     explanations = json.loads((run_dir / "verbalize_target" / "explanations.json").read_text())
     assert "Concept: <concept>" in explanations["prompt"]
     assert explanations["spec"]["injection_token"] == "<concept>"
@@ -185,3 +192,65 @@ def test_paper_style_run_with_public_sae_and_nla_verbaliser(full_run, tmp_path):
     assert sae["train"] == {"loaded_from": str(full_run[0] / "sae" / "sae_lens")}
     single = json.loads((full_run[0] / "sae" / "summary.json").read_text())
     assert sae["n_features"] == single["n_features"]
+
+
+def test_bench_paper_runs_the_paper_config_on_written_checkpoints(tmp_path):
+    """`crossmap bench paper` at tiny shapes: random checkpoints (Gemma in the multimodal layout), NLA
+    verbaliser directories and an SAE-Lens SAE written to disk, then configs/paper.py with only paths
+    changed (plus the size overrides a CPU needs); a second call reuses everything."""
+    from crossmap.cli import main
+    from crossmap.models.tiny import tiny_checkpoint
+
+    src, tgt = tiny_checkpoint("qwen2"), tiny_checkpoint("gemma3_text")
+    shapes = {}
+    for name, d in (("tiny-qwen2", src), ("tiny-gemma3", tgt)):  # shape configs, as in configs/models/
+        shapes[name] = tmp_path / f"{name}.json"
+        shapes[name].write_text((d / "config.json").read_text())
+    shrink = ["--config.mesh.tensor=1", "--config.models.source.layer=2", "--config.models.target.layer=4",
+              "--config.corpus.max_documents=60", "--config.corpus.max_length=64", "--config.corpus.buckets=(32, 64)",
+              "--config.corpus.batch_size=16", "--config.ridge.folds=3", "--config.ridge.keep_pairs=5000",
+              "--config.features.n=3", "--config.controls.n=3", "--config.features.min_freq=0.0",
+              "--config.verbalizers.source.max_new_tokens=3", "--config.verbalizers.target.max_new_tokens=3",
+              "--config.verbalizers.source.n_samples=1", "--config.verbalizers.target.n_samples=1",
+              "--config.washout.n_backgrounds=2", "--config.evaluate.n_permutations=200",
+              "--config.evaluate.n_bootstrap=200", "--config.evaluate.context_k=5"]
+    out = tmp_path / "paper.json"
+    argv = ["bench", "paper", "--source-model", str(shapes["tiny-qwen2"]), "--target-model", str(shapes["tiny-gemma3"]),
+            "--source-tokenizer", str(src), "--target-tokenizer", str(tgt), "--workdir", str(tmp_path / "w"),
+            "--sae-features", "64", "--sae-k", "4", "--out", str(out)] + [f"--override={o}" for o in shrink]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert list(result["stages"]) == ["map", "sae", "features", "verbalize_source", "verbalize_target",
+                                      "evaluate", "report"]
+    assert not any(s.get("resumed") for s in result["stages"].values())
+    # only paths were changed on top of the size overrides
+    assert all(o.split("=")[0].endswith((".path", ".checkpoint", ".run_dir")) for o in result["overrides"][:6])
+    w = tmp_path / "w"
+    assert json.loads((w / "tiny-gemma3" / "config.json").read_text())["model_type"] == "gemma3"
+    assert (w / "tiny-gemma3" / "chat_template.jinja").exists()  # the base tokenizer got the -it turns
+    explanations = json.loads((w / "run" / "verbalize_target" / "explanations.json").read_text())
+    assert "Here is a concept: <unused0>." in explanations["prompt"]  # the sidecar's prompt and marker
+    assert set(result["lift"]) == {"alpha=0", "alpha=0.5"}
+    assert main(argv) == 0
+    assert all(s["resumed"] for s in json.loads(out.read_text())["stages"].values())
+
+
+def test_bench_paper_gives_a_gemma_tokenizer_without_template_the_it_turns(tmp_path):
+    from transformers import AutoTokenizer
+
+    from crossmap.benchmarks.paper import GEMMA_TURNS, _copy_tokenizer
+    from crossmap.models.tiny import tiny_checkpoint
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint("gemma3_text"))
+    tok.chat_template = None
+    tok.save_pretrained(bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    (tmp_path / "ckpt").mkdir()
+    _copy_tokenizer(bare, tmp_path / "ckpt", GEMMA_TURNS)
+    text = AutoTokenizer.from_pretrained(tmp_path / "ckpt").apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        _copy_tokenizer(tmp_path / "ckpt" / "..", tmp_path / "ckpt", None)

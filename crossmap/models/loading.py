@@ -91,6 +91,21 @@ def hf_param_table(cfg: ModelConfig, norm_names: dict[str, str]) -> dict[str, tu
     return table
 
 
+def hf_shapes(cfg: ModelConfig, norm_names: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> its shape in a HF checkpoint of this config (the names of `hf_param_table`)."""
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    by_suffix = {"q_proj.weight": (n * h, d), "k_proj.weight": (k * h, d), "v_proj.weight": (k * h, d),
+                 "o_proj.weight": (d, n * h), "q_proj.bias": (n * h,), "k_proj.bias": (k * h,),
+                 "v_proj.bias": (k * h,), "gate_proj.weight": (cfg.d_ff, d), "up_proj.weight": (cfg.d_ff, d),
+                 "down_proj.weight": (d, cfg.d_ff), "q_norm.weight": (h,), "k_norm.weight": (h,)}
+    top = {"model.embed_tokens.weight": (cfg.vocab_size, d), "lm_head.weight": (cfg.vocab_size, d)}
+    shapes = {}
+    for name in hf_param_table(cfg, norm_names):
+        suffix = ".".join(name.rsplit(".", 2)[-2:])
+        shapes[name] = top.get(name) or by_suffix.get(suffix) or (d,)  # the rest are d-wide norms
+    return shapes
+
+
 def canonical_hf_name(name: str) -> str | None:
     """Strip multimodal wrappers; None for tensors that are not part of the text decoder."""
     if name.startswith(_SKIP_PREFIXES):
@@ -101,17 +116,13 @@ def canonical_hf_name(name: str) -> str | None:
     return name
 
 
-def _has_bf16(path: Path) -> bool:
-    """safetensors' numpy backend cannot read bfloat16; peek at the header's dtypes."""
-    with path.open("rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-    return any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values())
-
-
 def iter_safetensors(directory: Path) -> Iterator[tuple[str, np.ndarray, str]]:
-    """Yield (name, array, file) one tensor at a time from a HF checkpoint directory."""
-    from safetensors import safe_open
+    """Yield (name, array, file) one tensor at a time from a HF checkpoint directory.
+
+    Arrays are read-only views of memory-mapped files (see `checkpoint_files`): bf16 stays bf16
+    on the host and nothing passes through an accelerator on its way to the mesh.
+    """
+    from .checkpoint_files import iter_safetensors_file
 
     index = directory / "model.safetensors.index.json"
     if index.exists():
@@ -125,11 +136,8 @@ def iter_safetensors(directory: Path) -> Iterator[tuple[str, np.ndarray, str]]:
         if not files:
             raise FileNotFoundError(f"no *.safetensors files (and no model.safetensors.index.json) in {directory}")
     for fname in files:
-        path = directory / fname
-        framework = "flax" if _has_bf16(path) else "numpy"
-        with safe_open(str(path), framework=framework) as f:
-            for name in f.keys():
-                yield name, np.asarray(f.get_tensor(name)), fname
+        for name, array in iter_safetensors_file(directory / fname):
+            yield name, array, fname
 
 
 def read_gguf(path: Path) -> tuple[dict, Callable[[], Iterator[tuple[str, np.ndarray]]]]:

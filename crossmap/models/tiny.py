@@ -62,7 +62,7 @@ def export_hf(params: dict[str, np.ndarray], cfg: ModelConfig, out: Path) -> Non
 def tiny_checkpoint(arch: str, seed: int = 0) -> Path:
     """Directory of the tiny random `arch` checkpoint (built once, then cached)."""
     from . import tiny_config
-    from .loading import hf_param_table
+    from .loading import hf_shapes
 
     out = cache_dir() / "tiny" / f"tiny-{arch}-{seed}"
     if (out / ".complete").exists():
@@ -75,29 +75,8 @@ def tiny_checkpoint(arch: str, seed: int = 0) -> Path:
     module = architecture_for(cfg.model_type)
     rng = np.random.default_rng(seed)
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,), "lm_head.weight": (vocab, d)}
     params = {}
-    for name in hf_param_table(cfg, module.NORM_NAMES):
-        if name in shapes:
-            shape = shapes[name]
-        elif name.endswith(("q_proj.weight",)):
-            shape = (n * h, d)
-        elif name.endswith(("k_proj.weight", "v_proj.weight")):
-            shape = (k * h, d)
-        elif name.endswith("o_proj.weight"):
-            shape = (d, n * h)
-        elif name.endswith("q_proj.bias"):
-            shape = (n * h,)
-        elif name.endswith(("k_proj.bias", "v_proj.bias")):
-            shape = (k * h,)
-        elif name.endswith(("gate_proj.weight", "up_proj.weight")):
-            shape = (cfg.d_ff, d)
-        elif name.endswith("down_proj.weight"):
-            shape = (d, cfg.d_ff)
-        elif name.endswith(("q_norm.weight", "k_norm.weight")):
-            shape = (h,)
-        else:
-            shape = (d,)
+    for name, shape in hf_shapes(cfg, module.NORM_NAMES).items():
         if name.endswith("norm.weight"):
             value = rng.normal(0, 0.1, shape) + (0.0 if cfg.norm_plus_one else 1.0)
         elif name == "model.embed_tokens.weight":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -13,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from .. import activations
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel, load_model, load_tokenizer, resolve_model_path
 from ..sharding import make_mesh
 from .config import STAGES, apply_overrides, fingerprint, load_config, to_dict, validate
 
@@ -76,6 +77,7 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mesh = make_mesh(dict(config.mesh))
         self._models: dict[str, LoadedModel] = {}
+        self._tokenizers: dict[str, Any] = {}
         self._documents: list[str] | None = None
         self._fingerprints: dict[str, str] = {}
 
@@ -112,6 +114,33 @@ class Run:
             _log(f"loaded {self._models[side].model_id} in {time.perf_counter() - t0:.1f}s")
         return self._models[side]
 
+    def tokenizer(self, side: str):
+        """The side's tokenizer, without loading its weights when the model is not already loaded."""
+        if side in self._models:
+            return self._models[side].tokenizer
+        if side not in self._tokenizers:
+            self._tokenizers[side] = load_tokenizer(resolve_model_path(self.config.models[side].path))
+        return self._tokenizers[side]
+
+    def models_needed(self, stage: str) -> tuple[str, ...]:
+        """Which base models a stage runs (not merely their tokenizers or ids)."""
+        if stage == "map":
+            return ("source", "target")
+        side = stage.removeprefix("verbalize_")
+        if side in ("source", "target") and self.config.verbalizers[side].kind == "self":
+            return (side,)
+        return ()
+
+    def release_models(self, keep: tuple[str, ...] = ()) -> None:
+        """Drop loaded models not in `keep`, so their device memory is free for what comes next
+        (at reference scale the base models and the NLA verbalisers do not fit together)."""
+        dropped = [side for side in self._models if side not in keep]
+        for side in dropped:
+            self._tokenizers[side] = self._models.pop(side).tokenizer
+        if dropped:
+            gc.collect()
+            _log(f"released {' and '.join(dropped)} model weights")
+
     def documents(self) -> list[str]:
         if self._documents is None:
             c = self.config.corpus
@@ -129,18 +158,22 @@ class Run:
             if name not in STAGES:
                 raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
         timings = {}
+        todo = [s for s in STAGES if (not only or s in only) and (not self.is_done(s) or s in force)]
         for stage in STAGES:
             if only and stage not in only:
                 continue
-            if self.is_done(stage) and stage not in force:
+            if stage not in todo:
                 _log(f"stage {stage}: done (reusing {self.stage_dir(stage)})")
                 continue
+            # keep only the models this stage or a later one of this invocation runs
+            self.release_models(keep=tuple({m for s in todo[todo.index(stage):] for m in self.models_needed(s)}))
             for dep in _INPUTS[stage]:
                 self.require(dep)
             _log(f"stage {stage}: running")
             self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             getattr(self, f"stage_{stage}")()
+            gc.collect()  # a stage's own models (e.g. an NLA verbaliser) are garbage now: free their memory
             timings[stage] = time.perf_counter() - t0
             self.mark_done(stage, timings[stage])
             _log(f"stage {stage}: finished in {timings[stage]:.1f}s")

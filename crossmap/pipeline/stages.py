@@ -135,7 +135,7 @@ def run_sae(run: Run) -> None:
         sae, train_metrics = sae_lib.train_sae(
             x[train_rows], d_model, c.sae.n_features, c.sae.k, c.sae.steps, lr=c.sae.lr or None,
             batch_size=min(c.sae.batch_size, int(train_rows.sum())), seed=c.seed, ckpt_dir=out / "train",
-            mesh=run.mesh, layer=int(c.models.source.layer), model_id=run.model("source").model_id,
+            mesh=run.mesh, layer=int(c.models.source.layer), model_id=_load_json(run.stage_dir("map") / "summary.json")["source_model"],
             hook_name=f"blocks.{int(c.models.source.layer)}.hook_resid_post")
         sae_lib.save_sae_lens(sae, out / "sae_lens")
     quality = sae_lib.evaluate_sae(sae, held)
@@ -162,16 +162,16 @@ def load_run_sae(run: Run) -> sae_lib.SAE:
 
 # ---------------------------------------------------------------------------------------- features
 def _token_lookup(run: Run):
-    lm = run.model("source")
+    tokenizer = run.tokenizer("source")
     docs = run.documents()
     cache: dict[int, list[str]] = {}
     c = run.config
 
     def lookup(doc: int) -> list[str]:
         if doc not in cache:
-            tok = activations.tokenize_document(lm.tokenizer, docs[doc], chat=c.models.source.chat,
+            tok = activations.tokenize_document(tokenizer, docs[doc], chat=c.models.source.chat,
                                                 max_length=c.corpus.max_length)
-            cache[doc] = [lm.tokenizer.decode([int(t)]) for t in tok.ids]
+            cache[doc] = [tokenizer.decode([int(t)]) for t in tok.ids]
         return cache[doc]
 
     return lookup

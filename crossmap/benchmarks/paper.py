@@ -1,0 +1,199 @@
+"""`crossmap bench paper`: configs/paper.py end to end at the reference shapes, on random weights.
+
+What a researcher with the real checkpoints would run, with only the paths changed, against
+stand-ins written at exactly the released shapes:
+
+1. checkpoints: random bf16 weights at the Qwen2.5-7B-Instruct and Gemma-3-27B-it shapes
+   (configs/models/*.json), sharded like hub checkpoints; Gemma in the multimodal layout of the
+   released -it checkpoint (decoder under `language_model.`, a vision tensor to skip).  Tokenizers
+   are copied in from --source-tokenizer / --target-tokenizer (the released ones, or the shipped
+   small models' which share their vocabularies); a Gemma tokenizer without a chat template gets
+   the -it turn format.
+2. NLA verbalisers: directories holding the same weights (linked, not copied: the loader reads
+   them again, as it would a fine-tuned copy) plus a sidecar JSON naming the injection token,
+   prompt and scale.
+3. an SAE-Lens TopK SAE at blocks.20.hook_resid_post (d_in 3584, --sae-features wide).
+4. the pipeline of configs/paper.py, one stage at a time, on a mesh over every local device:
+   seconds per stage and the peak device memory reached by the end of each.
+
+Random weights make the explanations and the lift meaningless; what this measures is that the
+reference experiment runs at its real size on the hardware, and what each stage costs (the
+map's cost was an open question of the reference experiment).  Everything under --workdir is
+reused when present and stages resume, so a run cut short continues where it stopped.
+
+    launch/gpu_node.sh bench paper --source-tokenizer TOK/qwen --target-tokenizer TOK/gemma \\
+        --embedder /path/all-MiniLM-L6-v2 --out paper.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .common import device_info, write_json
+from .forward import CONFIG_DIR
+
+ROOT = CONFIG_DIR.parents[1]  # the checkout holding configs/
+
+# The -it turn format (the 270M base tokenizer shipped for the demo has no chat template).
+GEMMA_TURNS = ("{{ bos_token }}{% for message in messages %}"
+               "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+               "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
+               "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+NLA_PROMPT = ("Here is a concept: {marker}. Explain what it means in one or two sentences, "
+              "between <explanation> and </explanation>.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=str(ROOT / "configs" / "paper.py"), help="the experiment config to run")
+    p.add_argument("--source-model", default="qwen2.5-7b-instruct", help="shape config in configs/models/")
+    p.add_argument("--target-model", default="gemma-3-27b-it", help="shape config in configs/models/")
+    p.add_argument("--source-tokenizer", required=True,
+                   help="tokenizer directory for the source (Qwen2.5 vocabulary), e.g. the converted shipped "
+                        "Qwen2.5-Coder-0.5B-Instruct (`crossmap convert shipped:qwen2.5-coder-0.5b-instruct`)")
+    p.add_argument("--target-tokenizer", required=True,
+                   help="tokenizer directory for the target (Gemma 3 vocabulary), e.g. the converted shipped "
+                        "Gemma-3-270M")
+    p.add_argument("--embedder", default="", help="sentence-transformer directory for evaluate ('' = the config's)")
+    p.add_argument("--workdir", default="/tmp/crossmap-paper-scale",
+                   help="where the random checkpoints, SAE and run directory go (about 70 GB)")
+    p.add_argument("--sae-features", type=int, default=65536, help="width of the random SAE")
+    p.add_argument("--sae-k", type=int, default=64, help="TopK of the random SAE")
+    p.add_argument("--override", action="append", default=[],
+                   help="extra --config.FIELD=VALUE for the run (repeatable), e.g. --override=--config.features.n=8")
+    p.add_argument("--out", default=None, help="write the JSON result here")
+
+
+def _copy_tokenizer(src: Path, dst: Path, chat_template: str | None) -> None:
+    if not src.is_dir():
+        raise FileNotFoundError(f"tokenizer directory not found: {src}")
+    files = [f for f in src.iterdir() if f.name.startswith(("tokenizer", "special_tokens", "chat_template",
+                                                             "vocab", "merges"))]
+    if not any(f.name == "tokenizer.json" or f.name == "tokenizer.model" for f in files):
+        raise FileNotFoundError(f"{src}: no tokenizer.json or tokenizer.model")
+    for f in files:
+        shutil.copy2(f, dst / f.name)
+    config = dst / "tokenizer_config.json"
+    has_template = (dst / "chat_template.jinja").exists() or bool(
+        json.loads(config.read_text()).get("chat_template") if config.exists() else None)
+    if not has_template and chat_template:
+        (dst / "chat_template.jinja").write_text(chat_template)
+
+
+def _write_sae(directory: Path, d_in: int, n_features: int, k: int, layer: int, model_id: str, seed: int) -> None:
+    """A random TopK SAE in SAE-Lens files, as a public SAE release lays them out."""
+    from ..models.checkpoint_files import write_safetensors
+
+    if (directory / "cfg.json").exists():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w_dec = rng.standard_normal((n_features, d_in), dtype=np.float32)
+    w_dec /= np.linalg.norm(w_dec, axis=1, keepdims=True)
+    values = {"W_dec": w_dec, "W_enc": np.ascontiguousarray(w_dec.T),
+              "b_enc": np.zeros(n_features, np.float32), "b_dec": np.zeros(d_in, np.float32)}
+    write_safetensors(directory / "sae_weights.safetensors",
+                      [(name, v.shape, np.float32) for name, v in values.items()], lambda name: [values[name]])
+    (directory / "cfg.json").write_text(json.dumps({
+        "architecture": "topk", "d_in": d_in, "d_sae": n_features, "dtype": "float32", "model_name": model_id,
+        "hook_name": f"blocks.{layer}.hook_resid_post", "hook_layer": layer, "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": k}, "apply_b_dec_to_input": False, "normalize_activations": "none"}))
+
+
+def _verbaliser_dir(base: Path, directory: Path, marker: str) -> None:
+    """An NLA-style verbaliser checkpoint: the base weights (linked) plus the sidecar contract."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in base.iterdir():
+        if f.name != ".complete" and not (directory / f.name).exists():
+            (directory / f.name).symlink_to(f.resolve())
+    (directory / "nla_config.json").write_text(json.dumps({
+        "injection_token": marker, "prompt_template": NLA_PROMPT, "use_chat_template": True,
+        "scale_policy": "embedding", "injection_layer": 0, "max_new_tokens": 128,
+        "explanation_regex": "<explanation>(.*?)(?:</explanation>|$)"}, indent=1))
+
+
+def prepare(args: argparse.Namespace, sae_layer: int) -> dict[str, str]:
+    """Write (or reuse) the stand-in checkpoints, verbalisers and SAE; returns the paths for the config."""
+    from ..models.checkpoint_files import write_random_checkpoint
+    from .forward import model_config
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    if Path(args.source_model).stem == Path(args.target_model).stem:
+        raise ValueError(f"--source-model and --target-model share the name {Path(args.source_model).stem!r}; "
+                         f"their checkpoints would overwrite each other under {work}")
+    paths = {}
+    for side, name, tok, multimodal, marker in (
+            ("source", args.source_model, args.source_tokenizer, False, "<|fim_pad|>"),
+            ("target", args.target_model, args.target_tokenizer, True, "<unused0>")):
+        _, hf = model_config(name)
+        hf = {k: v for k, v in hf.items() if not k.startswith("_")}
+        base = write_random_checkpoint(hf, work / Path(name).stem, dtype="bfloat16", seed=1 if side == "source" else 2,
+                                       multimodal=multimodal and hf["model_type"] == "gemma3_text")
+        _copy_tokenizer(Path(tok), base, GEMMA_TURNS if hf["model_type"].startswith("gemma") else None)
+        verbaliser = work / f"nla-{Path(name).stem}-av"
+        _verbaliser_dir(base, verbaliser, marker)
+        paths[side], paths[f"{side}_verbaliser"] = str(base), str(verbaliser)
+    src_cfg, _ = model_config(args.source_model)
+    sae = work / "saes" / Path(args.source_model).stem / f"blocks.{sae_layer}.hook_resid_post"
+    _write_sae(sae, src_cfg.d_model, args.sae_features, args.sae_k, sae_layer, Path(args.source_model).stem, seed=3)
+    paths["sae"] = str(sae)
+    return paths
+
+
+def _peak_memory() -> dict[str, float]:
+    import jax
+
+    stats = [d.memory_stats() or {} for d in jax.local_devices()]
+    return {"peak_gb_per_device": max((s.get("peak_bytes_in_use", 0) for s in stats), default=0) / 1e9,
+            "limit_gb_per_device": min((s.get("bytes_limit", 0) for s in stats), default=0) / 1e9}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from ..pipeline import STAGES, apply_overrides, load_config
+    from ..pipeline.run import Run
+
+    result: dict[str, Any] = {"bench": "paper", "device": device_info(), "config": args.config}
+    t0 = time.perf_counter()
+    probe = load_config(args.config)
+    apply_overrides(probe, list(args.override))
+    paths = prepare(args, int(probe.models.source.layer))
+    result["prepare_seconds"] = time.perf_counter() - t0
+    overrides = [f"--config.models.source.path={paths['source']}", f"--config.models.target.path={paths['target']}",
+                 f"--config.sae.path={paths['sae']}",
+                 f"--config.verbalizers.source.checkpoint={paths['source_verbaliser']}",
+                 f"--config.verbalizers.target.checkpoint={paths['target_verbaliser']}",
+                 f"--config.run_dir={Path(args.workdir) / 'run'}"]
+    if args.embedder:
+        overrides.append(f"--config.evaluate.embedder={args.embedder}")
+    overrides += list(args.override)
+    result["overrides"] = overrides
+    config = load_config(args.config)
+    apply_overrides(config, overrides)
+    run_ = Run(config)
+    result["mesh"] = dict(run_.mesh.shape)
+    result["stages"] = {}
+    for stage in STAGES:
+        if run_.is_done(stage):
+            done = json.loads((run_.stage_dir(stage) / "done.json").read_text())
+            result["stages"][stage] = {"seconds": done["seconds"], "resumed": True}
+            continue
+        t = time.perf_counter()
+        run_.run(only=(stage,))
+        result["stages"][stage] = {"seconds": time.perf_counter() - t, **_peak_memory()}
+        write_json(result, args.out, echo=False)  # a run cut short keeps what finished
+    summary = json.loads((run_.stage_dir("map") / "summary.json").read_text())
+    result["map"] = {k: summary[k] for k in ("n_pairs", "n_documents", "solve_seconds")} | {
+        "collect": summary.get("collect", {}), "lambda": summary["fit"]["lambda"]}
+    evaluation = json.loads((run_.stage_dir("evaluate") / "evaluation.json").read_text())
+    result["lift"] = {k: r["summary"] for k, r in evaluation["results"].items()}
+    result["report"] = str(run_.stage_dir("report") / "report.md")
+    result["total_seconds"] = time.perf_counter() - t0
+    write_json(result, args.out)
+    return result
