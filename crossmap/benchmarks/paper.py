@@ -118,6 +118,13 @@ def _verbaliser_dir(base: Path, directory: Path, marker: str) -> None:
         "explanation_regex": "<explanation>(.*?)(?:</explanation>|$)"}, indent=1))
 
 
+def _short(model: str) -> str:
+    """A model's name for its directory: the config name, or a config file's name without .json
+    (not Path.stem, which would cut 'qwen2.5-7b-instruct' at its dot)."""
+    name = Path(model).name
+    return name[:-5] if name.endswith(".json") else name
+
+
 def prepare(args: argparse.Namespace, sae_layer: int) -> dict[str, str]:
     """Write (or reuse) the stand-in checkpoints, verbalisers and SAE; returns the paths for the config."""
     from ..models.checkpoint_files import write_random_checkpoint
@@ -125,8 +132,8 @@ def prepare(args: argparse.Namespace, sae_layer: int) -> dict[str, str]:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    if Path(args.source_model).stem == Path(args.target_model).stem:
-        raise ValueError(f"--source-model and --target-model share the name {Path(args.source_model).stem!r}; "
+    if _short(args.source_model) == _short(args.target_model):
+        raise ValueError(f"--source-model and --target-model share the name {_short(args.source_model)!r}; "
                          f"their checkpoints would overwrite each other under {work}")
     paths = {}
     for side, name, tok, multimodal, marker in (
@@ -134,15 +141,15 @@ def prepare(args: argparse.Namespace, sae_layer: int) -> dict[str, str]:
             ("target", args.target_model, args.target_tokenizer, True, "<unused0>")):
         _, hf = model_config(name)
         hf = {k: v for k, v in hf.items() if not k.startswith("_")}
-        base = write_random_checkpoint(hf, work / Path(name).stem, dtype="bfloat16", seed=1 if side == "source" else 2,
+        base = write_random_checkpoint(hf, work / _short(name), dtype="bfloat16", seed=1 if side == "source" else 2,
                                        multimodal=multimodal and hf["model_type"] == "gemma3_text")
         _copy_tokenizer(Path(tok), base, GEMMA_TURNS if hf["model_type"].startswith("gemma") else None)
-        verbaliser = work / f"nla-{Path(name).stem}-av"
+        verbaliser = work / f"nla-{_short(name)}-av"
         _verbaliser_dir(base, verbaliser, marker)
         paths[side], paths[f"{side}_verbaliser"] = str(base), str(verbaliser)
     src_cfg, _ = model_config(args.source_model)
-    sae = work / "saes" / Path(args.source_model).stem / f"blocks.{sae_layer}.hook_resid_post"
-    _write_sae(sae, src_cfg.d_model, args.sae_features, args.sae_k, sae_layer, Path(args.source_model).stem, seed=3)
+    sae = work / "saes" / _short(args.source_model) / f"blocks.{sae_layer}.hook_resid_post"
+    _write_sae(sae, src_cfg.d_model, args.sae_features, args.sae_k, sae_layer, _short(args.source_model), seed=3)
     paths["sae"] = str(sae)
     return paths
 

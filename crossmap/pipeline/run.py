@@ -41,7 +41,7 @@ def _section(config: ml_collections.ConfigDict, dotted: str):
 
 
 def _log(msg: str) -> None:
-    print(f"[crossmap] {msg}", file=sys.stderr, flush=True)
+    print(f"[crossmap {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _save_json(path: Path, data: Any) -> None:

@@ -286,7 +286,9 @@ def run_verbalize(run: Run, side: str) -> None:
     acts = pairs["x" if side == "source" else "y"]
     rng = np.random.default_rng(c.seed + (11 if side == "source" else 13))
     backgrounds = acts[rng.choice(len(acts), size=c.washout.n_backgrounds, replace=False)]
+    t_load = time.perf_counter()
     verbaliser, lm = build_verbaliser(run, side)
+    _log(f"verbalize_{side}: verbaliser {lm.model_id} ready in {time.perf_counter() - t_load:.1f}s")
     partial_path = out / "partial.json"
     partial = _load_json(partial_path) if partial_path.exists() else {}
     chunk = max(1, v.batch_size // max(1, v.n_samples))
@@ -302,6 +304,7 @@ def run_verbalize(run: Run, side: str) -> None:
                 slot = f"{key}/{name}/{start}"
                 if slot in partial:
                     continue
+                t_chunk = time.perf_counter()
                 explanations = verbaliser.explain(
                     vectors[start:start + chunk], n_samples=v.n_samples, max_new_tokens=v.max_new_tokens,
                     temperature=v.temperature, top_p=v.top_p, seed=c.seed * 100_003 + start,
@@ -309,7 +312,8 @@ def run_verbalize(run: Run, side: str) -> None:
                     batch_size=v.batch_size, progress=False)
                 partial[slot] = {"parsed": [e.parsed for e in explanations], "raw": [e.raw for e in explanations]}
                 _save_json(partial_path, partial)
-                _log(f"verbalize_{side}: {key} {name} {start + len(explanations)}/{len(vectors)}")
+                _log(f"verbalize_{side}: {key} {name} {start + len(explanations)}/{len(vectors)} "
+                     f"({time.perf_counter() - t_chunk:.1f}s)")
     settings = {}
     for alpha in washout_settings(run):
         key = alpha_key(alpha)
