@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, one after another, JSON into OUT_DIR.
-#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|scaling ...]
+#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|scaling|paper ...]
 # scaling compares one GPU with all of them: run it on a multi-GPU node (it is not in the default list).
+# paper runs configs/paper.py at the 7B/27B shapes on random checkpoints it writes (~70 GB of disk;
+# two GPUs or more): TOKENIZERS names a directory with qwen2.5/ and gemma3/ tokenizer directories and
+# EMBEDDER a sentence-transformer directory.
 set -uo pipefail
 out=${1:?usage: launch/bench_gpu.sh OUT_DIR [bench ...]}
 shift
@@ -20,6 +23,12 @@ for b in $benches; do
       python3 -m crossmap.cli bench ridge --out "$out/ridge.json" ;;
     verbalize)
       python3 -m crossmap.cli bench verbalize --preset 7b --out "$out/verbalize-qwen2.5-7b.json" ;;
+    verbalize-sampled)  # how the paper config's verbalisers decode: temperature 0.7, nucleus 0.95
+      python3 -m crossmap.cli bench verbalize --preset 7b --temperature 0.7 --top-p 0.95 \
+        --out "$out/verbalize-qwen2.5-7b-sampled.json" ;;
+    paper)
+      bash "$(dirname "$0")/gpu_node.sh" bench paper --source-tokenizer "${TOKENIZERS:?}/qwen2.5" \
+        --target-tokenizer "$TOKENIZERS/gemma3" --embedder "${EMBEDDER:?}" --out "$out/paper.json" ;;
     scaling)
       bash "$(dirname "$0")/gpu_node.sh" bench scaling --repeats 3 --out "$out/scaling-gemma-3-27b.json"
       for chunk in 8192 32768; do

@@ -194,9 +194,14 @@ def test_layer_injection_matches_transformers_hook(llama, mode):
     _assert_same_as_hf(res.tokens[0], int(res.lengths[0]), ref, f"layer-{layer} {mode}")
 
 
-def test_top_p_filter_matches_numpy():
+@pytest.mark.parametrize("vocab,spread", [(50, 3.0), (50_000, 0.3), (50_000, 8.0)],
+                         ids=["small", "flat-wide", "peaked-wide"])
+def test_top_p_filter_matches_numpy(vocab, spread):
+    """Against the sort-and-cumsum definition, with real-vocabulary widths: nearly flat rows (the
+    nucleus covers most of the vocabulary) and peaked ones (a handful of tokens), ties included."""
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(5, 50)).astype(np.float32) * 3
+    logits = rng.normal(size=(5, vocab)).astype(np.float32) * spread
+    logits[:, 1] = logits[:, 0]  # a tie
     for p in (0.05, 0.5, 0.9, 1.0):
         ours = np.asarray(top_p_filter(jnp.asarray(logits), p))
         for row, out in zip(logits, ours, strict=True):
@@ -204,7 +209,7 @@ def test_top_p_filter_matches_numpy():
             probs = np.exp(row[order] - row.max())
             probs /= probs.sum()
             n_keep = int(np.searchsorted(np.cumsum(probs), p) + 1)  # smallest prefix with mass >= p
-            kept = set(order[:min(n_keep, len(row))].tolist())
+            kept = set(order[:min(n_keep, len(row))].tolist()) if p < 1 else set(range(len(row)))
             assert set(np.flatnonzero(np.isfinite(out)).tolist()) == kept, f"top_p={p}"
             np.testing.assert_array_equal(out[list(kept)], row[list(kept)])
 
@@ -483,14 +488,16 @@ def test_sharded_on_8_devices_equals_one_device():
     assert out["logit_err"] < 1e-5
 
 
-def test_benchmark_tiny_preset(tmp_path):
+@pytest.mark.parametrize("sampling", [[], ["--temperature", "0.7", "--top-p", "0.95"]], ids=["greedy", "nucleus"])
+def test_benchmark_tiny_preset(tmp_path, sampling):
     from crossmap.benchmarks import verbalize as bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     out = tmp_path / "bench.json"
     result = bench.run(parser.parse_args(["--preset", "tiny", "--reps", "1",
-                                         "--out", str(out)]))
+                                         "--out", str(out), *sampling]))
+    assert result["sampling"] == ("greedy" if not sampling else {"temperature": 0.7, "top_p": 0.95})
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     ours = result["crossmap"]
     assert ours["decode_step_s"] > 0 and ours["explanations_per_s"] > 0 and ours["new_tokens"] == result["new_tokens"]

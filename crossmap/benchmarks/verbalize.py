@@ -2,7 +2,8 @@
 
 A verbaliser-shaped workload on random weights (no checkpoint needed): `--batch` prompts of
 `--prompt-len` random tokens, a vector injected at the middle token (replace, input embeddings),
-`--new-tokens` greedy tokens per prompt, no stop token (every row does the full length).
+`--new-tokens` tokens per prompt (greedy, or sampled with `--temperature` / `--top-p` as the
+paper config's verbalisers sample), no stop token (every row does the full length).
 
 What it reports (JSON at --out):
 1. crossmap: `crossmap.verbalize.generate` (one jitted prefill + while-loop decode, batch over the
@@ -68,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth-probe copy")
     parser.add_argument("--torch-device", default="auto", help="auto | cuda | cpu | none")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 = greedy (default); > 0 samples, in both crossmap and transformers")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling when < 1 (with --temperature > 0), e.g. the paper config's 0.95")
     parser.add_argument("--out", default="verbalize_bench.json", help="JSON output path")
 
 
@@ -103,11 +108,14 @@ def _floor(cfg: ModelConfig, model, batch: int, prompt_len: int, new_tokens: int
             "ratio_to_floor": step_s / floor if step_s > 0 else None}
 
 
-def time_generate(model, prompts, inj, new_tokens, mesh, reps) -> tuple[dict[str, Any], Any]:
-    """Time `generate` (first call, median full call, median 1-token call); returns (timings, first result)."""
+def time_generate(model, prompts, inj, new_tokens, mesh, reps, *, temperature: float = 0.0,
+                  top_p: float = 1.0) -> tuple[dict[str, Any], Any]:
+    """Time `generate` (first call, median full call, median 1-token call); returns (timings, first result).
+    temperature 0 is greedy; otherwise sampling (nucleus when top_p < 1) with a fixed key."""
     def call(n):
         return generate(model, prompts, max_new_tokens=n, stop_token_ids=[], use_model_eos=False, pad_id=0,
-                        injection=inj, mesh=mesh, length_bucket_min=1)
+                        injection=inj, mesh=mesh, length_bucket_min=1, temperature=temperature, top_p=top_p,
+                        key=0)
 
     t0 = time.perf_counter()
     res = call(new_tokens)
@@ -141,7 +149,8 @@ def _torch_device(choice: str, preset: str) -> str | None:
 
 
 def _run_transformers(cfg: ModelConfig, prompts: np.ndarray, marker: int, vectors: np.ndarray, new_tokens: int,
-                      dtype: str, device: str, reps: int) -> dict[str, Any]:
+                      dtype: str, device: str, reps: int, temperature: float = 0.0,
+                      top_p: float = 1.0) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -170,8 +179,11 @@ def _run_transformers(cfg: ModelConfig, prompts: np.ndarray, marker: int, vector
 
     def call(n):
         with torch.no_grad():
+            # sampling as crossmap samples: temperature and nucleus only (transformers' top_k=50 default off)
+            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
+                else dict(do_sample=False)
             out = hf.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, eos_token_id=0, pad_token_id=0)
+                              eos_token_id=0, pad_token_id=0, **sampling)
         sync()
         return out
 
@@ -222,7 +234,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     vectors *= mean_embedding_norm(model) / np.linalg.norm(vectors, axis=1, keepdims=True)
     inj = Injection(vectors, [marker] * batch)
 
-    ours, _ = time_generate(model, prompts, inj, new_tokens, mesh, args.reps)
+    if args.top_p < 1.0 and args.temperature <= 0:
+        raise ValueError("--top-p < 1 needs --temperature > 0 (greedy decoding ignores the nucleus)")
+    ours, _ = time_generate(model, prompts, inj, new_tokens, mesh, args.reps, temperature=args.temperature,
+                            top_p=args.top_p)
     print(f"[verbalize bench] crossmap: {ours['total_s']:.3f} s per call, decode step "
           f"{ours['decode_step_s'] * 1e3:.2f} ms, {ours['explanations_per_s']:.1f} explanations/s", flush=True)
     ours["init_random_s"] = init_s
@@ -237,6 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {k: getattr(cfg, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                                                 "head_dim", "d_ff", "qkv_bias", "rope_theta", "tie_embeddings")},
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": dtype,
+        "sampling": {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else "greedy",
         "injection": {"mode": "replace", "layer": 0, "position": marker},
         "devices": [str(d.device_kind) for d in jax.devices()], "jax_version": jax.__version__,
         "python": sys.version.split()[0], "platform": platform.platform(),
@@ -246,7 +262,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if device is None:
         result["transformers"] = {"skipped": "no torch device (CUDA absent; pass --torch-device cpu to force)"}
     else:
-        hf = _run_transformers(cfg, prompts, marker, vectors, new_tokens, dtype, device, args.reps)
+        hf = _run_transformers(cfg, prompts, marker, vectors, new_tokens, dtype, device, args.reps,
+                               args.temperature, args.top_p)
         result["transformers"] = hf
         if device == "cuda":
             import torch

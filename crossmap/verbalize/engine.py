@@ -116,14 +116,33 @@ def top_p_filter(logits: Array, top_p: Array) -> Array:
     """Keep the smallest set of highest-probability tokens whose mass reaches `top_p` (nucleus).
 
     logits [n, V] (already divided by the temperature); the rest become -inf.  A token is kept
-    when the probability mass strictly above it is < top_p, so the top token always stays.
+    when the probability mass strictly above it is < top_p, so the top token always stays (and
+    tokens tied with the last one kept stay too).  top_p >= 1 keeps every token.
+
+    No sort and no cumulative sum over the vocabulary: on GPU both cost far more than the decode
+    step they sit in at real vocabulary sizes (XLA lowers a cumsum over 152k-262k entries to a
+    windowed reduction), and both need the whole row on one device when the vocabulary is
+    sharded.  Instead the cut-off probability is found exactly by bisection on its float32 bit
+    pattern (for non-negative floats the integer order is the numeric order): the mass strictly
+    above a candidate is one masked row sum, and 31 halvings pin the smallest probability whose
+    mass above is < top_p.
     """
-    sorted_desc = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p
-    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # >= 0, ordered like probs
+
+    def mass_above(t: Array) -> Array:
+        return jnp.sum(jnp.where(bits > t[:, None], probs, 0.0), axis=-1)
+
+    def halve(_, bounds):
+        lo, hi = bounds  # mass_above(hi) < top_p <= mass_above(lo) (lo = -1 stands for "below every token")
+        mid = lo + (hi - lo) // 2
+        below = mass_above(mid) < top_p
+        return jnp.where(below, lo, mid), jnp.where(below, mid, hi)
+
+    hi = jnp.max(bits, axis=-1)  # nothing lies strictly above the top token
+    lo = jnp.full_like(hi, -1)
+    _, cut = jax.lax.fori_loop(0, 31, halve, (lo, hi))  # the range is < 2**31 wide
+    return jnp.where((bits >= cut[:, None]) | (top_p >= 1.0), logits, -jnp.inf)
 
 
 def _choose(logits: Array, key: Array, group_weights: Array, temperature: Array, top_p: Array, *,
