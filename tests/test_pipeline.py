@@ -254,3 +254,23 @@ def test_bench_paper_gives_a_gemma_tokenizer_without_template_the_it_turns(tmp_p
     assert text.endswith("<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n")
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         _copy_tokenizer(tmp_path / "ckpt" / "..", tmp_path / "ckpt", None)
+
+
+def test_kept_pairs_are_memory_mapped_and_old_runs_still_load(full_run, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from crossmap.pipeline.run import Run
+    from crossmap.pipeline.stages import load_pairs
+
+    run_dir, run = full_run
+    pairs = load_pairs(run)
+    assert isinstance(pairs["x"], np.memmap) and not pairs["x"].flags.writeable
+    assert pairs["x"].shape[0] == pairs["y"].shape[0] == pairs["fold"].shape[0] > 0
+    old = tmp_path / "old"  # a run written before pairs/*.npy: map/pairs.npz
+    shutil.copytree(run_dir / "map", old / "map")
+    shutil.rmtree(old / "map" / "pairs")
+    np.savez(old / "map" / "pairs.npz", **{k: np.asarray(v) for k, v in pairs.items()})
+    again = load_pairs(Run(_config(old)))
+    assert set(again) == set(pairs) and all(np.array_equal(again[k], pairs[k]) for k in pairs)

@@ -4,6 +4,7 @@ own; arrays go to .npy/.npz or orbax, tables to JSON (written atomically)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -84,7 +85,7 @@ def run_map(run: Run) -> None:
         "heldout_mean_cosine_pairs": int(cos["count"]),
     }
     ridge.save_map(out / "ridge_map", ridge_map, meta, overwrite=True)
-    np.savez(out / "pairs.npz", **pairs)
+    save_pairs(out / "pairs", pairs)
     norms = {"source_median_norm": float(np.median(np.linalg.norm(pairs["x"], axis=1))),
              "target_median_norm": float(np.median(np.linalg.norm(pairs["y"], axis=1))),
              "target_mean": pairs["y"].mean(0).tolist()}
@@ -105,7 +106,19 @@ def _chunks(pairs: dict[str, np.ndarray], size: int):
         yield pairs["x"][i:i + size], pairs["y"][i:i + size], pairs["fold"][i:i + size]
 
 
+def save_pairs(directory: Path, pairs: dict[str, np.ndarray]) -> None:
+    """One .npy per field, so later stages memory-map them (at the paper's 200k pairs x and y are 7 GB,
+    and the verbalise stages need only a few background rows of them)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, array in pairs.items():
+        np.save(directory / f"{name}.npy", array)
+
+
 def load_pairs(run: Run) -> dict[str, np.ndarray]:
+    """The kept pairs of the map stage, memory-mapped read-only (runs written before: pairs.npz)."""
+    directory = run.stage_dir("map") / "pairs"
+    if directory.is_dir():
+        return {p.stem: np.load(p, mmap_mode="r") for p in sorted(directory.glob("*.npy"))}
     with np.load(run.stage_dir("map") / "pairs.npz") as f:
         return {k: f[k] for k in f.files}
 
