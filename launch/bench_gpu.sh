@@ -3,7 +3,8 @@
 #   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|scaling|paper ...]
 # scaling compares one GPU with all of them: run it on a multi-GPU node (it is not in the default list).
 # paper runs configs/paper.py at the 7B/27B shapes on random checkpoints it writes (~70 GB of disk;
-# two GPUs or more): TOKENIZERS names a directory with qwen2.5/ and gemma3/ tokenizer directories and
+# two GPUs or more): TOKENIZERS names a directory with qwen2.5/ and gemma3/ tokenizer directories (unpack
+# the archive launch/pack_tokenizers.sh makes) and
 # EMBEDDER a sentence-transformer directory.
 set -uo pipefail
 out=${1:?usage: launch/bench_gpu.sh OUT_DIR [bench ...]}
