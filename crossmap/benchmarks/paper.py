@@ -90,8 +90,9 @@ def _write_sae(directory: Path, d_in: int, n_features: int, k: int, layer: int, 
     """A random TopK SAE in SAE-Lens files, as a public SAE release lays them out."""
     from ..models.checkpoint_files import write_safetensors
 
-    if (directory / "cfg.json").exists():
-        return
+    cfg = directory / "cfg.json"
+    if cfg.exists() and json.loads(cfg.read_text()).get("d_sae") == n_features:
+        return  # written by an earlier run at this width
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     w_dec = rng.standard_normal((n_features, d_in), dtype=np.float32)
