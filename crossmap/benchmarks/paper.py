@@ -136,11 +136,11 @@ def prepare(args: argparse.Namespace, sae_layer: int) -> dict[str, str]:
     if _short(args.source_model) == _short(args.target_model):
         raise ValueError(f"--source-model and --target-model share the name {_short(args.source_model)!r}; "
                          f"their checkpoints would overwrite each other under {work}")
-    paths = {}
+    paths, shapes = {}, {}
     for side, name, tok, multimodal, marker in (
             ("source", args.source_model, args.source_tokenizer, False, "<|fim_pad|>"),
             ("target", args.target_model, args.target_tokenizer, True, "<unused0>")):
-        _, hf = model_config(name)
+        shapes[side], hf = model_config(name)
         hf = {k: v for k, v in hf.items() if not k.startswith("_")}
         base = write_random_checkpoint(hf, work / _short(name), dtype="bfloat16", seed=1 if side == "source" else 2,
                                        multimodal=multimodal and hf["model_type"] == "gemma3_text")
@@ -148,9 +148,8 @@ def prepare(args: argparse.Namespace, sae_layer: int) -> dict[str, str]:
         verbaliser = work / f"nla-{_short(name)}-av"
         _verbaliser_dir(base, verbaliser, marker)
         paths[side], paths[f"{side}_verbaliser"] = str(base), str(verbaliser)
-    src_cfg, _ = model_config(args.source_model)
     sae = work / "saes" / _short(args.source_model) / f"blocks.{sae_layer}.hook_resid_post"
-    _write_sae(sae, src_cfg.d_model, args.sae_features, args.sae_k, sae_layer, _short(args.source_model), seed=3)
+    _write_sae(sae, shapes["source"].d_model, args.sae_features, args.sae_k, sae_layer, _short(args.source_model), seed=3)
     paths["sae"] = str(sae)
     return paths
 

@@ -144,7 +144,7 @@ def write_random_checkpoint(hf_config: dict, out_dir: str | os.PathLike, *, dtyp
     if multimodal and config.get("model_type") != "gemma3":
         config = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
                   "text_config": {k: v for k, v in text_hf.items() if k != "architectures"}}
-    config["torch_dtype"] = str(np.dtype(dtype)) if dtype != "bfloat16" else "bfloat16"
+    config["torch_dtype"] = str(np.dtype(dtype))  # "bfloat16" too, once ml_dtypes is imported
     marker = out / ".complete"
     stamp = json.dumps({"config": config, "seed": seed, "std": std, "dtype": dtype}, sort_keys=True)
     if marker.exists() and marker.read_text() == stamp:

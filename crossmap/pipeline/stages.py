@@ -143,12 +143,13 @@ def run_sae(run: Run) -> None:
         held = x
     else:
         # Train on folds 1..K-1; fold 0 (whole documents) is held out for the reported quality.
+        source_model_id = _load_json(run.stage_dir("map") / "summary.json")["source_model"]  # no weights needed
         train_rows = pairs["fold"] != 0
         held = x[~train_rows] if (~train_rows).any() else x
         sae, train_metrics = sae_lib.train_sae(
             x[train_rows], d_model, c.sae.n_features, c.sae.k, c.sae.steps, lr=c.sae.lr or None,
             batch_size=min(c.sae.batch_size, int(train_rows.sum())), seed=c.seed, ckpt_dir=out / "train",
-            mesh=run.mesh, layer=int(c.models.source.layer), model_id=_load_json(run.stage_dir("map") / "summary.json")["source_model"],
+            mesh=run.mesh, layer=int(c.models.source.layer), model_id=source_model_id,
             hook_name=f"blocks.{int(c.models.source.layer)}.hook_resid_post")
         sae_lib.save_sae_lens(sae, out / "sae_lens")
     quality = sae_lib.evaluate_sae(sae, held)
