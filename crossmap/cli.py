@@ -3,7 +3,7 @@
     crossmap run --config configs/demo.py                 # the whole experiment, staged and resumable
     crossmap run --config configs/demo.py --only map      # one stage
     crossmap run --config configs/paper.py --config.models.source.path=/ckpt/Qwen2.5-7B-Instruct
-    crossmap bench forward|ridge|verbalize|scaling|paper [...]  # benchmarks that write JSON
+    crossmap bench forward|ridge|verbalize|top-p|scaling|paper [...]  # benchmarks that write JSON
     crossmap convert model.gguf OUT_DIR                   # GGUF -> HF-layout safetensors directory
 """
 
@@ -35,6 +35,7 @@ BENCHES = {
     "forward": "tokens/s and MFU of the truncated forward vs transformers (random weights, real shapes)",
     "ridge": "streaming accumulation + closed-form CV ridge solve vs scikit-learn and a PyTorch solve",
     "verbalize": "batched generation with injected vectors: explanations/s and decode step vs bandwidth floor",
+    "top-p": "the nucleus (top-p) filter alone at a decode step's shape: search arities vs sort-and-cumsum",
     "scaling": "forward, ridge statistics and verbalisation on one device vs a mesh over all devices "
                "(scaling efficiency, equality with one device)",
     "paper": "configs/paper.py end to end at the 7B/27B shapes on random checkpoints written to disk "
@@ -57,6 +58,10 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", default="", help="comma-separated stages to run (their inputs must exist)")
     run.add_argument("--force", default="", help="comma-separated stages to recompute even if done")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--compile-cache", default=None, metavar="DIR",
+                     help="keep compiled programs here so a resumed or repeated run skips compiling (default: "
+                          "$CROSSMAP_COMPILE_CACHE, else ~/.cache/crossmap/xla; 'off' disables); benches read "
+                          "$CROSSMAP_COMPILE_CACHE")
     run.add_argument("--distributed", action="store_true",
                      help="call jax.distributed.initialize() first: one process per host on a multi-host GPU "
                           "cluster or TPU pod slice (see launch/)")
@@ -67,7 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
         bp = bench_sub.add_parser(name, help=text, description=text)
         bp.set_defaults(_bench_module=name)
         try:
-            importlib.import_module(f"crossmap.benchmarks.{name}").add_arguments(bp)
+            importlib.import_module(f"crossmap.benchmarks.{name.replace('-', '_')}").add_arguments(bp)
         except ImportError as err:  # a missing optional dependency should not break --help
             bp.set_defaults(_bench_error=str(err))
 
@@ -87,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command != "run" and extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    if args.command in ("run", "bench"):
+        from .sharding import enable_compile_cache
+
+        enable_compile_cache(getattr(args, "compile_cache", None))
     if args.command == "bench":
         if not getattr(args, "_bench_module", None):
             parser.parse_args(["bench", "--help"])
@@ -94,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"crossmap bench {args.bench}: unavailable ({args._bench_error})", file=sys.stderr)
             return 2
         try:
-            importlib.import_module(f"crossmap.benchmarks.{args._bench_module}").run(args)
+            importlib.import_module(f"crossmap.benchmarks.{args._bench_module.replace('-', '_')}").run(args)
         except (ValueError, FileNotFoundError) as err:  # bad arguments: say which, no traceback
             print(f"crossmap bench {args.bench}: {err}", file=sys.stderr)
             return 2

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, one after another, JSON into OUT_DIR.
-#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|scaling|paper ...]
+#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|top-p|scaling|paper ...]
 # scaling compares one GPU with all of them: run it on a multi-GPU node (it is not in the default list).
 # paper runs configs/paper.py at the 7B/27B shapes on random checkpoints it writes (~70 GB of disk;
 # two GPUs or more): TOKENIZERS names a directory with qwen2.5/ and gemma3/ tokenizer directories (unpack
@@ -27,6 +27,8 @@ for b in $benches; do
     verbalize-sampled)  # how the paper config's verbalisers decode: temperature 0.7, nucleus 0.95
       python3 -m crossmap.cli bench verbalize --preset 7b --temperature 0.7 --top-p 0.95 \
         --out "$out/verbalize-qwen2.5-7b-sampled.json" ;;
+    top-p)  # the nucleus filter alone at the 7B decode shape, against sort-and-cumsum
+      python3 -m crossmap.cli bench top-p --out "$out/top-p-qwen2.5-7b.json" ;;
     paper)
       bash "$(dirname "$0")/gpu_node.sh" bench paper --source-tokenizer "${TOKENIZERS:?}/qwen2.5" \
         --target-tokenizer "$TOKENIZERS/gemma3" --embedder "${EMBEDDER:?}" --out "$out/paper.json" ;;

@@ -14,6 +14,10 @@ import textwrap
 
 import pytest
 
+# In-process CLI calls would otherwise fill ~/.cache/crossmap/xla; the test that checks the
+# persistent compile cache points it at a temporary directory itself.
+os.environ.setdefault("CROSSMAP_COMPILE_CACHE", "off")
+
 
 def run_with_devices(code: str, n_devices: int = 8, timeout: float = 300) -> dict:
     """Run `code` in a fresh Python with `n_devices` forced CPU devices.

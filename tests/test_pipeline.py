@@ -145,8 +145,10 @@ def test_launch_script_runs_the_pipeline_on_a_data_by_tensor_mesh(full_run, tmp_
     every stage completes and the ridge map matches the single-device run."""
     import os
 
+    cache = tmp_path / "xla-cache"  # the persistent compile cache, kept for every program here
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+               CROSSMAP_COMPILE_CACHE=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     run_dir = tmp_path / "mesh"
     proc = subprocess.run(["bash", str(ROOT / "launch" / "gpu_node.sh"), str(TINY), f"--config.run_dir={run_dir}",
                            "--config.mesh.data=2", "--config.mesh.tensor=4"], env=env, capture_output=True,
@@ -157,6 +159,7 @@ def test_launch_script_runs_the_pipeline_on_a_data_by_tensor_mesh(full_run, tmp_
     assert sharded["lambda"] == single["lambda"]
     assert abs(sharded["r2"] - single["r2"]) < 1e-4
     assert abs(sharded["fve"] - single["fve"]) < 0.02
+    assert len(list(cache.glob("*-cache"))) > 10, "compiled programs were not kept in the compile cache"
 
 
 def test_paper_style_run_with_public_sae_and_nla_verbaliser(full_run, tmp_path, capfd):

@@ -20,6 +20,7 @@ from crossmap.sae import (
     decoder_directions,
     detect_format,
     encode,
+    encode_selected,
     evaluate_sae,
     feature_contexts,
     feature_stats,
@@ -139,6 +140,9 @@ def test_sae_lens_topk(tmp_path, style):
     assert_codec(sae, x, z_ref, w)
     # any leading shape: [B, T, d] -> [B, T, n]
     np.testing.assert_allclose(np.asarray(encode(sae, x.reshape(4, 8, D))), z_ref.reshape(4, 8, N), atol=1e-5)
+    # the chosen columns only (what the features stage copies to the host), in the order asked
+    chosen = np.array([N - 1, 3, 0, 3])
+    np.testing.assert_allclose(np.asarray(encode_selected(sae, x, chosen)), z_ref[:, chosen], atol=1e-5)
 
 
 def test_sae_lens_jumprelu_and_resid_pre(tmp_path):

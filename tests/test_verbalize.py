@@ -194,16 +194,19 @@ def test_layer_injection_matches_transformers_hook(llama, mode):
     _assert_same_as_hf(res.tokens[0], int(res.lengths[0]), ref, f"layer-{layer} {mode}")
 
 
+@pytest.mark.parametrize("arity", [2, 5, 16])
 @pytest.mark.parametrize("vocab,spread", [(50, 3.0), (50_000, 0.3), (50_000, 8.0)],
                          ids=["small", "flat-wide", "peaked-wide"])
-def test_top_p_filter_matches_numpy(vocab, spread):
+def test_top_p_filter_matches_numpy(vocab, spread, arity):
     """Against the sort-and-cumsum definition, with real-vocabulary widths: nearly flat rows (the
-    nucleus covers most of the vocabulary) and peaked ones (a handful of tokens), ties included."""
+    nucleus covers most of the vocabulary) and peaked ones (a handful of tokens), ties included;
+    for plain bisection (arity 2), the default 16-way search and an arity that does not divide
+    the range evenly."""
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(5, vocab)).astype(np.float32) * spread
     logits[:, 1] = logits[:, 0]  # a tie
     for p in (0.05, 0.5, 0.9, 1.0):
-        ours = np.asarray(top_p_filter(jnp.asarray(logits), p))
+        ours = np.asarray(top_p_filter(jnp.asarray(logits), p, arity=arity))
         for row, out in zip(logits, ours, strict=True):
             order = np.argsort(-row)
             probs = np.exp(row[order] - row.max())
@@ -503,6 +506,38 @@ def test_benchmark_tiny_preset(tmp_path, sampling):
     assert ours["decode_step_s"] > 0 and ours["explanations_per_s"] > 0 and ours["new_tokens"] == result["new_tokens"]
     assert result["floor"]["step_s"] > 0 and result["floor"]["copy_bandwidth_GBps"] > 0
     assert result["transformers"]["explanations_per_s"] > 0 and result["speedup_vs_transformers"] > 0
+
+
+@pytest.mark.parametrize("spread", [0.5, 6.0], ids=["flat", "peaked"])
+def test_top_p_benchmark_checks_every_arity_against_sort_and_cumsum(tmp_path, spread):
+    from crossmap.benchmarks import top_p as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    result = bench.run(parser.parse_args(["--batch", "3", "--vocab", "4000", "--arities", "2,3,16", "--reps", "1",
+                                         "--peer-reps", "1", "--spread", str(spread),
+                                         "--out", str(tmp_path / "t.json")]))
+    assert set(result["arity"]) == {"2", "3", "16"}
+    # against the float64 definition: at most a token or two at the cut of a flat row (float32 sums)
+    assert all(r["worst_row"] <= 2 and r["ms"] > 0 for r in result["arity"].values())
+    assert 1 <= result["kept_per_row_mean"] < 4000 and result["sort_cumsum"]["ms"] > 0
+    assert result["sort_cumsum"]["worst_row"] <= 2
+    # an arity below 2 cannot narrow the range: refused, naming the option
+    with pytest.raises(ValueError, match="arities"):
+        bench.run(parser.parse_args(["--arities", "1", "--vocab", "100", "--batch", "2"]))
+
+
+def test_top_p_benchmark_with_the_vocabulary_split_over_devices():
+    result = run_with_devices("""
+        import argparse, json
+        from crossmap.benchmarks import top_p as bench
+        parser = argparse.ArgumentParser()
+        bench.add_arguments(parser)
+        r = bench.run(parser.parse_args(["--batch", "4", "--vocab", "4000", "--tensor", "2", "--arities", "2,4",
+                                         "--reps", "1", "--peer-reps", "1"]))
+        print(json.dumps({k: v["worst_row"] for k, v in r["arity"].items()}))
+    """, n_devices=2)
+    assert set(result) == {"2", "4"} and max(result.values()) <= 2
 
 
 # ---------------------------------------------------------------------------------------------

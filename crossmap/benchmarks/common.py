@@ -23,6 +23,8 @@ def device_info() -> dict:
             "device_kind": getattr(dev, "device_kind", "cpu"), "n_devices": jax.device_count(),
             "jax": jax.__version__, "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
             "os": platform.platform(), "host": platform.node(),
+            # first-call (compile) times are warm-cache figures when this is set and already filled
+            "compile_cache": jax.config.jax_compilation_cache_dir,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import sys
 import time
 from typing import Any
 
@@ -43,7 +41,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from crossmap.benchmarks.common import measured_copy_bandwidth, median_time, write_json
+from crossmap.benchmarks.common import device_info, measured_copy_bandwidth, median_time, write_json
 from crossmap.models import ModelConfig, init_random, tiny_config
 from crossmap.sharding import make_mesh
 from crossmap.verbalize import Injection, generate, mean_embedding_norm
@@ -254,8 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": dtype,
         "sampling": {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else "greedy",
         "injection": {"mode": "replace", "layer": 0, "position": marker},
-        "devices": [str(d.device_kind) for d in jax.devices()], "jax_version": jax.__version__,
-        "python": sys.version.split()[0], "platform": platform.platform(),
+        "devices": [str(d.device_kind) for d in jax.devices()], "device": device_info(),
         "crossmap": ours, "floor": floor,
     }
     device = _torch_device(args.torch_device, args.preset)

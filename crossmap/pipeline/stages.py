@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import jax.numpy as jnp
 import numpy as np
 
 from .. import activations, ridge
@@ -216,7 +217,8 @@ def run_features(run: Run) -> None:
     # Verbaliser-free check: do the mapped directions pick out, in the target model, the same
     # tokens the source feature fires on?  Same paired-token index space for both sides.
     pairs = load_pairs(run)
-    src_acts = np.concatenate([np.asarray(sae_lib.encode(sae, pairs["x"][i:i + 4096]))[:, idx]
+    chosen = jnp.asarray(idx)
+    src_acts = np.concatenate([np.asarray(sae_lib.encode_selected(sae, pairs["x"][i:i + 4096], chosen))
                                for i in range(0, len(pairs["x"]), 4096)])
     y_centred = pairs["y"] - pairs["y"].mean(0)
     overlap = context_overlap(src_acts, y_centred @ _unit(mapped).T, y_centred @ _unit(controls).T,

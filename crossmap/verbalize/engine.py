@@ -112,36 +112,46 @@ def batch_bucket(n_groups: int, shards: int = 1) -> int:
 # ---------------------------------------------------------------------------------------------
 # token choice
 
-def top_p_filter(logits: Array, top_p: Array) -> Array:
+def top_p_filter(logits: Array, top_p: Array, *, arity: int = 4) -> Array:
     """Keep the smallest set of highest-probability tokens whose mass reaches `top_p` (nucleus).
 
     logits [n, V] (already divided by the temperature); the rest become -inf.  A token is kept
     when the probability mass strictly above it is < top_p, so the top token always stays (and
     tokens tied with the last one kept stay too).  top_p >= 1 keeps every token.
 
-    No sort and no cumulative sum over the vocabulary: on GPU both cost far more than the decode
-    step they sit in at real vocabulary sizes (XLA lowers a cumsum over 152k-262k entries to a
-    windowed reduction), and both need the whole row on one device when the vocabulary is
-    sharded.  Instead the cut-off probability is found exactly by bisection on its float32 bit
-    pattern (for non-negative floats the integer order is the numeric order): the mass strictly
-    above a candidate is one masked row sum, and 31 halvings pin the smallest probability whose
-    mass above is < top_p.
+    No sort and no cumulative sum over the vocabulary: with the vocabulary split over a tensor
+    axis (a tensor-parallel verbaliser's LM head leaves it so), sort-and-cumsum took 1.2 s per
+    [128, 152k] block on 2 H100s, some 150 decode steps of the 7B; on one GPU it is 1.7x this search
+    (`crossmap bench top-p`, BENCHMARKS.md).  Instead the cut-off probability is found by searching
+    its float32 bit pattern (for non-negative floats the integer order is the numeric order): the
+    mass strictly above a candidate is one masked row sum, which splits over the vocabulary like
+    any sum.  Each pass tests `arity - 1` candidates, so the 2**31 patterns close in
+    ceil(31 / log2(arity)) passes over the row; 4 (16 passes) was among the fastest measured on
+    an H100: wider passes re-read the row once per candidate.
     """
+    if arity < 2:
+        raise ValueError(f"top_p_filter: arity must be >= 2, got {arity}")
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # >= 0, ordered like probs
+    steps = jnp.arange(1, arity, dtype=jnp.int32)  # candidate j splits the range at j / arity
 
-    def mass_above(t: Array) -> Array:
-        return jnp.sum(jnp.where(bits > t[:, None], probs, 0.0), axis=-1)
-
-    def halve(_, bounds):
+    def narrow(_, bounds):
         lo, hi = bounds  # mass_above(hi) < top_p <= mass_above(lo) (lo = -1 stands for "below every token")
-        mid = lo + (hi - lo) // 2
-        below = mass_above(mid) < top_p
-        return jnp.where(below, lo, mid), jnp.where(below, mid, hi)
+        d = hi - lo
+        # lo + floor(d * j / arity), exactly and without overflowing int32
+        cand = lo[:, None] + (d // arity)[:, None] * steps + ((d % arity)[:, None] * steps) // arity  # [n, k-1]
+        mass = jnp.sum(jnp.where(bits[:, None, :] > cand[:, :, None], probs[:, None, :], 0.0), axis=-1)
+        below = mass < top_p  # false ... false, true ... true along the candidates (mass falls as they rise)
+        new_lo = jnp.max(jnp.where(below, lo[:, None], cand), axis=1)
+        new_hi = jnp.min(jnp.where(below, cand, hi[:, None]), axis=1)
+        return new_lo, new_hi
 
     hi = jnp.max(bits, axis=-1)  # nothing lies strictly above the top token
     lo = jnp.full_like(hi, -1)
-    _, cut = jax.lax.fori_loop(0, 31, halve, (lo, hi))  # the range is < 2**31 wide
+    passes, width = 0, 2 ** 31  # the range is < 2**31 wide; each pass leaves at most ceil(width / arity)
+    while width > 1:
+        width, passes = -(-width // arity), passes + 1
+    _, cut = jax.lax.fori_loop(0, passes, narrow, (lo, hi))
     return jnp.where((bits >= cut[:, None]) | (top_p >= 1.0), logits, -jnp.inf)
 
 
