@@ -35,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=128, help="rows (sequences decoded at once)")
     p.add_argument("--vocab", type=int, default=152064, help="vocabulary width (Qwen2.5: 152,064)")
     p.add_argument("--arities", default="2,3,4,6,8,16", help="comma-separated search arities to time")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=float, default=0.7, help="logits are divided by it first (paper config: 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass to keep (paper config: 0.95)")
     p.add_argument("--spread", type=float, default=0.5,
                    help="std of the random logits: small = flat rows (random weights; a wide nucleus)")
     p.add_argument("--reps", type=int, default=50, help="timed calls (median reported)")
