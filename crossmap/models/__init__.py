@@ -205,7 +205,11 @@ def load_tokenizer(path: str | os.PathLike):
         path = convert_gguf(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer path not found: {path}")
-    return AutoTokenizer.from_pretrained(str(path))
+    # Said explicitly: transformers 5.17 warns that a local checkpoint whose config.json names no
+    # transformers_version (crossmap's GGUF conversions and random checkpoints) has Mistral's faulty
+    # pre-tokenizer regex and "will tokenize incorrectly".  The families crossmap ports are not
+    # Mistral's, and False is what they get anyway: the same token ids, without the warning.
+    return AutoTokenizer.from_pretrained(str(path), fix_mistral_regex=False)
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
