@@ -194,14 +194,14 @@ def test_layer_injection_matches_transformers_hook(llama, mode):
     _assert_same_as_hf(res.tokens[0], int(res.lengths[0]), ref, f"layer-{layer} {mode}")
 
 
-@pytest.mark.parametrize("arity", [2, 5, 16])
+@pytest.mark.parametrize("arity", [2, 4, 5, 16])
 @pytest.mark.parametrize("vocab,spread", [(50, 3.0), (50_000, 0.3), (50_000, 8.0)],
                          ids=["small", "flat-wide", "peaked-wide"])
 def test_top_p_filter_matches_numpy(vocab, spread, arity):
     """Against the sort-and-cumsum definition, with real-vocabulary widths: nearly flat rows (the
     nucleus covers most of the vocabulary) and peaked ones (a handful of tokens), ties included;
-    for plain bisection (arity 2), the default 16-way search and an arity that does not divide
-    the range evenly."""
+    for plain bisection (arity 2), the default 4-way search, an arity that does not divide the
+    range evenly, and a wide one."""
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(5, vocab)).astype(np.float32) * spread
     logits[:, 1] = logits[:, 0]  # a tie
