@@ -70,9 +70,10 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH")
     for name, text in BENCHES.items():
         bp = bench_sub.add_parser(name, help=text, description=text)
-        bp.set_defaults(_bench_module=name)
+        module = f"crossmap.benchmarks.{name.replace('-', '_')}"  # `top-p` lives in top_p.py
+        bp.set_defaults(_bench_module=module)
         try:
-            importlib.import_module(f"crossmap.benchmarks.{name.replace('-', '_')}").add_arguments(bp)
+            importlib.import_module(module).add_arguments(bp)
         except ImportError as err:  # a missing optional dependency should not break --help
             bp.set_defaults(_bench_error=str(err))
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"crossmap bench {args.bench}: unavailable ({args._bench_error})", file=sys.stderr)
             return 2
         try:
-            importlib.import_module(f"crossmap.benchmarks.{args._bench_module.replace('-', '_')}").run(args)
+            importlib.import_module(args._bench_module).run(args)
         except (ValueError, FileNotFoundError) as err:  # bad arguments: say which, no traceback
             print(f"crossmap bench {args.bench}: {err}", file=sys.stderr)
             return 2
