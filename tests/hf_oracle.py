@@ -4,29 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from crossmap.models import ModelConfig
+from crossmap.models import ModelConfig, hf_config
 
 
 def hf_config_dict(cfg: ModelConfig) -> dict:
-    d = {
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.d_ff, "rms_norm_eps": cfg.rms_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "max_position_embeddings": 512, "attention_dropout": 0.0,
-    }
-    if cfg.model_type == "gemma3_text":
-        d.update(model_type="gemma3_text", sliding_window=cfg.sliding_window,
-                 layer_types=["sliding_attention" if t == "sliding" else "full_attention" for t in cfg.layer_types],
-                 query_pre_attn_scalar=cfg.query_pre_attn_scalar, hidden_activation="gelu_pytorch_tanh",
-                 rope_parameters={
-                     "full_attention": {"rope_type": "linear", "factor": cfg.rope_scaling, "rope_theta": cfg.rope_theta}
-                     if cfg.rope_scaling != 1.0 else {"rope_type": "default", "rope_theta": cfg.rope_theta},
-                     "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}})
-    else:
-        d.update(model_type=cfg.model_type, rope_theta=cfg.rope_theta, hidden_act="silu")
-        if cfg.model_type == "llama":
-            d["attention_bias"] = cfg.qkv_bias
-    return d
+    """crossmap's own config.json form of `cfg` (models.hf_config), as transformers reads it."""
+    return {**hf_config(cfg), "attention_dropout": 0.0, "max_position_embeddings": 512}
 
 
 def build_hf_model(cfg: ModelConfig, seed: int = 0):

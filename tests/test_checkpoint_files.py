@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from hf_oracle import hf_config_dict, hf_forward
 
-from crossmap.models import load_model, tiny_config
-from crossmap.models.checkpoint_files import iter_safetensors_file, write_random_checkpoint, write_safetensors
+from crossmap.models import load_model, tiny_config, write_random_checkpoint
+from crossmap.models.checkpoint_files import iter_safetensors_file, write_safetensors
 
 
 def test_reader_matches_the_safetensors_package_for_every_dtype(tmp_path):

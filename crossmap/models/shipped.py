@@ -89,3 +89,9 @@ def shipped_gguf(name: str) -> Path:
                          f"the chunk packages are corrupt or of another version")
     tmp.rename(target)
     return target
+
+
+def env_offline() -> None:
+    """crossmap never reaches a model hub: make transformers fail fast instead of hanging."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

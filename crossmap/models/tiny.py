@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
-from .config import ModelConfig
+from .registry import hf_config
 from .shipped import cache_dir
+from .synthetic import random_hf_arrays, tiny_config
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -52,48 +51,18 @@ def _train_tokenizer(arch: str, out: Path) -> int:
     return len(fast)
 
 
-def export_hf(params: dict[str, np.ndarray], cfg: ModelConfig, out: Path) -> None:
-    """Write config.json + model.safetensors from HF-named arrays."""
-    from safetensors.numpy import save_file
-
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}, str(out / "model.safetensors"))
-
-
 def tiny_checkpoint(arch: str, seed: int = 0) -> Path:
     """Directory of the tiny random `arch` checkpoint (built once, then cached)."""
-    from . import tiny_config
-    from .loading import hf_shapes
+    from safetensors.numpy import save_file
 
     out = cache_dir() / "tiny" / f"tiny-{arch}-{seed}"
     if (out / ".complete").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
     vocab = _train_tokenizer(arch, out)
-    cfg = tiny_config(arch, vocab_size=vocab, tie_embeddings=arch == "gemma3_text", name=f"tiny-{arch}")
-    from . import architecture_for
-
-    module = architecture_for(cfg.model_type)
-    rng = np.random.default_rng(seed)
-    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    params = {}
-    for name, shape in hf_shapes(cfg, module.NORM_NAMES).items():
-        if name.endswith("norm.weight"):
-            value = rng.normal(0, 0.1, shape) + (0.0 if cfg.norm_plus_one else 1.0)
-        elif name == "model.embed_tokens.weight":
-            value = rng.normal(0, 1.0, shape)
-        else:
-            value = rng.normal(0, 1.0 / np.sqrt(shape[-1]), shape)
-        params[name] = value
-    hf = {"model_type": cfg.model_type, "vocab_size": vocab, "hidden_size": d, "num_hidden_layers": cfg.n_layers,
-          "num_attention_heads": n, "num_key_value_heads": k, "head_dim": h, "intermediate_size": cfg.d_ff,
-          "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
-          "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 5, "pad_token_id": 0}
-    if cfg.model_type == "gemma3_text":
-        hf.update(sliding_window=cfg.sliding_window, rope_local_base_freq=cfg.rope_local_theta,
-                  query_pre_attn_scalar=cfg.query_pre_attn_scalar,
-                  rope_scaling={"rope_type": "linear", "factor": cfg.rope_scaling},
-                  layer_types=["sliding_attention" if t == "sliding" else "full_attention" for t in cfg.layer_types])
-    export_hf(params, cfg, out)
-    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    cfg = tiny_config(arch, vocab_size=vocab, tie_embeddings=arch == "gemma3_text", name=f"tiny-{arch}",
+                      bos_token_id=1, eos_token_ids=(5,), pad_token_id=0, max_position_embeddings=2048)
+    save_file(random_hf_arrays(cfg, seed), str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
     (out / ".complete").write_text("ok")
     return out
