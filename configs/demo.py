@@ -3,8 +3,8 @@
 Source: Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 blocks, d=896), residual after block 12.
 Target: Gemma-3-270M base (gemma3, 18 blocks, d=640), residual after block 9 (the same relative depth).
 Corpus: the WordNet + Python-docs corpus shipped in crossmap/data.  SAE: a TopK SAE trained here
-on the source activations.  Verbalisers: each model explains vectors injected into its own
-prompt (Patchscopes-style self-verbaliser: chat prompt for the instruct Qwen, few-shot identity
+on the source activations.  Verbalizers: each model explains vectors injected into its own
+prompt (Patchscopes-style self-verbalizer: chat prompt for the instruct Qwen, few-shot identity
 prompt for the base Gemma).  Sized to finish in about 15 minutes on a 2-core CPU.
 
     crossmap run --config configs/demo.py

@@ -1,6 +1,6 @@
 """The reference experiment at full scale: Qwen2.5-7B-Instruct (output of block 20) ->
 Gemma-3-27B-it (output of block 41), 45 features of a public Qwen2.5-7B-Instruct SAE at layer 20,
-explained by the released NLA verbalisers of both models, against random-direction controls.
+explained by the released NLA verbalizers of both models, against random-direction controls.
 
 Only paths change for a researcher with the weights on disk, e.g.
 
@@ -22,8 +22,8 @@ PATHS = {
     "source": "/models/Qwen2.5-7B-Instruct",
     "target": "/models/gemma-3-27b-it",
     "sae": "/models/saes/qwen2.5-7b-instruct/blocks.20.hook_resid_post",
-    "source_verbaliser": "/models/nla-qwen2.5-7b-L20-av",
-    "target_verbaliser": "/models/nla-gemma3-27b-L41-av",
+    "source_verbalizer": "/models/nla-qwen2.5-7b-L20-av",
+    "target_verbalizer": "/models/nla-gemma3-27b-L41-av",
     "corpus": "",  # "" = the shipped corpus; a real run wants ~1M+ paired tokens of chat-shaped text
 }
 
@@ -57,11 +57,11 @@ def get_config():
     c.controls.n = 45
     c.controls.mode = "source"
     c.mapping.scale = "target_norm"
-    for side, key in (("source", "source_verbaliser"), ("target", "target_verbaliser")):
+    for side, key in (("source", "source_verbalizer"), ("target", "target_verbalizer")):
         v = c.verbalizers[side]
         v.kind = "nla"
         v.checkpoint = PATHS[key]
-        v.scale = ""  # the NLA sidecar's own injection scale (see crossmap.verbalize.VerbaliserSpec)
+        v.scale = ""  # the NLA sidecar's own injection scale (see crossmap.verbalize.VerbalizerSpec)
         v.max_new_tokens = 128
         v.n_samples = 4
         v.temperature = 0.7

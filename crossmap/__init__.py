@@ -1,7 +1,15 @@
 """crossmap: carry interpretability tools between LLMs through ridge maps of their residual streams.
 
-Stages, in the order data flows through them (a module never imports a later one):
-    sharding -> models -> activations -> ridge -> sae -> verbalize -> evaluate -> pipeline -> report -> cli
+Floors, lowest first; a module imports only from its own floor or those below it (tests/test_architecture.py
+checks this and that no two files import each other, directly or through others):
+    jsonio, sharding                       plain JSON on disk; the logical-axis -> mesh table
+    models                                 Flax NNX ports, checkpoint formats, loading onto the mesh
+    activations, ridge, sae                corpus and paired activations; the ridge map; SAEs
+    verbalize, evaluate                    generation with injected vectors; metrics
+    report                                 report.md / report.json / figures
+    pipeline                               the config, the stage table and the runner
+    benchmarks, cli                        `crossmap bench ...`; the command line
+See ARCHITECTURE.md for what each module owns and where to add a stage, an architecture or a verbalizer.
 """
 
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ import sys
 
 DESCRIPTION = """\
 crossmap fits a ridge map between the residual streams of two LLMs, maps one model's SAE
-feature directions through it, has each model's activation verbaliser explain them, and scores
+feature directions through it, has each model's activation verbalizer explain them, and scores
 how much closer matched explanations are than explanations of random control directions.
 Every stage writes its result under the run directory and is skipped when it already exists,
 so a killed run resumes where it stopped."""
@@ -36,23 +36,37 @@ BENCHES = {
     "ridge": "streaming accumulation + closed-form CV ridge solve vs scikit-learn and a PyTorch solve",
     "verbalize": "batched generation with injected vectors: explanations/s and decode step vs bandwidth floor",
     "top-p": "the nucleus (top-p) filter alone at a decode step's shape: search arities vs sort-and-cumsum",
-    "scaling": "forward, ridge statistics and verbalisation on one device vs a mesh over all devices "
+    "scaling": "forward, ridge statistics and verbalization on one device vs a mesh over all devices "
                "(scaling efficiency, equality with one device)",
     "paper": "configs/paper.py end to end at the 7B/27B shapes on random checkpoints written to disk "
              "(seconds and peak memory per stage)",
 }
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _bench_module(name: str) -> str:
+    return f"crossmap.benchmarks.{name.replace('-', '_')}"  # `top-p` lives in top_p.py
+
+
+def _stage_lines() -> str:
+    from .pipeline import STAGES
+
+    return "\n".join(f"  {s.name:<17} {s.summary}" for s in STAGES)
+
+
+def _build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser; a bench module (and the pipeline, for `run`) is imported only when that command is
+    the one asked for, so `crossmap --help` stays fast and works without any bench's dependencies."""
+    command = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="crossmap", description=DESCRIPTION, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    stages = f"\n\nstages, in the order data flows:\n{_stage_lines()}" if command == "run" else ""
     run = sub.add_parser(
         "run", help="run an experiment config (all stages, or --only some)",
         description="Run an experiment described by an ml_collections config file. Any field can be "
                     "overridden as --config.FIELD=VALUE (e.g. --config.ridge.folds=10); unknown fields are "
-                    "errors. Stages: map, sae, features, verbalize_source, verbalize_target, evaluate, report.",
+                    "errors. `crossmap run --help` lists the stages." + stages,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--config", required=True, help="path to a config .py file exposing get_config()")
     run.add_argument("--only", default="", help="comma-separated stages to run (their inputs must exist)")
@@ -68,14 +82,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (write JSON)", description="Benchmarks; each writes JSON.")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH")
+    rest = argv[argv.index("bench") + 1:] if command == "bench" else []
+    chosen = next((a for a in rest if not a.startswith("-")), None)
     for name, text in BENCHES.items():
         bp = bench_sub.add_parser(name, help=text, description=text)
-        module = f"crossmap.benchmarks.{name.replace('-', '_')}"  # `top-p` lives in top_p.py
-        bp.set_defaults(_bench_module=module)
-        try:
-            importlib.import_module(module).add_arguments(bp)
-        except ImportError as err:  # a missing optional dependency should not break --help
-            bp.set_defaults(_bench_error=str(err))
+        bp.set_defaults(_bench_module=_bench_module(name))
+        if name == chosen:
+            try:
+                importlib.import_module(_bench_module(name)).add_arguments(bp)
+            except ImportError as err:  # a missing optional dependency: say so instead of a traceback
+                bp.set_defaults(_bench_error=str(err))
 
     conv = sub.add_parser("convert", help="dequantise a GGUF file into a HF-layout checkpoint directory",
                           description="Dequantise a GGUF (llama, qwen2, gemma3) with the gguf package into "
@@ -86,7 +102,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()

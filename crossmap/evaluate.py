@@ -2,9 +2,9 @@
 
 Stage inputs are sentence embeddings of three sets of explanations:
 
-    source    [N, S_src, d]  the source model's verbaliser explaining the N original SAE directions
-    target    [N, S_tgt, d]  the target model's verbaliser explaining the N mapped directions
-    control   [M, S_ctl, d]  the target model's verbaliser explaining M random control directions
+    source    [N, S_src, d]  the source model's verbalizer explaining the N original SAE directions
+    target    [N, S_tgt, d]  the target model's verbalizer explaining the N mapped directions
+    control   [M, S_ctl, d]  the target model's verbalizer explaining M random control directions
 
 (S_* samples per item; a 2-D [n, d] array means one sample each.)  From them:
 
@@ -15,7 +15,7 @@ Stage inputs are sentence embeddings of three sets of explanations:
     lift[i]        matched[i] - control[i]        ("feature-specific lift"; its mean is the headline number)
 
 plus a permutation p-value for the pairing, a bootstrap interval for the mean lift and retrieval accuracy.
-`context_overlap` is a check that needs no verbaliser: do the source feature and its mapped direction fire on the
+`context_overlap` is a check that needs no verbalizer: do the source feature and its mapped direction fire on the
 same tokens of a shared corpus?
 
 Everything here is numpy on small arrays (N, M are tens to thousands), so no jit is needed.  Only
@@ -272,9 +272,10 @@ def retrieval_ranks(sim: np.ndarray) -> np.ndarray:
     return (sim >= matched[None, :]).sum(axis=0) - 1  # the column's own diagonal always counts once
 
 
-def retrieval_accuracy(sim: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
-    """{k: number of features whose target explanation ranks its own source explanation in the top k}."""
-    ranks = retrieval_ranks(sim)
+def retrieval_accuracy(sim: np.ndarray, ks: Sequence[int] = (1, 5), ranks: np.ndarray | None = None) -> dict[int, int]:
+    """{k: number of features whose target explanation ranks its own source explanation in the top k}
+    (`ranks`: `retrieval_ranks(sim)`, when already at hand)."""
+    ranks = retrieval_ranks(sim) if ranks is None else ranks
     return {int(k): int(np.count_nonzero(ranks < k)) for k in ks}
 
 
@@ -325,7 +326,7 @@ def evaluate_explanations(src_emb: np.ndarray, tgt_emb: np.ndarray, ctrl_emb: np
     lo, hi = bootstrap_ci(per["lift"], n_bootstrap, ci_level, boot_rng)
     ranks = retrieval_ranks(sim)
     n = sim.shape[0]
-    hits = {f"top{k}": int(np.count_nonzero(ranks < k)) for k in top_k}
+    hits = {f"top{k}": hit for k, hit in retrieval_accuracy(sim, top_k, ranks).items()}
     return {
         "aggregate": aggregate,
         "n_features": int(n),
@@ -388,7 +389,7 @@ def summary_line(result: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# verbaliser-free check: do source feature and mapped direction fire on the same contexts?
+# verbalizer-free check: do source feature and mapped direction fire on the same contexts?
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from crossmap.evaluate import context_overlap_line, format_p_value, summary_line
+from crossmap.jsonio import to_jsonable
 
 FIGURE_DIR = "figures"
 MAX_CELL_CHARS = 400  # per explanation in the feature table; report.json keeps the full text
@@ -43,38 +44,12 @@ MAX_CONTEXTS_PER_FEATURE = 5
 MAX_CONTROLS_LISTED = 50
 
 # ---------------------------------------------------------------------------------------------------------------
-# JSON
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Recursively turn `obj` into plain JSON types: numpy/jax arrays -> lists, numpy scalars -> Python numbers,
-    NaN/inf -> None, Paths -> str, tuples/sets -> lists, mapping keys -> str, ConfigDict-likes -> dict.
-    Anything else unknown becomes its repr() so a report never fails on one odd value."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, (int, np.integer)) and not isinstance(obj, np.bool_):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):  # ml_collections.ConfigDict
-        return to_jsonable(obj.to_dict())
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):
-        return to_jsonable(np.asarray(obj).tolist())
-    return repr(obj)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # markdown helpers
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _plain(obj: Any) -> Any:
+    return to_jsonable(obj, strict=False)  # a report never fails on one odd value
 
 
 def md_escape(text: Any, max_chars: int | None = None) -> str:
@@ -359,7 +334,7 @@ def _washout_lines(washout: Mapping[str, Any]) -> list[str]:
             label = key if "washout" in str(key) else f"washout {key}"
             lines.append(f"- {md_escape(label)}: {_fmt(value, signed='lift' in str(key), digits=3)}")
         else:
-            lines.append(f"- {md_escape(key)}: {md_escape(json.dumps(to_jsonable(value)), MAX_CELL_CHARS)}")
+            lines.append(f"- {md_escape(key)}: {md_escape(json.dumps(_plain(value)), MAX_CELL_CHARS)}")
     return lines
 
 
@@ -535,7 +510,7 @@ def render_markdown(data: Mapping[str, Any], figures: Mapping[str, str], notes: 
         lines += _table(["stage", "seconds"], [[md_escape(k), _fmt(v)] for k, v in flat.items()]) + [""]
 
     if data.get("config") is not None:
-        lines += ["## Configuration", "", "```json", json.dumps(to_jsonable(data["config"]), indent=2), "```", ""]
+        lines += ["## Configuration", "", "```json", json.dumps(_plain(data["config"]), indent=2), "```", ""]
     return "\n".join(lines)
 
 
@@ -550,7 +525,7 @@ def write_report(run_dir: str | Path, data: Mapping[str, Any]) -> Path:
     md_path = run_dir / "report.md"
     md_path.write_text(markdown, encoding="utf-8")
     evaluation = data.get("evaluation") or {}
-    payload = dict(to_jsonable(data))
+    payload = dict(_plain(data))
     payload["report_meta"] = {
         "summary_line": summary_line(evaluation) if evaluation.get("summary") else None,
         "figures": figures,

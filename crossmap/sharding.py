@@ -3,8 +3,9 @@
 Every parameter and activation in crossmap is annotated with *logical* axis names
 ("batch", "embed", "heads", "mlp", ...).  `LOGICAL_RULES` maps each to a mesh axis
 ("data", "fsdp", "tensor") or to None (replicated).  Nothing else in the package names
-mesh axes directly, so changing the parallelism layout is a one-line edit here or a
-config override (`mesh.rules`).
+mesh axes directly, so changing the parallelism layout is a one-line edit here.  Library
+callers can pass their own `rules` dict to every function that takes one; the experiment config
+has no such field (its `mesh` sets only the axis sizes).
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ DEFAULT_COMPILE_CACHE = "~/.cache/crossmap/xla"
 def enable_compile_cache(directory: str | None = None) -> str | None:
     """Keep compiled XLA programs on disk, so a resumed or repeated run skips recompiling.
 
-    At the paper's shapes each bucket of the 27B forward and each verbaliser program takes
+    At the paper's shapes each bucket of the 27B forward and each verbalizer program takes
     20-50 s to compile (the blocks are unrolled); a stage resumed after a kill, or the same
     config run again, loads them instead.  `directory` None reads $CROSSMAP_COMPILE_CACHE, then
     falls back to ~/.cache/crossmap/xla; "" or "off" leaves the cache off.  A cache directory

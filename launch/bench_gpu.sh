@@ -24,7 +24,7 @@ for b in $benches; do
       python3 -m crossmap.cli bench ridge --out "$out/ridge.json" ;;
     verbalize)
       python3 -m crossmap.cli bench verbalize --preset 7b --out "$out/verbalize-qwen2.5-7b.json" ;;
-    verbalize-sampled)  # how the paper config's verbalisers decode: temperature 0.7, nucleus 0.95
+    verbalize-sampled)  # how the paper config's verbalizers decode: temperature 0.7, nucleus 0.95
       python3 -m crossmap.cli bench verbalize --preset 7b --temperature 0.7 --top-p 0.95 \
         --out "$out/verbalize-qwen2.5-7b-sampled.json" ;;
     top-p)  # the nucleus filter alone at the 7B decode shape, against sort-and-cumsum

@@ -204,7 +204,7 @@ def test_multibyte_characters_count_only_the_last_piece():
     doc = tokenize_with_offsets(FakeTokenizer("bytes"), "aé😀b")
     assert doc.ends.tolist() == [1, -1, 2, -1, -1, -1, 3, 4]
     # HF byte-level BPE can also merge a space with the first bytes of a character: (4,6) then (5,6)
-    from crossmap.activations import _pairable_ends
+    from crossmap.activations.pairing import _pairable_ends
 
     offsets = np.array([[0, 4], [4, 6], [5, 6], [6, 9], [0, 0]])
     assert _pairable_ends(offsets, 0, 9).tolist() == [4, -1, 6, 9, -1]

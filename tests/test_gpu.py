@@ -5,22 +5,19 @@ fused cuDNN attention against the explicit-mask path."""
 from __future__ import annotations
 
 import gc
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 
 
 def _model(name):
-    from crossmap.models import config_from_hf, init_random
+    from crossmap.models import config_from_hf, init_random, shape_config
     from crossmap.sharding import make_mesh
 
-    cfg = config_from_hf(json.loads((CONFIGS / f"{name}.json").read_text()), name)
+    cfg = config_from_hf(shape_config(name)[0], name)
     return cfg, init_random(cfg, seed=0, dtype="bfloat16", mesh=make_mesh())
 
 

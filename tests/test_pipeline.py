@@ -65,22 +65,44 @@ def test_full_run_writes_every_stage_and_report(full_run):
 def test_finished_stages_are_skipped_and_changed_config_reruns_only_downstream(full_run, tmp_path):
     import shutil
 
+    from crossmap.pipeline import STAGE_NAMES, Run
+
     run_dir = tmp_path / "copy"
     shutil.copytree(full_run[0], run_dir)  # the shared run stays as it was for the other tests
-    before = {s: (run_dir / s / "done.json").stat().st_mtime_ns for s in ("map", "sae", "features")}
-    run_experiment(_config(run_dir))
-    assert all((run_dir / s / "done.json").stat().st_mtime_ns == t for s, t in before.items())
-    c = _config(run_dir, "--config.evaluate.n_bootstrap=300")
-    rerun = run_experiment(c)
-    assert rerun.is_done("evaluate")
-    assert (run_dir / "map" / "done.json").stat().st_mtime_ns == before["map"]
-    assert (run_dir / "evaluate" / "done.json").stat().st_mtime_ns > before["features"]
+    done = {s: (run_dir / s / "done.json").read_text() for s in STAGE_NAMES}
+    assert Run(_config(run_dir)).run() == {}  # nothing ran
+    rerun = Run(_config(run_dir, "--config.evaluate.n_bootstrap=300"))
+    assert set(rerun.run()) == {"evaluate", "report"}  # exactly the changed stage and what reads it
+    for stage in STAGE_NAMES:
+        same = (run_dir / stage / "done.json").read_text() == done[stage]
+        assert same == (stage not in ("evaluate", "report")), stage
+    assert rerun.is_done("evaluate") and not Run(_config(run_dir)).is_done("evaluate")
+    evaluation = json.loads((run_dir / "evaluate" / "evaluation.json").read_text())
+    assert evaluation["results"]["alpha=0"]["summary"]["n_bootstrap"] == 300
+
+
+def test_washout_pass_does_not_shrink_the_chunks_of_the_bare_pass(full_run, tmp_path):
+    """With washout first (alpha=0.5) and the bare comparison second, the bare pass explains
+    batch_size vectors a chunk, not the washout pass's batch_size / (2 x n_backgrounds)."""
+    import shutil
+
+    from crossmap.pipeline.stages import verbalize_chunk
+
+    assert verbalize_chunk(8, 1, 0) == 8 and verbalize_chunk(8, 1, 2) == 2 and verbalize_chunk(8, 2, 2) == 1
+    run_dir = tmp_path / "washout-first"
+    shutil.copytree(full_run[0], run_dir, ignore=shutil.ignore_patterns("verbalize_*"))  # no chunk kept
+    run_experiment(_config(run_dir, "--config.washout.alpha=0.5", "--config.washout.compare=true"),
+                   only=("verbalize_source",))
+    slots = json.loads((run_dir / "verbalize_source" / "partial.json").read_text())
+    assert sorted(s for s in slots if s.startswith("alpha=0/features/")) == ["alpha=0/features/0"]
+    assert sorted(s for s in slots if s.startswith("alpha=0.5/features/")) == [
+        "alpha=0.5/features/0", "alpha=0.5/features/2", "alpha=0.5/features/4"]
 
 
 def test_killed_run_resumes_to_the_same_numbers(full_run, tmp_path):
     full_dir, _ = full_run
     run_dir = tmp_path / "resumed"
-    # "killed" after the SAE stage, and midway through the target verbaliser: only some chunks done
+    # "killed" after the SAE stage, and midway through the target verbalizer: only some chunks done
     run_experiment(_config(run_dir), only=("map", "sae", "features", "verbalize_source"))
     partial_cfg = _config(run_dir, "--config.verbalizers.target.batch_size=2")
     with pytest.raises(RuntimeError):
@@ -133,9 +155,11 @@ def test_cli_help_and_errors(tmp_path):
 
 
 def test_configs_load_and_validate():
-    for name in ("demo", "paper", "tiny"):
+    for name in ("demo", "paper", "tiny", "sae_check"):
         c = load_config(ROOT / "configs" / f"{name}.py")
         validate(c)
+    sae_check = load_config(ROOT / "configs" / "sae_check.py")
+    assert sae_check.models.source.path == "shipped:smollm2-135m-instruct" and sae_check.models.source.layer == 15
     paper = load_config(ROOT / "configs" / "paper.py")
     assert paper.models.source.layer == 20 and paper.models.target.layer == 41 and paper.features.n == 45
 
@@ -162,10 +186,10 @@ def test_launch_script_runs_the_pipeline_on_a_data_by_tensor_mesh(full_run, tmp_
     assert len(list(cache.glob("*-cache"))) > 10, "compiled programs were not kept in the compile cache"
 
 
-def test_paper_style_run_with_public_sae_and_nla_verbaliser(full_run, tmp_path, capfd):
+def test_paper_style_run_with_public_sae_and_nla_verbalizer(full_run, tmp_path, capfd):
     """The paths configs/paper.py takes: an SAE read from a public format (SAE-Lens) and a target NLA
-    verbaliser read from its checkpoint directory with the sidecar contract.  Base models are
-    released once no later stage runs them, so an NLA verbaliser never shares memory with them."""
+    verbalizer read from its checkpoint directory with the sidecar contract.  Base models are
+    released once no later stage runs them, so an NLA verbalizer never shares memory with them."""
     import shutil
 
     from crossmap.models.tiny import tiny_checkpoint
@@ -199,7 +223,7 @@ def test_paper_style_run_with_public_sae_and_nla_verbaliser(full_run, tmp_path, 
 
 def test_bench_paper_runs_the_paper_config_on_written_checkpoints(tmp_path):
     """`crossmap bench paper` at tiny shapes: random checkpoints (Gemma in the multimodal layout), NLA
-    verbaliser directories and an SAE-Lens SAE written to disk, then configs/paper.py with only paths
+    verbalizer directories and an SAE-Lens SAE written to disk, then configs/paper.py with only paths
     changed (plus the size overrides a CPU needs); a second call reuses everything."""
     from crossmap.cli import main
     from crossmap.models.tiny import tiny_checkpoint

@@ -12,6 +12,7 @@ import pytest
 
 from crossmap import evaluate as ev
 from crossmap import report
+from crossmap.jsonio import to_jsonable
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -108,18 +109,18 @@ def test_report_json_round_trips(tmp_path):
     report.write_report(tmp_path, data)
     loaded = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     meta = loaded.pop("report_meta")
-    assert loaded == report.to_jsonable(data)
+    assert loaded == to_jsonable(data)
     assert meta["summary_line"] == ev.summary_line(data["evaluation"])
     assert set(meta["figures"]) == {"similarity_heatmap", "lift_distribution", "ridge_cv"}
     # the clean copy is itself a fixed point and keeps the numbers
-    assert report.to_jsonable(loaded) == loaded
+    assert to_jsonable(loaded) == loaded
     assert loaded["map"]["cosine"] == pytest.approx(0.82)
     assert loaded["config"]["dims"] == [1, 2] and loaded["config"]["out"] == "/tmp/run"
     assert loaded["sae"]["top_contexts"]["100"][0].startswith("ctx 0.0")
 
 
 def test_to_jsonable_cleans_numpy_and_nonfinite():
-    out = report.to_jsonable({1: np.float32(np.nan), "a": (np.int64(3), np.bool_(True)), "b": np.array([[1.5, np.inf]]),
+    out = to_jsonable({1: np.float32(np.nan), "a": (np.int64(3), np.bool_(True)), "b": np.array([[1.5, np.inf]]),
                               "c": {np.inf}})
     assert out == {"1": None, "a": [3, True], "b": [[1.5, None]], "c": [None]}
     json.dumps(out, allow_nan=False)

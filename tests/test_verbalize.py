@@ -1,4 +1,4 @@
-"""Generation engine and verbalisers against transformers (the oracle) and full recomputation.
+"""Generation engine and verbalizers against transformers (the oracle) and full recomputation.
 
 Tiny random models (paired with a transformers copy of the same weights) keep the default run fast;
 tests on the real shipped models are marked slow.  Calls share shapes (batch bucket 4, prompt
@@ -19,13 +19,13 @@ from hf_oracle import build_hf_model
 from crossmap.models import load_model, tiny_config
 from crossmap.verbalize import (
     Injection,
-    Verbaliser,
-    VerbaliserSpec,
+    Verbalizer,
+    VerbalizerSpec,
     WashoutConfig,
     build_prompt,
     generate,
-    load_verbaliser_spec,
-    self_verbaliser_spec,
+    load_verbalizer_spec,
+    self_verbalizer_spec,
     top_p_filter,
 )
 
@@ -236,7 +236,7 @@ def test_generate_rejects_bad_input(llama):
 
 
 # ---------------------------------------------------------------------------------------------
-# verbaliser: prompts, specs, explain, washout
+# verbalizer: prompts, specs, explain, washout
 
 def _tiny_tokenizer():
     """A 128-token word-level HF tokenizer with BOS, special tokens and a chat template."""
@@ -269,25 +269,25 @@ CHAT_SPEC = dict(injection_token="<concept>", prompt_template="Explain : {marker
 
 
 def test_build_prompt_locates_marker(tokenizer):
-    p = build_prompt(tokenizer, VerbaliserSpec(**CHAT_SPEC))
+    p = build_prompt(tokenizer, VerbalizerSpec(**CHAT_SPEC))
     assert p.token_ids[p.marker_index] == tokenizer.convert_tokens_to_ids("<concept>")
     assert p.token_ids[0] == tokenizer.convert_tokens_to_ids("<|user|>")  # chat text: no extra BOS
     assert p.token_ids[-1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
     # raw base preset: BOS added, marker "?" is the last "?" even though the text has none other
-    base = build_prompt(tokenizer, self_verbaliser_spec("base"))
+    base = build_prompt(tokenizer, self_verbalizer_spec("base"))
     assert base.token_ids[0] == tokenizer.bos_token_id
     assert tokenizer.convert_ids_to_tokens(base.token_ids[base.marker_index]) == "?"
     assert tokenizer.convert_ids_to_tokens(list(base.token_ids[base.marker_index:])) == ["?", "->"]
     # the marker text may also occur elsewhere in the prompt: the placeholder decides
-    spec = VerbaliserSpec(injection_token="?", prompt_template="? cat ? {marker} hello ?", use_chat_template=False)
+    spec = VerbalizerSpec(injection_token="?", prompt_template="? cat ? {marker} hello ?", use_chat_template=False)
     p = build_prompt(tokenizer, spec)
     assert p.marker_index == 4 and tokenizer.convert_ids_to_tokens(p.token_ids[5]) == "hello"
     # a template without {marker} uses the first literal injection token
-    p = build_prompt(tokenizer, VerbaliserSpec(injection_token="<concept>", prompt_template="cat <concept> hello",
+    p = build_prompt(tokenizer, VerbalizerSpec(injection_token="<concept>", prompt_template="cat <concept> hello",
                                                use_chat_template=False))
     assert p.marker_index == 2
     # multi-token markers: the last token by default, an error on request
-    spec = VerbaliserSpec(injection_token="cat hello", prompt_template="What {marker} ?", use_chat_template=False)
+    spec = VerbalizerSpec(injection_token="cat hello", prompt_template="What {marker} ?", use_chat_template=False)
     assert build_prompt(tokenizer, spec).marker_index == 3
     with pytest.raises(ValueError, match=r"spans 2 tokens"):
         build_prompt(tokenizer, spec.replace(multi_token_marker="error"))
@@ -295,29 +295,29 @@ def test_build_prompt_locates_marker(tokenizer):
 
 def test_bad_prompts_and_specs_are_named(tokenizer):
     with pytest.raises(ValueError, match=r"exactly one '\{marker\}' placeholder.*found 0"):
-        build_prompt(tokenizer, VerbaliserSpec(prompt_template="no marker here", use_chat_template=False))
+        build_prompt(tokenizer, VerbalizerSpec(prompt_template="no marker here", use_chat_template=False))
     with pytest.raises(ValueError, match="found 2"):
-        build_prompt(tokenizer, VerbaliserSpec(prompt_template="{marker} {marker}", use_chat_template=False))
+        build_prompt(tokenizer, VerbalizerSpec(prompt_template="{marker} {marker}", use_chat_template=False))
     with pytest.raises(ValueError, match="cannot encode injection_token 'zebra'"):
-        build_prompt(tokenizer, VerbaliserSpec(injection_token="zebra", prompt_template="cat {marker}",
+        build_prompt(tokenizer, VerbalizerSpec(injection_token="zebra", prompt_template="cat {marker}",
                                                use_chat_template=False))
     no_chat = _tiny_tokenizer()
     no_chat.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
-        build_prompt(no_chat, VerbaliserSpec(**CHAT_SPEC))
+        build_prompt(no_chat, VerbalizerSpec(**CHAT_SPEC))
     with pytest.raises(ValueError, match="no chat template"):
-        self_verbaliser_spec("chat", no_chat)
-    assert self_verbaliser_spec("auto", no_chat).use_chat_template is False
+        self_verbalizer_spec("chat", no_chat)
+    assert self_verbalizer_spec("auto", no_chat).use_chat_template is False
     with pytest.raises(ValueError, match=r"scale_policy 'fixed' needs a positive injection_scale"):
-        VerbaliserSpec(scale_policy="fixed")
+        VerbalizerSpec(scale_policy="fixed")
     with pytest.raises(ValueError, match=r"injection_mode must be one of.*'swap'"):
-        VerbaliserSpec(injection_mode="swap")
-    with pytest.raises(ValueError, match=r"unknown VerbaliserSpec field\(s\) \['colour'\]"):
-        VerbaliserSpec().replace(colour=1)
+        VerbalizerSpec(injection_mode="swap")
+    with pytest.raises(ValueError, match=r"unknown VerbalizerSpec field\(s\) \['colour'\]"):
+        VerbalizerSpec().replace(colour=1)
 
 
 def test_parse_and_truncate():
-    spec = VerbaliserSpec(stop_strings=("\n\n", "</s>"))
+    spec = VerbalizerSpec(stop_strings=("\n\n", "</s>"))
     assert spec.parse("x <explanation> a cat\n</explanation> y") == "a cat"
     assert spec.parse("  no tags here ") == "no tags here"
     assert spec.truncate("one line\n\nsecond</s>") == "one line"
@@ -325,38 +325,38 @@ def test_parse_and_truncate():
     assert spec.replace(explanation_regex=r"Meaning: \w+").parse("so Meaning: cats.") == "Meaning: cats"
 
 
-def test_load_verbaliser_spec_from_sidecar(tmp_path):
+def test_load_verbalizer_spec_from_sidecar(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 3584, "model_type": "qwen2"}))
-    assert load_verbaliser_spec(tmp_path).d_model == 3584  # no sidecar: defaults + config width
-    assert "no sidecar" in load_verbaliser_spec(tmp_path).source
+    assert load_verbalizer_spec(tmp_path).d_model == 3584  # no sidecar: defaults + config width
+    assert "no sidecar" in load_verbalizer_spec(tmp_path).source
     meta = {"injection": {"token": "<|act|>", "layer": 0, "scale": 150.0, "mode": "add"},
             "prompt": "Explain <|act|> please", "normalization": "fixed", "stop": "</explanation>",
             "max_tokens": 48, "layer": 20, "base_model": "Qwen/Qwen2.5-7B-Instruct"}
     (tmp_path / "nla_meta.json").write_text(json.dumps(meta))
-    spec = load_verbaliser_spec(tmp_path)
+    spec = load_verbalizer_spec(tmp_path)
     assert (spec.injection_token, spec.injection_layer, spec.injection_scale, spec.injection_mode) == \
         ("<|act|>", 0, 150.0, "add")
     assert spec.prompt_template == "Explain <|act|> please" and spec.scale_policy == "fixed"
     assert spec.stop_strings == ("</explanation>",) and spec.max_new_tokens == 48 and spec.d_model == 3584
     assert spec.extra == {"layer": 20, "base_model": "Qwen/Qwen2.5-7B-Instruct"}  # source layer: not injection
     assert spec.source.endswith("nla_meta.json")
-    over = load_verbaliser_spec(tmp_path, {"injection_layer": 3, "use_chat_template": False})
+    over = load_verbalizer_spec(tmp_path, {"injection_layer": 3, "use_chat_template": False})
     assert over.injection_layer == 3 and over.use_chat_template is False
-    with pytest.raises(ValueError, match="unknown VerbaliserSpec field"):
-        load_verbaliser_spec(tmp_path, {"injection_laye": 3})
+    with pytest.raises(ValueError, match="unknown VerbalizerSpec field"):
+        load_verbalizer_spec(tmp_path, {"injection_laye": 3})
     (tmp_path / "nla_meta.json").write_text(json.dumps({"injection_layer": "first"}))
     with pytest.raises(ValueError, match=r"nla_meta.json: field 'injection_layer' has value 'first'"):
-        load_verbaliser_spec(tmp_path)
+        load_verbalizer_spec(tmp_path)
     (tmp_path / "nla_meta.json").write_text(json.dumps({"injection_mode": "swap"}))
     with pytest.raises(ValueError, match=r"nla_meta.json.*injection_mode"):
-        load_verbaliser_spec(tmp_path)
+        load_verbalizer_spec(tmp_path)
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        load_verbaliser_spec(tmp_path / "nowhere")
+        load_verbalizer_spec(tmp_path / "nowhere")
 
 
-def test_verbaliser_rejects_bad_vectors(llama, tokenizer):
+def test_verbalizer_rejects_bad_vectors(llama, tokenizer):
     cfg, _, lm = llama
-    v = Verbaliser(lm.model, tokenizer, VerbaliserSpec(**CHAT_SPEC))
+    v = Verbalizer(lm.model, tokenizer, VerbalizerSpec(**CHAT_SPEC))
     with pytest.raises(ValueError, match=r"vectors must have shape \[N, 64\].*got \(2, 65\)"):
         v.explain(np.ones((2, 65)))
     bad = np.ones((3, cfg.d_model))
@@ -366,7 +366,7 @@ def test_verbaliser_rejects_bad_vectors(llama, tokenizer):
     with pytest.raises(ValueError, match=r"vectors\[0\] is all zeros"):
         v.explain(np.zeros((1, cfg.d_model)))
     with pytest.raises(ValueError, match="d_model=32"):
-        Verbaliser(lm.model, tokenizer, VerbaliserSpec(**CHAT_SPEC, d_model=32))
+        Verbalizer(lm.model, tokenizer, VerbalizerSpec(**CHAT_SPEC, d_model=32))
     with pytest.raises(ValueError, match="washout needs backgrounds"):
         v.explain(np.ones((1, cfg.d_model)), washout=WashoutConfig())
     with pytest.raises(ValueError, match=r"n_backgrounds=4 but only 2"):
@@ -380,7 +380,7 @@ def test_verbaliser_rejects_bad_vectors(llama, tokenizer):
 
 def test_explain_equals_generate_with_scaled_injection(llama, tokenizer):
     cfg, _, lm = llama
-    v = Verbaliser(lm.model, tokenizer, VerbaliserSpec(**CHAT_SPEC))
+    v = Verbalizer(lm.model, tokenizer, VerbalizerSpec(**CHAT_SPEC))
     vectors = np.random.default_rng(5).normal(size=(3, cfg.d_model)).astype(np.float32)
     out = v.explain(vectors, n_samples=2, batch_size=8, progress=False)
     # oracle: the vector scaled to the vocabulary's mean embedding norm, injected by hand
@@ -401,7 +401,7 @@ def test_explain_equals_generate_with_scaled_injection(llama, tokenizer):
 
 def test_sampling_is_seeded_and_tiny_top_p_is_greedy(llama, tokenizer):
     cfg, _, lm = llama
-    v = Verbaliser(lm.model, tokenizer, VerbaliserSpec(**CHAT_SPEC, stop_strings_as_tokens=False))
+    v = Verbalizer(lm.model, tokenizer, VerbalizerSpec(**CHAT_SPEC, stop_strings_as_tokens=False))
     vectors = np.random.default_rng(6).normal(size=(3, cfg.d_model))
     kw = dict(n_samples=2, batch_size=8, progress=False)
     greedy = v.explain(vectors, **kw)
@@ -431,7 +431,7 @@ def _teacher_forced_logits(model, prompt, marker, rows):
 
 def test_washout(llama, tokenizer):
     cfg, _, lm = llama
-    v = Verbaliser(lm.model, tokenizer, VerbaliserSpec(**CHAT_SPEC))
+    v = Verbalizer(lm.model, tokenizer, VerbalizerSpec(**CHAT_SPEC))
     rng = np.random.default_rng(7)
     vectors = rng.normal(size=(3, cfg.d_model)).astype(np.float32)
     bgs = rng.normal(size=(2, cfg.d_model)).astype(np.float32) * 3
@@ -570,14 +570,14 @@ def test_real_greedy_generation_matches_transformers(name, shipped_model):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,kind,word", [("smollm2-135m-instruct", "chat", " ocean"),
                                             ("gemma-3-270m", "base", " ocean")])
-def test_real_self_verbaliser_matches_transformers_inputs_embeds(name, kind, word, shipped_model):
-    """The self-verbaliser's explain() == transformers' generate on inputs_embeds with the injected row."""
+def test_real_self_verbalizer_matches_transformers_inputs_embeds(name, kind, word, shipped_model):
+    """The self-verbalizer's explain() == transformers' generate on inputs_embeds with the injected row."""
     import torch
 
     lm, _ = shipped_model(name)
     hf = _hf_real(lm)
-    spec = self_verbaliser_spec(kind, lm.tokenizer, max_new_tokens=16, stop_strings_as_tokens=False)
-    v = Verbaliser(lm.model, lm.tokenizer, spec)
+    spec = self_verbalizer_spec(kind, lm.tokenizer, max_new_tokens=16, stop_strings_as_tokens=False)
+    v = Verbalizer(lm.model, lm.tokenizer, spec)
     word_id = lm.tokenizer(word, add_special_tokens=False)["input_ids"][-1]
     vector = np.asarray(lm.model.embed_tokens(jnp.asarray([[word_id]])))[0, 0]
     e = v.explain(vector, progress=False)[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import sys
@@ -13,7 +12,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from ..jsonio import dumps
 
 
 def device_info() -> dict:
@@ -81,17 +81,9 @@ def measured_copy_bandwidth(n_bytes: int = 2 << 30, repeats: int = 10) -> dict:
     return {"bytes": n_bytes, "gb_per_s": 2 * n_bytes / t["median_s"] / 1e9}
 
 
-def _json_default(o):
-    if isinstance(o, (np.ndarray, jax.Array)):
-        return np.asarray(o).tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    return str(o)
-
-
 def write_json(result: dict, out: str | None, *, echo: bool = True) -> None:
     """Write a benchmark result (numpy / jax arrays become lists) to `out`, and print it if `echo`."""
-    text = json.dumps(result, indent=1, default=_json_default)
+    text = dumps(result, strict=False, indent=1)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)

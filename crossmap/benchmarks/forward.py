@@ -1,7 +1,7 @@
 """`crossmap bench forward`: tokens/s and MFU of the truncated forward, side by side with
 transformers' PyTorch forward (output_hidden_states) on the same device.
 
-Weights are random at the real shapes of a config in configs/models/ (no checkpoint needed).
+Weights are random at the real shapes of a shipped shape config (crossmap/models/shapes/; no checkpoint needed).
 MFU counts matmul FLOPs (2 x params touched + causal attention) against the bf16 matmul peak
 measured in the same run.
 """
@@ -13,21 +13,19 @@ import gc
 import json
 import os
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from ..models import config_from_hf, init_random, make_hidden_fn, tiny_config
+from ..models import config_from_hf, init_random, make_hidden_fn, shape_config, tiny_config
 from ..sharding import make_mesh
 from .common import device_info, measured_matmul_peak, time_jax, torch_cuda_available, write_json
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="qwen2.5-7b-instruct",
-                   help="a config in configs/models/ (name or path to a config.json), or tiny-<arch> for a smoke run")
+                   help="a shipped shape config (qwen2.5-7b-instruct, gemma-3-27b-it) or a config.json path, or "
+                        "tiny-<arch> for a smoke run")
     p.add_argument("--layer", type=int, default=20, help="truncate after this block (0-based; default: paper's 20)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=1024)
@@ -46,13 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def model_config(name: str):
     if name.startswith("tiny-"):
         return tiny_config(name[5:]), None
-    path = Path(name)
-    if not path.exists():
-        path = CONFIG_DIR / f"{name}.json"
-    if not path.exists():
-        raise FileNotFoundError(f"--model {name!r}: no such config file, and none at {path}")
-    hf = json.loads(path.read_text())
-    return config_from_hf(hf, path.stem), hf
+    try:
+        hf, stem = shape_config(name)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--model: {err}") from None
+    return config_from_hf(hf, stem), hf
 
 
 def _torch_forward(hf: dict, n_layers: int, batch: int, seq: int, dtype: str, repeats: int,

@@ -4,12 +4,12 @@ What a researcher with the real checkpoints would run, with only the paths chang
 stand-ins written at exactly the released shapes:
 
 1. checkpoints: random bf16 weights at the Qwen2.5-7B-Instruct and Gemma-3-27B-it shapes
-   (configs/models/*.json), sharded like hub checkpoints; Gemma in the multimodal layout of the
+   (crossmap/models/shapes/*.json), sharded like hub checkpoints; Gemma in the multimodal layout of the
    released -it checkpoint (decoder under `language_model.`, a vision tensor to skip).  Tokenizers
    are copied in from --source-tokenizer / --target-tokenizer (the released ones, or the shipped
    small models' which share their vocabularies); a Gemma tokenizer without a chat template gets
    the -it turn format.
-2. NLA verbalisers: directories holding the same weights (linked, not copied: the loader reads
+2. NLA verbalizers: directories holding the same weights (linked, not copied: the loader reads
    them again, as it would a fine-tuned copy) plus a sidecar JSON naming the injection token,
    prompt and scale.
 3. an SAE-Lens TopK SAE at blocks.20.hook_resid_post (d_in 3584, --sae-features wide).
@@ -37,9 +37,6 @@ from typing import Any
 import numpy as np
 
 from .common import device_info, write_json
-from .forward import CONFIG_DIR
-
-ROOT = CONFIG_DIR.parents[1]  # the checkout holding configs/
 
 # The -it turn format (the 270M base tokenizer shipped for the demo has no chat template).
 GEMMA_TURNS = ("{{ bos_token }}{% for message in messages %}"
@@ -51,9 +48,10 @@ NLA_PROMPT = ("Here is a concept: {marker}. Explain what it means in one or two 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=str(ROOT / "configs" / "paper.py"), help="the experiment config to run")
-    p.add_argument("--source-model", default="qwen2.5-7b-instruct", help="shape config in configs/models/")
-    p.add_argument("--target-model", default="gemma-3-27b-it", help="shape config in configs/models/")
+    p.add_argument("--config", default="configs/paper.py",
+                   help="the experiment config to run (default: configs/paper.py of the checkout you run from)")
+    p.add_argument("--source-model", default="qwen2.5-7b-instruct", help="shipped shape config (crossmap/models/shapes/) or path")
+    p.add_argument("--target-model", default="gemma-3-27b-it", help="shipped shape config (crossmap/models/shapes/) or path")
     p.add_argument("--source-tokenizer", required=True,
                    help="tokenizer directory for the source (Qwen2.5 vocabulary), e.g. the converted shipped "
                         "Qwen2.5-Coder-0.5B-Instruct (`crossmap convert shipped:qwen2.5-coder-0.5b-instruct`)")
@@ -107,8 +105,8 @@ def _write_sae(directory: Path, d_in: int, n_features: int, k: int, layer: int, 
         "activation_fn_kwargs": {"k": k}, "apply_b_dec_to_input": False, "normalize_activations": "none"}))
 
 
-def _verbaliser_dir(base: Path, directory: Path, marker: str) -> None:
-    """An NLA-style verbaliser checkpoint: the base weights (linked) plus the sidecar contract."""
+def _verbalizer_dir(base: Path, directory: Path, marker: str) -> None:
+    """An NLA-style verbalizer checkpoint: the base weights (linked) plus the sidecar contract."""
     directory.mkdir(parents=True, exist_ok=True)
     for f in base.iterdir():
         if f.name != ".complete" and not (directory / f.name).exists():
@@ -127,7 +125,7 @@ def _short(model: str) -> str:
 
 
 def prepare(args: argparse.Namespace, sae_layer: int) -> dict[str, str]:
-    """Write (or reuse) the stand-in checkpoints, verbalisers and SAE; returns the paths for the config."""
+    """Write (or reuse) the stand-in checkpoints, verbalizers and SAE; returns the paths for the config."""
     from ..models import write_random_checkpoint
     from .forward import model_config
 
@@ -145,9 +143,9 @@ def prepare(args: argparse.Namespace, sae_layer: int) -> dict[str, str]:
         base = write_random_checkpoint(hf, work / _short(name), dtype="bfloat16", seed=1 if side == "source" else 2,
                                        multimodal=multimodal and hf["model_type"] == "gemma3_text")
         _copy_tokenizer(Path(tok), base, GEMMA_TURNS if hf["model_type"].startswith("gemma") else None)
-        verbaliser = work / f"nla-{_short(name)}-av"
-        _verbaliser_dir(base, verbaliser, marker)
-        paths[side], paths[f"{side}_verbaliser"] = str(base), str(verbaliser)
+        verbalizer = work / f"nla-{_short(name)}-av"
+        _verbalizer_dir(base, verbalizer, marker)
+        paths[side], paths[f"{side}_verbalizer"] = str(base), str(verbalizer)
     sae = work / "saes" / _short(args.source_model) / f"blocks.{sae_layer}.hook_resid_post"
     _write_sae(sae, shapes["source"].d_model, args.sae_features, args.sae_k, sae_layer, _short(args.source_model), seed=3)
     paths["sae"] = str(sae)
@@ -163,8 +161,8 @@ def _peak_memory() -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ..pipeline import STAGES, apply_overrides, load_config
-    from ..pipeline.run import Run
+    from ..pipeline import STAGE_NAMES, Run, apply_overrides, load_config
+    from ..pipeline.outputs import Evaluation, MapSummary, StageDone
 
     result: dict[str, Any] = {"bench": "paper", "device": device_info(), "config": args.config}
     t0 = time.perf_counter()
@@ -174,8 +172,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["prepare_seconds"] = time.perf_counter() - t0
     overrides = [f"--config.models.source.path={paths['source']}", f"--config.models.target.path={paths['target']}",
                  f"--config.sae.path={paths['sae']}",
-                 f"--config.verbalizers.source.checkpoint={paths['source_verbaliser']}",
-                 f"--config.verbalizers.target.checkpoint={paths['target_verbaliser']}",
+                 f"--config.verbalizers.source.checkpoint={paths['source_verbalizer']}",
+                 f"--config.verbalizers.target.checkpoint={paths['target_verbalizer']}",
                  f"--config.run_dir={Path(args.workdir) / 'run'}"]
     if args.embedder:
         overrides.append(f"--config.evaluate.embedder={args.embedder}")
@@ -186,20 +184,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     run_ = Run(config)
     result["mesh"] = dict(run_.mesh.shape)
     result["stages"] = {}
-    for stage in STAGES:
+    for stage in STAGE_NAMES:
         if run_.is_done(stage):
-            done = json.loads((run_.stage_dir(stage) / "done.json").read_text())
-            result["stages"][stage] = {"seconds": done["seconds"], "resumed": True}
+            result["stages"][stage] = {"seconds": StageDone.load(run_.stage_dir(stage)).seconds, "resumed": True}
             continue
         t = time.perf_counter()
         run_.run(only=(stage,))
         result["stages"][stage] = {"seconds": time.perf_counter() - t, **_peak_memory()}
         write_json(result, args.out, echo=False)  # a run cut short keeps what finished
-    summary = json.loads((run_.stage_dir("map") / "summary.json").read_text())
-    result["map"] = {k: summary[k] for k in ("n_pairs", "n_documents", "solve_seconds")} | {
-        "collect": summary.get("collect", {}), "lambda": summary["fit"]["lambda"]}
-    evaluation = json.loads((run_.stage_dir("evaluate") / "evaluation.json").read_text())
-    result["lift"] = {k: r["summary"] for k, r in evaluation["results"].items()}
+    summary = MapSummary.load(run_.stage_dir("map"))
+    result["map"] = {"n_pairs": summary.n_pairs, "n_documents": summary.n_documents,
+                     "solve_seconds": summary.solve_seconds, "collect": summary.collect,
+                     "lambda": summary.fit["lambda"]}
+    evaluation = Evaluation.load(run_.stage_dir("evaluate"))
+    result["lift"] = {k: r["summary"] for k, r in evaluation.results.items()}
     result["report"] = str(run_.stage_dir("report") / "report.md")
     result["total_seconds"] = time.perf_counter() - t0
     write_json(result, args.out)

@@ -54,9 +54,10 @@ PARTS = ("forward", "ridge", "verbalize")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="gemma-3-27b-it",
-                   help="a config in configs/models/ (name or path), or tiny-<arch> for a smoke run")
+                   help="a shipped shape config (crossmap/models/shapes/) or a config.json path, or tiny-<arch> "
+                        "for a smoke run")
     p.add_argument("--layer", type=int, default=41, help="truncate the forward after this block (paper: 41)")
-    p.add_argument("--dtype", default="bfloat16", help="parameter dtype of the forward and verbaliser models")
+    p.add_argument("--dtype", default="bfloat16", help="parameter dtype of the forward and verbalizer models")
     p.add_argument("--layouts", default='[{"data": -1}, {"tensor": -1}]',
                    help="JSON list of mesh shapes to compare with one device (-1 = all devices on that axis)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
@@ -108,7 +109,7 @@ def _forward(model, layer: int, mesh, tokens, positions, valid, repeats: int) ->
     try:
         timing, out = time_forward(model, layer, mesh, (tokens, positions, valid), attention, repeats)
     finally:
-        model.attention_impl = None  # the verbaliser part runs the model next
+        model.attention_impl = None  # the verbalizer part runs the model next
     return timing, np.asarray(jax.device_get(out)).astype(np.float32)
 
 

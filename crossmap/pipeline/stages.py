@@ -1,23 +1,40 @@
-"""The work of each stage.  Each reads its inputs from earlier stages' directories and writes its
-own; arrays go to .npy/.npz or orbax, tables to JSON (written atomically)."""
+"""The stages of an experiment, each declared once in `STAGES` at the end of this file.
+
+A stage is a function of the run's context that reads its inputs from earlier stages' directories
+(typed records from `outputs`, arrays from .npy/.npz or orbax) and writes its own.  Its
+declaration says which config sections and which earlier stages its result depends on, which base
+models it runs, and what it writes; the runner (`run.py`) only iterates over the table.
+
+To add a stage: write its function here, declare it in `STAGES` in data-flow order, and give its
+records a dataclass in `outputs.py`.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from .. import activations, ridge
 from .. import sae as sae_lib
+from ..jsonio import load_json, save_json
 from ..models import make_hidden_fn
 from ..sharding import to_host
-from .run import _load_json, _log, _save_json
-
-if TYPE_CHECKING:
-    from .run import Run
+from .context import RunContext, log
+from .outputs import (
+    ActivationNorms,
+    Evaluation,
+    ExplanationSet,
+    FeatureSet,
+    MapSummary,
+    SaeSummary,
+    StageDone,
+)
 
 
 # --------------------------------------------------------------------------------------------- map
@@ -47,7 +64,7 @@ class _CappedPairs:
         return {k: np.concatenate(v) for k, v in self.parts.items()}
 
 
-def run_map(run: Run) -> None:
+def run_map(run: RunContext) -> None:
     c = run.config
     out = run.stage_dir("map")
     src, tgt = run.model("source"), run.model("target")
@@ -87,18 +104,17 @@ def run_map(run: Run) -> None:
     }
     ridge.save_map(out / "ridge_map", ridge_map, meta, overwrite=True)
     save_pairs(out / "pairs", pairs)
-    norms = {"source_median_norm": float(np.median(np.linalg.norm(pairs["x"], axis=1))),
-             "target_median_norm": float(np.median(np.linalg.norm(pairs["y"], axis=1))),
-             "target_mean": pairs["y"].mean(0).tolist()}
+    norms = ActivationNorms(source_median_norm=float(np.median(np.linalg.norm(pairs["x"], axis=1))),
+                            target_median_norm=float(np.median(np.linalg.norm(pairs["y"], axis=1))),
+                            target_mean=pairs["y"].mean(0).tolist())
     kept = np.asarray(summary["kept_per_document"])
-    _save_json(out / "kept_per_document.json", {"pairing": c.pairing.to_dict(), "kept": kept.tolist()})
-    _save_json(out / "summary.json", {
-        **meta, "norms": norms, "solve_seconds": solve_s, "collect": {
-            k: v for k, v in summary.items() if k != "kept_per_document"},
-        "kept_per_document": {"mean": float(kept.mean()), "min": int(kept.min()), "max": int(kept.max()),
-                              "zero": int((kept == 0).sum())},
-        "kept_pairs_for_sae_and_evaluation": int(len(pairs["x"]))})
-    _log(f"map: {summary['n_pairs']} pairs from {summary['n_documents']} documents; lambda={fit.lam:.3g}, "
+    save_json(out / "kept_per_document.json", {"pairing": c.pairing.to_dict(), "kept": kept.tolist()})
+    MapSummary(**meta, norms=norms, solve_seconds=solve_s,
+               collect={k: v for k, v in summary.items() if k != "kept_per_document"},
+               kept_per_document={"mean": float(kept.mean()), "min": int(kept.min()), "max": int(kept.max()),
+                                  "zero": int((kept == 0).sum())},
+               kept_pairs_for_sae_and_evaluation=int(len(pairs["x"]))).save(out)
+    log(f"map: {summary['n_pairs']} pairs from {summary['n_documents']} documents; lambda={fit.lam:.3g}, "
          f"held-out R^2={fit.r2:.3f}, mean cosine={fit.mean_cosine:.3f}")
 
 
@@ -109,13 +125,13 @@ def _chunks(pairs: dict[str, np.ndarray], size: int):
 
 def save_pairs(directory: Path, pairs: dict[str, np.ndarray]) -> None:
     """One .npy per field, so later stages memory-map them (at the paper's 200k pairs x and y are 7 GB,
-    and the verbalise stages need only a few background rows of them)."""
+    and the verbalize stages need only a few background rows of them)."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, array in pairs.items():
         np.save(directory / f"{name}.npy", array)
 
 
-def load_pairs(run: Run) -> dict[str, np.ndarray]:
+def load_pairs(run: RunContext) -> dict[str, np.ndarray]:
     """The kept pairs of the map stage, memory-mapped read-only (runs written before: pairs.npz)."""
     directory = run.stage_dir("map") / "pairs"
     if directory.is_dir():
@@ -124,14 +140,14 @@ def load_pairs(run: Run) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
-def load_ridge_map(run: Run):
+def load_ridge_map(run: RunContext):
     src, tgt = run.config.models.source, run.config.models.target
     return ridge.load_map(run.stage_dir("map") / "ridge_map",
                           expect={"source_layer": int(src.layer), "target_layer": int(tgt.layer)})
 
 
 # --------------------------------------------------------------------------------------------- sae
-def run_sae(run: Run) -> None:
+def run_sae(run: RunContext) -> None:
     c = run.config
     out = run.stage_dir("sae")
     pairs = load_pairs(run)
@@ -144,7 +160,7 @@ def run_sae(run: Run) -> None:
         held = x
     else:
         # Train on folds 1..K-1; fold 0 (whole documents) is held out for the reported quality.
-        source_model_id = _load_json(run.stage_dir("map") / "summary.json")["source_model"]  # no weights needed
+        source_model_id = MapSummary.load(run.stage_dir("map")).source_model  # no weights needed
         train_rows = pairs["fold"] != 0
         held = x[~train_rows] if (~train_rows).any() else x
         sae, train_metrics = sae_lib.train_sae(
@@ -161,22 +177,22 @@ def run_sae(run: Run) -> None:
     if c.sae.path:
         sae_lib.save_sae_lens(sae, out / "sae_lens")
     train_metrics = {k: v for k, v in train_metrics.items() if k != "history"}
-    _save_json(out / "summary.json", {"heldout": quality, "heldout_rows": int(len(held)), "train": train_metrics,
-                                      "alive_on_corpus": float(stats.alive.mean()), "n_features": sae.n_features})
-    _log(f"sae: held-out FVE={quality['fve']:.3f}, L0={quality['l0']:.1f}, dead={quality['dead_frac']:.3f}")
+    SaeSummary(heldout=quality, heldout_rows=int(len(held)), train=train_metrics,
+               alive_on_corpus=float(stats.alive.mean()), n_features=sae.n_features).save(out)
+    log(f"sae: held-out FVE={quality['fve']:.3f}, L0={quality['l0']:.1f}, dead={quality['dead_frac']:.3f}")
 
 
-def load_feature_stats(run: Run) -> sae_lib.FeatureStats:
+def load_feature_stats(run: RunContext) -> sae_lib.FeatureStats:
     with np.load(run.stage_dir("sae") / "feature_stats.npz") as f:
         return sae_lib.FeatureStats(**{k: (int(f[k]) if k == "n_tokens" else f[k]) for k in f.files})
 
 
-def load_run_sae(run: Run) -> sae_lib.SAE:
+def load_run_sae(run: RunContext) -> sae_lib.SAE:
     return sae_lib.load_sae(run.stage_dir("sae") / "sae_lens", allow_layer_mismatch=True)
 
 
 # ---------------------------------------------------------------------------------------- features
-def _token_lookup(run: Run):
+def _token_lookup(run: RunContext):
     tokenizer = run.tokenizer("source")
     docs = run.documents()
     cache: dict[int, list[str]] = {}
@@ -196,7 +212,7 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
-def run_features(run: Run) -> None:
+def run_features(run: RunContext) -> None:
     from ..evaluate import context_overlap
 
     c = run.config
@@ -205,8 +221,8 @@ def run_features(run: Run) -> None:
     stats = load_feature_stats(run)
     ridge_map, meta = load_ridge_map(run)
     W = np.asarray(ridge_map.W, np.float64)
-    norms = _load_json(run.stage_dir("map") / "summary.json")["norms"]
-    target_norm = norms["target_median_norm"] if c.mapping.scale == "target_norm" else None
+    norms = MapSummary.load(run.stage_dir("map")).norms
+    target_norm = norms.target_median_norm if c.mapping.scale == "target_norm" else None
     idx = sae_lib.select_features(stats, c.features.method, None if c.features.method == "explicit" else c.features.n,
                                   seed=c.seed, indices=tuple(c.features.indices) or None,
                                   min_freq=c.features.min_freq, max_freq=c.features.max_freq)
@@ -214,7 +230,7 @@ def run_features(run: Run) -> None:
     mapped, map_record = sae_lib.map_directions(directions, W, c.mapping.scale, target_norm)
     controls, ctrl_record = sae_lib.control_directions(c.controls.n, c.controls.mode, W, seed=c.seed + 1,
                                                        scale_policy=c.mapping.scale, target_norm=target_norm)
-    # Verbaliser-free check: do the mapped directions pick out, in the target model, the same
+    # Verbalizer-free check: do the mapped directions pick out, in the target model, the same
     # tokens the source feature fires on?  Same paired-token index space for both sides.
     pairs = load_pairs(run)
     chosen = jnp.asarray(idx)
@@ -227,21 +243,20 @@ def run_features(run: Run) -> None:
     contexts = {int(f): sae_lib.feature_contexts(stats, int(f), lookup, n=min(5, c.sae.n_contexts)) for f in idx}
     np.savez(out / "directions.npz", features=idx, source=directions.astype(np.float32), mapped=mapped,
              controls=controls)
-    _save_json(out / "features.json", {
-        "features": idx.tolist(), "freq": stats.freq[idx].tolist(), "max_act": stats.max_act[idx].tolist(),
-        "mapping": map_record, "controls": ctrl_record, "context_overlap": overlap, "contexts": contexts,
-        "target_norm": target_norm})
-    _log(f"features: {len(idx)} selected; context overlap matched {overlap['mean_matched']:.3f} vs "
+    FeatureSet(features=idx.tolist(), freq=stats.freq[idx].tolist(), max_act=stats.max_act[idx].tolist(),
+               mapping=map_record, controls=ctrl_record, context_overlap=overlap, contexts=contexts,
+               target_norm=target_norm).save(out)
+    log(f"features: {len(idx)} selected; context overlap matched {overlap['mean_matched']:.3f} vs "
          f"control {overlap['mean_control']:.3f}")
 
 
-def load_directions(run: Run) -> dict[str, np.ndarray]:
+def load_directions(run: RunContext) -> dict[str, np.ndarray]:
     with np.load(run.stage_dir("features") / "directions.npz") as f:
         return {k: f[k] for k in f.files}
 
 
-# ------------------------------------------------------------------------------------ verbalisers
-def washout_settings(run: Run) -> list[float]:
+# ------------------------------------------------------------------------------------ verbalizers
+def washout_settings(run: RunContext) -> list[float]:
     """The washout alphas this run explains with: the configured one first, then the comparison."""
     w = run.config.washout
     alphas = [float(w.alpha)]
@@ -256,19 +271,19 @@ def alpha_key(alpha: float) -> str:
     return f"alpha={alpha:g}"
 
 
-def build_verbaliser(run: Run, side: str):
-    """The configured verbaliser of one side: the model itself (self) or a released NLA checkpoint."""
+def build_verbalizer(run: RunContext, side: str):
+    """The configured verbalizer of one side: the model itself (self) or a released NLA checkpoint."""
     from ..models import load_model
-    from ..verbalize import Verbaliser, load_verbaliser_spec, self_verbaliser_spec
+    from ..verbalize import Verbalizer, load_verbalizer_spec, self_verbalizer_spec
 
     v = run.config.verbalizers[side]
     overrides = dict(v.spec)
     if v.kind == "self":
         lm = run.model(side)
-        spec = self_verbaliser_spec(v.prompt, lm.tokenizer, **overrides)
+        spec = self_verbalizer_spec(v.prompt, lm.tokenizer, **overrides)
     else:
         lm = load_model(v.checkpoint, dtype=v.dtype or run.config.models[side].dtype, mesh=run.mesh)
-        spec = load_verbaliser_spec(v.checkpoint, overrides)
+        spec = load_verbalizer_spec(v.checkpoint, overrides)
     if v.injection_layer >= 0:
         spec = spec.replace(injection_layer=int(v.injection_layer))
     if v.injection_mode:
@@ -276,13 +291,19 @@ def build_verbaliser(run: Run, side: str):
     if v.scale:
         changes = {"scale_policy": v.scale}
         if v.scale == "activation":  # the typical residual norm at this side's layer, measured in `map`
-            norms = _load_json(run.stage_dir("map") / "summary.json")["norms"]
-            changes["injection_scale"] = norms[f"{side}_median_norm"]
+            changes["injection_scale"] = MapSummary.load(run.stage_dir("map")).norms.median(side)
         spec = spec.replace(**changes)
-    return Verbaliser(lm.model, lm.tokenizer, spec, mesh=run.mesh), lm
+    return Verbalizer(lm.model, lm.tokenizer, spec, mesh=run.mesh), lm
 
 
-def run_verbalize(run: Run, side: str) -> None:
+def verbalize_chunk(batch_size: int, n_samples: int, n_backgrounds: int) -> int:
+    """Vectors explained per chunk: a batch holds n_samples rows per vector, and with washout
+    (n_backgrounds > 0) 2 x n_backgrounds rows per vector and sample."""
+    rows_per_vector = n_samples * (2 * n_backgrounds if n_backgrounds else 1)
+    return max(1, batch_size // max(1, rows_per_vector))
+
+
+def run_verbalize(run: RunContext, side: str) -> None:
     """Explain this side's vectors under each washout setting, a chunk at a time.
 
     Source: the SAE features' own decoder directions.  Target: the mapped directions, then the
@@ -303,32 +324,30 @@ def run_verbalize(run: Run, side: str) -> None:
     rng = np.random.default_rng(c.seed + (11 if side == "source" else 13))
     backgrounds = acts[rng.choice(len(acts), size=c.washout.n_backgrounds, replace=False)]
     t_load = time.perf_counter()
-    verbaliser, lm = build_verbaliser(run, side)
-    _log(f"verbalize_{side}: verbaliser {lm.model_id} ready in {time.perf_counter() - t_load:.1f}s")
+    verbalizer, lm = build_verbalizer(run, side)
+    log(f"verbalize_{side}: verbalizer {lm.model_id} ready in {time.perf_counter() - t_load:.1f}s")
     partial_path = out / "partial.json"
-    partial = _load_json(partial_path) if partial_path.exists() else {}
-    chunk = max(1, v.batch_size // max(1, v.n_samples))
+    partial = load_json(partial_path) if partial_path.exists() else {}
     t0 = time.perf_counter()
     for alpha in washout_settings(run):
         key = alpha_key(alpha)
         washout = None if alpha == 0 else WashoutConfig(alpha=alpha, n_backgrounds=c.washout.n_backgrounds,
                                                         direction_scale=c.washout.background_scale)
-        if washout is not None:  # 2 x n_backgrounds rows per vector and sample
-            chunk = max(1, v.batch_size // (v.n_samples * 2 * c.washout.n_backgrounds))
+        chunk = verbalize_chunk(v.batch_size, v.n_samples, 0 if washout is None else c.washout.n_backgrounds)
         for name, vectors in groups.items():
             for start in range(0, len(vectors), chunk):
                 slot = f"{key}/{name}/{start}"
                 if slot in partial:
                     continue
                 t_chunk = time.perf_counter()
-                explanations = verbaliser.explain(
+                explanations = verbalizer.explain(
                     vectors[start:start + chunk], n_samples=v.n_samples, max_new_tokens=v.max_new_tokens,
                     temperature=v.temperature, top_p=v.top_p, seed=c.seed * 100_003 + start,
                     washout=washout, backgrounds=None if washout is None else backgrounds,
                     batch_size=v.batch_size, progress=False)
                 partial[slot] = {"parsed": [e.parsed for e in explanations], "raw": [e.raw for e in explanations]}
-                _save_json(partial_path, partial)
-                _log(f"verbalize_{side}: {key} {name} {start + len(explanations)}/{len(vectors)} "
+                save_json(partial_path, partial)
+                log(f"verbalize_{side}: {key} {name} {start + len(explanations)}/{len(vectors)} "
                      f"({time.perf_counter() - t_chunk:.1f}s)")
     settings = {}
     for alpha in washout_settings(run):
@@ -342,25 +361,25 @@ def run_verbalize(run: Run, side: str) -> None:
                 raw += partial[slot]["raw"]
             settings[key][name] = parsed
             settings[key][f"{name}_raw"] = raw
-    _save_json(out / "explanations.json", {
-        "side": side, "model": lm.model_id, "spec": verbaliser.spec.__dict__ | {"extra": dict(verbaliser.spec.extra)},
-        "prompt": verbaliser.prompt.text, "settings": settings, "seconds": time.perf_counter() - t0})
+    ExplanationSet(side=side, model=lm.model_id,
+                   spec=verbalizer.spec.__dict__ | {"extra": dict(verbalizer.spec.extra)},
+                   prompt=verbalizer.prompt.text, settings=settings, seconds=time.perf_counter() - t0).save(out)
     first = settings[alpha_key(washout_settings(run)[0])]["features"][:3]
-    _log(f"verbalize_{side}: e.g. {[s[0] for s in first]}")
+    log(f"verbalize_{side}: e.g. {[s[0] for s in first]}")
 
 
 # ---------------------------------------------------------------------------------------- evaluate
-def run_evaluate(run: Run) -> None:
+def run_evaluate(run: RunContext) -> None:
     from .. import evaluate as ev
 
     c = run.config
     out = run.stage_dir("evaluate")
-    src = _load_json(run.stage_dir("verbalize_source") / "explanations.json")
-    tgt = _load_json(run.stage_dir("verbalize_target") / "explanations.json")
+    src = ExplanationSet.load(run.stage_dir("verbalize_source"))
+    tgt = ExplanationSet.load(run.stage_dir("verbalize_target"))
     embedder = ev.load_embedder(c.evaluate.embedder or None)
     results = {}
-    for key in src["settings"]:
-        s, t = src["settings"][key], tgt["settings"][key]
+    for key in src.settings:
+        s, t = src.settings[key], tgt.settings[key]
         result = ev.evaluate_explanations(
             ev.embed_groups(embedder, s["features"]), ev.embed_groups(embedder, t["features"]),
             ev.embed_groups(embedder, t["controls"]), aggregate=c.evaluate.aggregate,
@@ -368,63 +387,134 @@ def run_evaluate(run: Run) -> None:
         result["summary_line"] = ev.summary_line(result)
         results[key] = result
     primary = alpha_key(float(c.washout.alpha))
-    features = _load_json(run.stage_dir("features") / "features.json")
-    overlap = features["context_overlap"]
-    _save_json(out / "evaluation.json", {"primary": primary, "results": results, "context_overlap": overlap})
+    overlap = FeatureSet.load(run.stage_dir("features")).context_overlap
+    Evaluation(primary=primary, results=results, context_overlap=overlap).save(out)
     lines = [f"{results[primary]['summary_line']}  [washout {primary}]"]
     for key, result in results.items():
         if key != primary:
             lines.append(f"  comparison, washout {key}: {result['summary_line']}")
-    lines.append(f"  verbaliser-free: {ev.context_overlap_line(overlap)}")
+    lines.append(f"  verbalizer-free: {ev.context_overlap_line(overlap)}")
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
-    _log(lines[0])
+    log(lines[0])
 
 
 # ------------------------------------------------------------------------------------------ report
-def run_report(run: Run) -> None:
+def run_report(run: RunContext) -> None:
     from ..report import write_report
     from .config import to_dict
 
     c = run.config
-    map_summary = _load_json(run.stage_dir("map") / "summary.json")
-    fit = map_summary["fit"]
-    sae_summary = _load_json(run.stage_dir("sae") / "summary.json")
-    features = _load_json(run.stage_dir("features") / "features.json")
-    evaluation = _load_json(run.stage_dir("evaluate") / "evaluation.json")
-    src = _load_json(run.stage_dir("verbalize_source") / "explanations.json")
-    tgt = _load_json(run.stage_dir("verbalize_target") / "explanations.json")
-    primary = evaluation["primary"]
-    result = evaluation["results"][primary]
+    map_summary = MapSummary.load(run.stage_dir("map"))
+    fit = map_summary.fit
+    sae_summary = SaeSummary.load(run.stage_dir("sae"))
+    features = FeatureSet.load(run.stage_dir("features"))
+    evaluation = Evaluation.load(run.stage_dir("evaluate"))
+    src = ExplanationSet.load(run.stage_dir("verbalize_source"))
+    tgt = ExplanationSet.load(run.stage_dir("verbalize_target"))
+    primary = evaluation.primary
+    result = evaluation.results[primary]
     per = result["per_feature"]
     feature_rows = []
-    for i, f in enumerate(features["features"]):
+    for i, f in enumerate(features.features):
         feature_rows.append({
-            "id": f, "freq": features["freq"][i],
-            "source_explanation": src["settings"][primary]["features"][i],
-            "target_explanation": tgt["settings"][primary]["features"][i],
+            "id": f, "freq": features.freq[i],
+            "source_explanation": src.settings[primary]["features"][i],
+            "target_explanation": tgt.settings[primary]["features"][i],
             "matched": per["matched"][i], "control_mean": per["control_mean"][i], "lift": per["lift"][i],
             "retrieval_rank": per["retrieval_rank"][i]})
     # held-out squared error per element: fold SSE [lambdas, folds] / (fold rows x target width)
-    d_out = len(map_summary["norms"]["target_mean"])
+    d_out = len(map_summary.norms.target_mean)
     cv_mse = np.asarray(fit["cv_sse"]) / (np.asarray(fit["fold_counts"])[None, :] * d_out)
-    timings = {stage: _load_json(run.stage_dir(stage) / "done.json")["seconds"]
-               for stage in ("map", "sae", "features", "verbalize_source", "verbalize_target", "evaluate")}
+    timings = {stage.name: StageDone.load(run.stage_dir(stage.name)).seconds
+               for stage in STAGES[:STAGES.index(stage_named("report"))]}
     data = {
         "config": to_dict(c),
-        "map": {"source_model": map_summary["source_model"], "target_model": map_summary["target_model"],
-                "source_layer": map_summary["source_layer"], "target_layer": map_summary["target_layer"],
+        "map": {"source_model": map_summary.source_model, "target_model": map_summary.target_model,
+                "source_layer": map_summary.source_layer, "target_layer": map_summary.target_layer,
                 "r2": fit["heldout_r2"], "r2_mean": fit["heldout_r2_mean"], "cosine": fit["heldout_mean_cosine"],
-                "pooled_cosine": fit["heldout_pooled_cosine"], "lambda": fit["lambda"], "n_pairs": map_summary["n_pairs"],
-                "n_documents": map_summary["n_documents"],
+                "pooled_cosine": fit["heldout_pooled_cosine"], "lambda": fit["lambda"], "n_pairs": map_summary.n_pairs,
+                "n_documents": map_summary.n_documents,
                 "cv": {"lambdas": fit["lambdas"], "cv_r2": fit["cv_r2"], "cv_error": cv_mse.tolist()}},
-        "sae": {**sae_summary["heldout"], "n_features": sae_summary["n_features"],
-                "top_contexts": {str(k): [ctx["text"] for ctx in v] for k, v in features["contexts"].items()}},
+        "sae": {**sae_summary.heldout, "n_features": sae_summary.n_features,
+                "top_contexts": {str(k): [ctx["text"] for ctx in v] for k, v in features.contexts.items()}},
         "features": feature_rows,
-        "controls": [{"explanation": e} for e in tgt["settings"][primary]["controls"]],
+        "controls": [{"explanation": e} for e in tgt.settings[primary]["controls"]],
         "evaluation": result,
-        "context_overlap": evaluation["context_overlap"],
-        "washout": {key: r for key, r in evaluation["results"].items()},
+        "context_overlap": evaluation.context_overlap,
+        "washout": dict(evaluation.results),
         "timings": timings,
     }
     path = write_report(run.stage_dir("report"), data)
-    _log(f"report: {path}")
+    log(f"report: {path}")
+
+
+# ------------------------------------------------------------------------------------------ the table
+@dataclass(frozen=True)
+class Stage:
+    """One stage, declared once.
+
+    sections: the config sections (dotted paths) its result depends on directly; its identity
+        also covers the identities of its `inputs`.
+    inputs: the earlier stages whose outputs it reads (they must be done first).
+    models: which base models ("source", "target") it runs, given the config: the runner loads
+        them lazily and releases those no later stage of the invocation needs.
+    writes: what it leaves in its directory, for the docs and `--help`.
+    """
+
+    name: str
+    run: Callable[[RunContext], None]
+    summary: str
+    sections: tuple[str, ...]
+    inputs: tuple[str, ...]
+    writes: tuple[str, ...]
+    models: Callable[[ml_collections.ConfigDict], tuple[str, ...]] = lambda config: ()
+
+
+def _self_verbalizer(side: str) -> Callable[[ml_collections.ConfigDict], tuple[str, ...]]:
+    return lambda config: (side,) if config.verbalizers[side].kind == "self" else ()
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("map", run_map, "both models over the corpus, paired positions, streamed ridge statistics, CV solve",
+          sections=("models", "corpus", "pairing", "ridge", "seed"), inputs=(),
+          writes=("ridge_map/", "pairs/*.npy", "summary.json", "kept_per_document.json"),
+          models=lambda config: ("source", "target")),
+    Stage("sae", run_sae, "load a public SAE or train a TopK SAE on the source activations; feature statistics",
+          sections=("sae",), inputs=("map",), writes=("sae_lens/", "feature_stats.npz", "summary.json")),
+    Stage("features", run_features, "select features, map their decoder directions, draw controls, context overlap",
+          sections=("features", "controls", "mapping", "evaluate.context_k"), inputs=("sae",),
+          writes=("directions.npz", "features.json")),
+    Stage("verbalize_source", lambda run: run_verbalize(run, "source"),
+          "the source verbalizer explains the features' own decoder directions",
+          sections=("verbalizers.source", "washout"), inputs=("features",),
+          writes=("explanations.json", "partial.json"), models=_self_verbalizer("source")),
+    Stage("verbalize_target", lambda run: run_verbalize(run, "target"),
+          "the target verbalizer explains the mapped directions and the controls",
+          sections=("verbalizers.target", "washout"), inputs=("features",),
+          writes=("explanations.json", "partial.json"), models=_self_verbalizer("target")),
+    Stage("evaluate", run_evaluate, "sentence embeddings; lift, permutation p-value, bootstrap CI, retrieval",
+          sections=("evaluate",), inputs=("verbalize_source", "verbalize_target"),
+          writes=("evaluation.json", "summary.txt")),
+    Stage("report", run_report, "report.md, report.json and figures", sections=(), inputs=("evaluate",),
+          writes=("report.md", "report.json", "figures/")),
+)
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+
+def stage_named(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+
+
+def closing_lines(run: RunContext) -> list[str]:
+    """What `crossmap run` prints last: the evaluation's summary lines and the report's path."""
+    lines = []
+    summary = run.stage_dir("evaluate") / "summary.txt"
+    if summary.exists():
+        lines.append(summary.read_text().strip())
+    report = run.stage_dir("report") / "report.md"
+    if report.exists():
+        lines.append(f"report: {report}")
+    return lines

@@ -96,6 +96,7 @@ from .solve import CosineAcc, cosine_update, fold_maps, heldout_cosine, init_cos
 from .stats import accumulate, combine_folds, init_stats, merge, psum_stats, update
 from .types import (
     ACCUMULATION_PRECISIONS,
+    COMPUTE_DTYPES,
     FORMAT_VERSION,
     NONFINITE_MODES,
     MetadataMismatchError,
@@ -105,7 +106,7 @@ from .types import (
 )
 
 __all__ = [
-    "ACCUMULATION_PRECISIONS", "FORMAT_VERSION", "NONFINITE_MODES", "CosineAcc", "MetadataMismatchError",
+    "ACCUMULATION_PRECISIONS", "COMPUTE_DTYPES", "FORMAT_VERSION", "NONFINITE_MODES", "CosineAcc", "MetadataMismatchError",
     "RidgeFit", "RidgeMap", "RidgeStats", "accumulate", "accumulate_on_devices", "combine_folds",
     "cosine_update", "fold_maps", "heldout_cosine", "init_cosine", "init_device_stats", "init_stats", "load_map",
     "merge", "predict", "psum_stats", "reduce_device_stats", "save_map", "score", "solve", "update",

@@ -14,7 +14,7 @@ import numpy as np
 from jax import lax
 
 from .stats import combine_folds, merge_selected
-from .types import RidgeFit, RidgeMap, RidgeStats
+from .types import COMPUTE_DTYPES, RidgeFit, RidgeMap, RidgeStats
 
 Array = jax.Array
 _HIGHEST = lax.Precision.HIGHEST  # true float32 products (TPU/GPU default to bf16 passes)
@@ -145,8 +145,8 @@ def _fold_maps_core(stats: RidgeStats, lam: Array, standardize: bool, compute_dt
 def _resolve_compute_dtype(compute_dtype: str | None, stats_dtype) -> str:
     if compute_dtype is None:
         return jnp.dtype(stats_dtype).name
-    if compute_dtype not in ("float32", "float64"):
-        raise ValueError(f"ridge solve: compute_dtype must be 'float32', 'float64' or None, got {compute_dtype!r}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"ridge solve: compute_dtype must be one of {COMPUTE_DTYPES} or None, got {compute_dtype!r}")
     if compute_dtype == "float64" and jax.default_backend() == "tpu":
         warnings.warn("ridge solve: float64 is not available on TPU; solving in float32", RuntimeWarning,
                       stacklevel=3)

@@ -14,6 +14,7 @@ Array = jax.Array
 
 ACCUMULATION_PRECISIONS = ("highest", "tf32", "bf16", "default")
 NONFINITE_MODES = ("skip", "raise", "ignore")
+COMPUTE_DTYPES = ("float64", "float32")  # what `solve` computes in
 FORMAT_VERSION = 1
 
 

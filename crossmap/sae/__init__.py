@@ -9,9 +9,16 @@
 """
 
 from crossmap.sae.core import SAE, decode, decoder_directions, encode, encode_selected, evaluate_sae, make_sae
-from crossmap.sae.directions import control_directions, map_directions, random_directions
+from crossmap.sae.directions import (
+    CONTROL_MODES,
+    MAPPING_SCALES,
+    control_directions,
+    map_directions,
+    random_directions,
+)
 from crossmap.sae.io import detect_format, load_sae, parse_hook, save_sae_lens
 from crossmap.sae.stats import (
+    SELECTION_METHODS,
     FeatureStats,
     feature_contexts,
     feature_stats,
@@ -26,5 +33,6 @@ __all__ = [
     "load_sae", "save_sae_lens", "detect_format", "parse_hook",
     "train_sae", "ArrayBatches", "SAETrainConfig", "default_lr",
     "FeatureStats", "feature_stats", "feature_contexts", "format_context", "merge_top_k", "select_features",
-    "map_directions", "random_directions", "control_directions",
+    "map_directions", "random_directions", "control_directions", "MAPPING_SCALES", "CONTROL_MODES",
+    "SELECTION_METHODS",
 ]

@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 
-SCALE_POLICIES = ("unit", "target_norm")
+MAPPING_SCALES = ("unit", "target_norm")  # how a mapped direction's norm is set
+CONTROL_MODES = ("source", "target")  # where random control directions are drawn
 
 
 def _check_policy(scale_policy: str, target_norm: float | None) -> float:
-    if scale_policy not in SCALE_POLICIES:
-        raise ValueError(f"scale_policy {scale_policy!r} is not one of {SCALE_POLICIES}")
+    if scale_policy not in MAPPING_SCALES:
+        raise ValueError(f"scale_policy {scale_policy!r} is not one of {MAPPING_SCALES}")
     if scale_policy == "unit":
         return 1.0
     if target_norm is None or not np.isfinite(target_norm) or target_norm <= 0:
@@ -94,4 +95,4 @@ def control_directions(n: int, mode: str = "source", W: np.ndarray | None = None
         norm_to = _check_policy(scale_policy, target_norm)
         record["scale"] = np.full(n, norm_to)
         return random_directions(n, d_out, seed) * np.float32(norm_to), record
-    raise ValueError(f"control_directions: mode must be 'source' or 'target', got {mode!r}")
+    raise ValueError(f"control_directions: mode must be one of {CONTROL_MODES}, got {mode!r}")

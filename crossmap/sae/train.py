@@ -13,7 +13,7 @@ Recipe (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", as is sta
 
 Determinism: the data for step s is `batches(s)` (a callable, or rows of an array under a seeded
 per-epoch permutation, see `ArrayBatches`), and the checkpoint holds params, optimiser state,
-step, dead-feature tracker and rng; so a run stopped at any checkpoint and resumed ends with
+step and dead-feature tracker; so a run stopped at any checkpoint and resumed ends with
 bitwise the same parameters as an uninterrupted run on the same device kind.
 """
 
@@ -112,7 +112,6 @@ class TrainState:
     opt_state: Any
     step: jax.Array  # int32 scalar: steps completed
     tokens_since_fired: jax.Array  # int32 [n], saturates at dead_tokens
-    rng: jax.Array  # uint32 [2]: kept with the state so any stochastic extension resumes exactly
     input_scale: jax.Array  # f32 scalar: x_normalised = x_raw * input_scale
 
 
@@ -278,7 +277,7 @@ def train_sae(batches: BatchSource, d_model: int, n_features: int, k: int, steps
     d_model, n_features, k: widths and the number of active latents per token.
     steps: optimiser steps (tokens seen = steps * batch_size).
     lr: Adam peak learning rate; None -> default_lr(n_features) (1.5e-3 at 8192 latents).
-    ckpt_dir: orbax checkpoints (params, optimiser state, step, dead tracker, rng, input scale,
+    ckpt_dir: orbax checkpoints (params, optimiser state, step, dead tracker, input scale,
         history) every `ckpt_every` steps and at the end; if it already holds a checkpoint of the
         same settings, training resumes from the latest one.
     mesh: batches are split over the mesh's batch axes (crossmap.sharding.shard_batch); the state
@@ -332,10 +331,10 @@ def train_sae(batches: BatchSource, d_model: int, n_features: int, k: int, steps
         raise ValueError("train_sae: the activations are all zero")
     scale = math.sqrt(cfg.d_model / mean_sq_norm)
     optimizer = make_optimizer(cfg)
-    key, init_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    _, init_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     params = init_params(cfg, mean * scale, init_key)
     state = TrainState(params=params, opt_state=optimizer.init(params), step=jnp.asarray(0, jnp.int32),
-                       tokens_since_fired=jnp.zeros((cfg.n_features,), jnp.int32), rng=key,
+                       tokens_since_fired=jnp.zeros((cfg.n_features,), jnp.int32),
                        input_scale=jnp.asarray(scale, jnp.float32))
     if mesh is not None:
         state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))

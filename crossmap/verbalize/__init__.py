@@ -1,25 +1,28 @@
-"""Explain vectors in words: generation with injected vectors, NLA verbalisers, self-verbalisers.
+"""Explain vectors in words: generation with injected vectors, NLA verbalizers, self-verbalizers.
 
     engine.py      batched prefill + jitted while-loop decode with a preallocated KV cache
                    (`generate`, `Injection`, `GenerationResult`)
-    spec.py        the verbaliser contract (`VerbaliserSpec`), NLA sidecar loading, self-verbaliser
+    spec.py        the verbalizer contract (`VerbalizerSpec`), NLA sidecar loading, self-verbalizer
                    presets, prompt rendering and marker location
-    verbaliser.py  `Verbaliser.explain` (scaling, samples, background washout, parsing)
+    verbalizer.py  `Verbalizer.explain` (scaling, samples, background washout, parsing)
 """
 
-from .engine import GenerationResult, Injection, generate, top_p_filter
+from .engine import INJECTION_MODES, GenerationResult, Injection, generate, top_p_filter
 from .spec import (
+    SCALE_POLICIES,
+    SELF_PROMPTS,
     SIDECAR_ALIASES,
     SIDECAR_NAMES,
+    VERBALIZER_KINDS,
     Prompt,
-    VerbaliserSpec,
+    VerbalizerSpec,
     build_prompt,
-    load_verbaliser_spec,
-    self_verbaliser_spec,
+    load_verbalizer_spec,
+    self_verbalizer_spec,
     spec_from_sidecar,
 )
-from .verbaliser import Explanation, Verbaliser, WashoutConfig, explain, mean_embedding_norm
+from .verbalizer import Explanation, Verbalizer, WashoutConfig, explain, mean_embedding_norm
 
-__all__ = ["GenerationResult", "Injection", "generate", "top_p_filter", "VerbaliserSpec", "Prompt", "build_prompt",
-           "load_verbaliser_spec", "self_verbaliser_spec", "spec_from_sidecar", "SIDECAR_ALIASES", "SIDECAR_NAMES",
-           "Explanation", "Verbaliser", "WashoutConfig", "explain", "mean_embedding_norm"]
+__all__ = ["INJECTION_MODES", "SCALE_POLICIES", "SELF_PROMPTS", "VERBALIZER_KINDS", "GenerationResult", "Injection", "generate", "top_p_filter", "VerbalizerSpec", "Prompt", "build_prompt",
+           "load_verbalizer_spec", "self_verbalizer_spec", "spec_from_sidecar", "SIDECAR_ALIASES", "SIDECAR_NAMES",
+           "Explanation", "Verbalizer", "WashoutConfig", "explain", "mean_embedding_norm"]

@@ -21,7 +21,7 @@ Layout of one batch (B rows, prompt bucket P, N = max_new_tokens, cache length S
   future ones, so `kv_valid` is a loop constant.
 * Rows come in *groups* of `group_size` consecutive rows that share every chosen token: the
   next-token logits of a group are combined as sum_r w_r * logits_r (`group_weights`) before
-  choosing.  Plain generation is group_size 1; background washout (see verbaliser.py) puts a
+  choosing.  Plain generation is group_size 1; background washout (see verbalizer.py) puts a
   direction-plus-background and a background-only row in one group with weights (1/n, -a/n).
   Combining raw logits or log-probabilities gives the same choice (they differ by one constant
   per row, and the weights sum to a constant), so raw logits are used.
@@ -61,7 +61,7 @@ MIN_LENGTH_BUCKET = 16
 class Injection:
     """Vectors placed into the prompts during prefill (never during decode).
 
-    vectors: [B, D] float, already scaled (see `verbaliser.scale_vectors`).
+    vectors: [B, D] float, already scaled (see `verbalizer.scale_vectors`).
     positions: [B] int, index of the injected token in each row's *unpadded* prompt; -1 = none.
     layer: 0 = the input embeddings; L >= 1 = the residual stream after decoder block L-1,
         i.e. what transformers calls `hidden_states[L]` (so layer L is the input of block L).
@@ -120,7 +120,7 @@ def top_p_filter(logits: Array, top_p: Array, *, arity: int = 4) -> Array:
     tokens tied with the last one kept stay too).  top_p >= 1 keeps every token.
 
     No sort and no cumulative sum over the vocabulary: with the vocabulary split over a tensor
-    axis (a tensor-parallel verbaliser's LM head leaves it so), sort-and-cumsum took 1.2 s per
+    axis (a tensor-parallel verbalizer's LM head leaves it so), sort-and-cumsum took 1.2 s per
     [128, 152k] block on 2 H100s, some 150 decode steps of the 7B; on one GPU it is 1.7x this search
     (`crossmap bench top-p`, BENCHMARKS.md).  Instead the cut-off probability is found by searching
     its float32 bit pattern (for non-negative floats the integer order is the numeric order): the

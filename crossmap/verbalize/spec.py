@@ -1,10 +1,10 @@
-"""What a verbaliser is: the prompt, where the vector goes, how it is scaled, how output is parsed.
+"""What a verbalizer is: the prompt, where the vector goes, how it is scaled, how output is parsed.
 
-`VerbaliserSpec` is crossmap's own description of an activation verbaliser (AV).  Trained NLA
-verbalisers (e.g. kitft/nla-qwen2.5-7b-L20-av) ship HF weights plus a sidecar metadata JSON whose
-exact field names are not published; `load_verbaliser_spec` reads such a sidecar, maps the
+`VerbalizerSpec` is crossmap's own description of an activation verbalizer (AV).  Trained NLA
+verbalizers (e.g. kitft/nla-qwen2.5-7b-L20-av) ship HF weights plus a sidecar metadata JSON whose
+exact field names are not published; `load_verbalizer_spec` reads such a sidecar, maps the
 obviously-named keys onto the spec (see `SIDECAR_ALIASES`), keeps every other key in
-`spec.extra`, and lets the caller override any field.  `self_verbaliser_spec` gives
+`spec.extra`, and lets the caller override any field.  `self_verbalizer_spec` gives
 Patchscopes/SelfIE-style presets for models without a trained AV.
 
 `build_prompt` renders the template (through the tokenizer's chat template, or raw), tokenises
@@ -21,11 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCALE_POLICIES = ("fixed", "embedding", "prompt", "activation", "none")
-INJECTION_MODES = ("replace", "add")
+from .engine import INJECTION_MODES
+
+SCALE_POLICIES = ("fixed", "embedding", "prompt", "activation", "none")  # how an injected vector's norm is set
+SELF_PROMPTS = ("chat", "base")  # the self-verbalizer presets (self_verbalizer_spec kind, "auto" picks one)
+VERBALIZER_KINDS = ("self", "nla")  # the model itself with a preset prompt, or a trained NLA checkpoint
 MULTI_TOKEN_MARKER_POLICIES = ("last", "error")
 DEFAULT_EXPLANATION_REGEX = r"<explanation>(.*?)</explanation>"
-# Sidecar files tried, in order, in a verbaliser checkpoint directory.
+# Sidecar files tried, in order, in a verbalizer checkpoint directory.
 SIDECAR_NAMES = ("nla_config.json", "nla_meta.json", "nla_metadata.json", "nla.json", "verbalizer.json",
                  "verbaliser.json", "verbalizer_config.json", "verbaliser_config.json", "av_config.json")
 # End-of-turn tokens of common chat templates: generation stops on them when they exist.
@@ -36,12 +39,12 @@ _SENTINEL = "\ue000crossmap-marker\ue000"
 
 
 @dataclass
-class VerbaliserSpec:
-    """How to run an activation verbaliser.  Defaults are the documented fallback contract.
+class VerbalizerSpec:
+    """How to run an activation verbalizer.  Defaults are the documented fallback contract.
 
     injection_token: the marker text placed in the prompt at `{marker}`, where the vector is
         injected (a reserved special token such as "<concept>" for trained AVs, or a plain
-        word / punctuation for self-verbalisers).  After tokenisation it must cover exactly one
+        word / punctuation for self-verbalizers).  After tokenisation it must cover exactly one
         token; if it covers several, `multi_token_marker` decides ("last": inject at the last
         of them; "error").
     prompt_template: text with one `{marker}` placeholder (if absent, the first literal
@@ -51,7 +54,7 @@ class VerbaliserSpec:
         `system_prompt` if given, and the generation prompt); False tokenises the raw text.
     add_special_tokens: passed to the tokenizer; None means True for raw text (the tokenizer
         adds BOS if it does so by default) and False for chat-rendered text (the template has it).
-    d_model: width of the vectors explained; must equal the verbaliser model's width.
+    d_model: width of the vectors explained; must equal the verbalizer model's width.
         None: taken from the model.
     scale_policy: how a vector's norm is set before injection:
         "fixed"      -> norm `injection_scale`;
@@ -73,7 +76,7 @@ class VerbaliserSpec:
     stop_strings: generated text is cut at the first of these (post hoc); a stop string that
         is a single token also stops generation early (`stop_strings_as_tokens`).
     stop_token_ids: extra stop tokens (the model's EOS ids and, for chat templates, end-of-turn
-        tokens found in the vocabulary are always added by the Verbaliser).
+        tokens found in the vocabulary are always added by the Verbalizer).
     skip_special_tokens: passed to tokenizer.decode for the raw text.
     source: where the spec came from (sidecar path or preset name).  extra: unmapped sidecar keys.
     """
@@ -106,7 +109,7 @@ class VerbaliserSpec:
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
         self.validate()
 
-    def validate(self) -> VerbaliserSpec:
+    def validate(self) -> VerbalizerSpec:
         """Raise ValueError naming every bad field; returns self."""
         where = f" (spec from {self.source})" if self.source else ""
         problems = []
@@ -144,13 +147,13 @@ class VerbaliserSpec:
             except re.error as e:
                 problems.append(f"explanation_regex {self.explanation_regex!r} does not compile: {e}")
         if problems:
-            raise ValueError("invalid VerbaliserSpec" + where + ": " + "; ".join(problems))
+            raise ValueError("invalid VerbalizerSpec" + where + ": " + "; ".join(problems))
         return self
 
-    def replace(self, **changes) -> VerbaliserSpec:
+    def replace(self, **changes) -> VerbalizerSpec:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"unknown VerbaliserSpec field(s) {sorted(unknown)}; fields are "
+            raise ValueError(f"unknown VerbalizerSpec field(s) {sorted(unknown)}; fields are "
                              f"{[f.name for f in dataclasses.fields(self)]}")
         return dataclasses.replace(self, **changes)
 
@@ -257,8 +260,8 @@ def find_sidecar(directory: str | os.PathLike) -> Path | None:
     return None
 
 
-def spec_from_sidecar(meta: dict, where: str = "sidecar") -> VerbaliserSpec:
-    """Map a sidecar dict onto a VerbaliserSpec (first alias found wins; the rest go to `extra`)."""
+def spec_from_sidecar(meta: dict, where: str = "sidecar") -> VerbalizerSpec:
+    """Map a sidecar dict onto a VerbalizerSpec (first alias found wins; the rest go to `extra`)."""
     flat = _flatten(meta)
     values: dict[str, Any] = {}
     used: set[str] = set()
@@ -271,13 +274,13 @@ def spec_from_sidecar(meta: dict, where: str = "sidecar") -> VerbaliserSpec:
     values["extra"] = {k: v for k, v in flat.items() if k not in used}
     values["source"] = where
     try:
-        return VerbaliserSpec(**values)
+        return VerbalizerSpec(**values)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
 
-def load_verbaliser_spec(path: str | os.PathLike, overrides: dict | None = None) -> VerbaliserSpec:
-    """Read the verbaliser contract from a checkpoint directory (or a sidecar JSON file).
+def load_verbalizer_spec(path: str | os.PathLike, overrides: dict | None = None) -> VerbalizerSpec:
+    """Read the verbalizer contract from a checkpoint directory (or a sidecar JSON file).
 
     Looks for the first of `SIDECAR_NAMES` in the directory.  Without one the spec defaults
     apply (source says so).  d_model defaults to config.json's hidden_size when the sidecar
@@ -286,7 +289,7 @@ def load_verbaliser_spec(path: str | os.PathLike, overrides: dict | None = None)
     """
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"verbaliser checkpoint path not found: {p}")
+        raise FileNotFoundError(f"verbalizer checkpoint path not found: {p}")
     sidecar = p if p.is_file() else find_sidecar(p)
     directory = p.parent if p.is_file() else p
     if sidecar is not None:
@@ -298,7 +301,7 @@ def load_verbaliser_spec(path: str | os.PathLike, overrides: dict | None = None)
             raise ValueError(f"{sidecar}: expected a JSON object, got {type(meta).__name__}")
         spec = spec_from_sidecar(meta, str(sidecar))
     else:
-        spec = VerbaliserSpec(source=f"defaults (no sidecar among {', '.join(SIDECAR_NAMES)} in {directory})")
+        spec = VerbalizerSpec(source=f"defaults (no sidecar among {', '.join(SIDECAR_NAMES)} in {directory})")
     if spec.d_model is None and (directory / "config.json").is_file():
         hf = json.loads((directory / "config.json").read_text())
         hidden = hf.get("hidden_size") or hf.get("text_config", {}).get("hidden_size")
@@ -310,13 +313,13 @@ def load_verbaliser_spec(path: str | os.PathLike, overrides: dict | None = None)
 
 
 # ---------------------------------------------------------------------------------------------
-# self-verbaliser presets
+# self-verbalizer presets
 
 BASE_IDENTITY_TEMPLATE = "cat -> cat\n1135 -> 1135\nhello -> hello\n{marker} ->"
 CHAT_MEANING_TEMPLATE = 'What does "{marker}" mean? Answer in one short sentence.'
 
 
-def self_verbaliser_spec(kind: str = "auto", tokenizer=None, **overrides) -> VerbaliserSpec:
+def self_verbalizer_spec(kind: str = "auto", tokenizer=None, **overrides) -> VerbalizerSpec:
     """Patchscopes / SelfIE-style prompt on the model itself (no trained AV; weaker than one).
 
     kind="base": few-shot identity prompt, raw text with the tokenizer's BOS:
@@ -330,21 +333,21 @@ def self_verbaliser_spec(kind: str = "auto", tokenizer=None, **overrides) -> Ver
     """
     if kind == "auto":
         if tokenizer is None:
-            raise ValueError("self_verbaliser_spec(kind='auto') needs the tokenizer to pick base or chat")
+            raise ValueError("self_verbalizer_spec(kind='auto') needs the tokenizer to pick base or chat")
         kind = "chat" if getattr(tokenizer, "chat_template", None) else "base"
     if kind == "base":
-        spec = VerbaliserSpec(injection_token="?", prompt_template=BASE_IDENTITY_TEMPLATE, use_chat_template=False,
+        spec = VerbalizerSpec(injection_token="?", prompt_template=BASE_IDENTITY_TEMPLATE, use_chat_template=False,
                               scale_policy="embedding", explanation_regex=None, max_new_tokens=12,
-                              stop_strings=("\n",), source="self-verbaliser preset 'base' (identity few-shot)")
+                              stop_strings=("\n",), source="self-verbalizer preset 'base' (identity few-shot)")
     elif kind == "chat":
         if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("self_verbaliser_spec(kind='chat'): the tokenizer has no chat template; "
+            raise ValueError("self_verbalizer_spec(kind='chat'): the tokenizer has no chat template; "
                              "use kind='base' for base models")
-        spec = VerbaliserSpec(injection_token="X", prompt_template=CHAT_MEANING_TEMPLATE, use_chat_template=True,
+        spec = VerbalizerSpec(injection_token="X", prompt_template=CHAT_MEANING_TEMPLATE, use_chat_template=True,
                               scale_policy="embedding", explanation_regex=None, max_new_tokens=32,
-                              source="self-verbaliser preset 'chat' (what does X mean)")
+                              source="self-verbalizer preset 'chat' (what does X mean)")
     else:
-        raise ValueError(f"self_verbaliser_spec: kind must be 'base', 'chat' or 'auto', got {kind!r}")
+        raise ValueError(f"self_verbalizer_spec: kind must be 'base', 'chat' or 'auto', got {kind!r}")
     return spec.replace(**overrides) if overrides else spec
 
 
@@ -353,7 +356,7 @@ def self_verbaliser_spec(kind: str = "auto", tokenizer=None, **overrides) -> Ver
 
 @dataclass(frozen=True)
 class Prompt:
-    """A rendered verbaliser prompt: token ids and the index of the injected token."""
+    """A rendered verbalizer prompt: token ids and the index of the injected token."""
 
     token_ids: tuple[int, ...]
     marker_index: int
@@ -361,7 +364,7 @@ class Prompt:
     marker_token_indices: tuple[int, ...]  # every token the marker covers (one, normally)
 
 
-def _marker_template(spec: VerbaliserSpec) -> str | list:
+def _marker_template(spec: VerbalizerSpec) -> str | list:
     """The template with the marker replaced by the sentinel; errors if there is no marker."""
     where = f" (spec from {spec.source})" if spec.source else ""
 
@@ -386,7 +389,7 @@ def _marker_template(spec: VerbaliserSpec) -> str | list:
     return out
 
 
-def build_prompt(tokenizer, spec: VerbaliserSpec) -> Prompt:
+def build_prompt(tokenizer, spec: VerbalizerSpec) -> Prompt:
     """Render `spec`'s template, tokenise it and locate the marker token.
 
     The marker's character span in the rendered text is found through the tokenizer's offset
@@ -441,7 +444,7 @@ def build_prompt(tokenizer, spec: VerbaliserSpec) -> Prompt:
                   marker_token_indices=covered)
 
 
-def stop_ids_for(tokenizer, spec: VerbaliserSpec, model_eos: tuple[int, ...] = ()) -> tuple[int, ...]:
+def stop_ids_for(tokenizer, spec: VerbalizerSpec, model_eos: tuple[int, ...] = ()) -> tuple[int, ...]:
     """Stop tokens: spec.stop_token_ids, the model's EOS ids, the tokenizer's EOS, end-of-turn
     tokens of chat templates (when the spec uses one), and single-token stop strings."""
     ids = set(spec.stop_token_ids) | set(model_eos)

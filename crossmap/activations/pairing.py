@@ -1,4 +1,4 @@
-"""Corpora, tokenisation with character offsets, cross-tokenizer pairing and activation collection.
+"""Tokenisation with character offsets, cross-tokenizer pairing and activation collection.
 
 Two models with different tokenizers read the same documents.  A source position and a target position
 are *paired* when both tokens end at the same character of the document: at that point both models have
@@ -20,12 +20,9 @@ Conventions
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -33,115 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from crossmap.sharding import shard_batch, to_host
+from ..sharding import shard_batch, to_host
 
 DEFAULT_BUCKETS: tuple[int, ...] = (64, 128, 256, 512)
 DEFAULT_SKIP_FIRST = 2
 PAIRINGS = ("offsets", "last", "mean")
-CORPUS_SUFFIXES = (".txt", ".jsonl")
 
 HiddenFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 Consumer = Callable[[jax.Array, jax.Array, jax.Array, int, dict], Any]
-
-
-# ------------------------------------------------------------------------------------------- corpora
-
-
-def default_corpus_path() -> Path:
-    """Path of the shipped demo corpus (`crossmap/data/corpus.jsonl`; see crossmap/data/README.md)."""
-    return Path(str(resources.files("crossmap.data").joinpath("corpus.jsonl")))
-
-
-def _read_txt(path: Path, split: str) -> Iterator[str]:
-    text = path.read_text(encoding="utf-8")
-    if split == "line":
-        blocks = text.splitlines()
-    else:
-        # blank-line separated blocks; a "blank" line may hold whitespace
-        blocks, current = [], []
-        for line in text.splitlines():
-            if line.strip():
-                current.append(line)
-            elif current:
-                blocks.append("\n".join(current))
-                current = []
-        if current:
-            blocks.append("\n".join(current))
-    for block in blocks:
-        if block.strip():
-            yield block.strip()
-
-
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{path}:{line_number}: no text field {text_field!r} (found {fields}); "
-                                 "pass text_field= to name the right one")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{line_number}: field {text_field!r} is a {type(text).__name__}, "
-                                 "expected a string")
-            if text.strip():
-                yield text
-
-
-def _read_file(path: Path, split: str, text_field: str) -> Iterator[str]:
-    if path.suffix == ".txt":
-        return _read_txt(path, split)
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path, text_field)
-    raise ValueError(f"{path}: unsupported corpus file type {path.suffix!r}; expected one of {CORPUS_SUFFIXES}")
-
-
-def read_corpus(path: str | Path, split: str = "blank", text_field: str = "text",
-                max_documents: int | None = None) -> list[str]:
-    """Documents of a corpus file or directory, in a deterministic order.
-
-    path: a `.txt` file (documents separated by blank lines, `split="blank"`, or one per line,
-    `split="line"`), a `.jsonl` file (one JSON object per line; the document is `record[text_field]`),
-    or a directory whose `.txt` / `.jsonl` files (searched recursively) are read in sorted path order.
-    Whitespace-only documents are skipped.  At most `max_documents` documents are returned.
-    """
-    if split not in ("blank", "line"):
-        raise ValueError(f"read_corpus: split must be 'blank' or 'line', got {split!r}")
-    if max_documents is not None and max_documents <= 0:
-        raise ValueError(f"read_corpus: max_documents must be positive, got {max_documents}")
-    path = Path(path)
-    if path.is_dir():
-        files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix in CORPUS_SUFFIXES),
-                       key=lambda p: p.relative_to(path).as_posix())
-        if not files:
-            raise ValueError(f"{path}: directory holds no corpus files ({', '.join(CORPUS_SUFFIXES)})")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise FileNotFoundError(f"corpus path {path} does not exist")
-    documents: list[str] = []
-    for file in files:
-        for document in _read_file(file, split, text_field):
-            documents.append(document)
-            if max_documents is not None and len(documents) >= max_documents:
-                return documents
-    if not documents:
-        raise ValueError(f"{path}: corpus is empty (no non-blank documents)")
-    return documents
-
-
-def assign_folds(n_documents: int, n_folds: int, seed: int = 0) -> np.ndarray:
-    """int32[n_documents] fold of each document: a seeded permutation dealt round-robin (balanced folds)."""
-    if n_folds < 1:
-        raise ValueError(f"assign_folds: n_folds must be >= 1, got {n_folds}")
-    folds = np.empty(n_documents, np.int32)
-    folds[np.random.default_rng(seed).permutation(n_documents)] = np.arange(n_documents) % n_folds
-    return folds
 
 
 # ------------------------------------------------------------------------------ tokenisation, offsets
@@ -427,21 +323,20 @@ def collect_pairs(source_fn: HiddenFn, target_fn: HiddenFn, source_tokenizer: An
     tokens_run = 0
     for batch_index, doc_ids in enumerate(batches):
         fold, seq_len = keys[doc_ids[0]]
-        seq_src = seq_tgt = seq_len
         rows = doc_ids + [-1] * (batch_size - len(doc_ids))
         row_src = [src_docs[i] if i >= 0 else None for i in rows]
         row_tgt = [tgt_docs[i] if i >= 0 else None for i in rows]
-        hs = source_fn(*(_to_device(a, mesh) for a in pack_rows(row_src, seq_src)))
-        ht = target_fn(*(_to_device(a, mesh) for a in pack_rows(row_tgt, seq_tgt)))
+        hs = source_fn(*(_to_device(a, mesh) for a in pack_rows(row_src, seq_len)))
+        ht = target_fn(*(_to_device(a, mesh) for a in pack_rows(row_tgt, seq_len)))
 
-        pairs_per_row = min(seq_src, seq_tgt) if pairing == "offsets" else 1
+        pairs_per_row = seq_len if pairing == "offsets" else 1  # both sides are padded to one bucket
         shape = (batch_size, pairs_per_row)
         idx_src, idx_tgt = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
         pos_src, pos_tgt = np.full(shape, -1, np.int32), np.full(shape, -1, np.int32)
         pair_end, pair_doc = np.full(shape, -1, np.int32), np.full(shape, -1, np.int32)
         mask = np.zeros(shape, bool)
-        w_src = np.zeros((batch_size, seq_src), np.float32)
-        w_tgt = np.zeros((batch_size, seq_tgt), np.float32)
+        w_src = np.zeros((batch_size, seq_len), np.float32)
+        w_tgt = np.zeros((batch_size, seq_len), np.float32)
         for row, doc in enumerate(rows):
             if doc < 0:
                 continue

@@ -1,14 +1,14 @@
-"""Explain vectors with an activation verbaliser: a trained NLA AV or the model itself.
+"""Explain vectors with an activation verbalizer: a trained NLA AV or the model itself.
 
-    spec = load_verbaliser_spec("/ckpt/nla-qwen2.5-7b-L20-av")          # or self_verbaliser_spec("chat", tok)
-    verbaliser = Verbaliser(lm.model, lm.tokenizer, spec, mesh=mesh)
-    explanations = verbaliser.explain(vectors, n_samples=3, temperature=0.7, top_p=0.9, seed=0)
+    spec = load_verbalizer_spec("/ckpt/nla-qwen2.5-7b-L20-av")          # or self_verbalizer_spec("chat", tok)
+    verbalizer = Verbalizer(lm.model, lm.tokenizer, spec, mesh=mesh)
+    explanations = verbalizer.explain(vectors, n_samples=3, temperature=0.7, top_p=0.9, seed=0)
     explanations[i].parsed[s]   # explanation of vector i, sample s (explanations[i].raw: full text)
 
 Background washout (`WashoutConfig`; the published method's exact formula is not public, this
 is crossmap's documented version): a direction d is explained *on top of* real background
 activations b_1..b_n (e.g. residuals at random corpus positions of the layer the directions
-live in), and what the backgrounds alone would make the verbaliser say is subtracted.  For each
+live in), and what the backgrounds alone would make the verbalizer say is subtracted.  For each
 vector and sample, 2n rows run in one group of the same batch:
 
     rows 1..n     inject  scale(b_j + d_j)      d_j = direction_scale * |b_j| * d / |d|
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .. import sharding as shd
 from .engine import GenerationResult, Injection, batch_bucket, generate
-from .spec import Prompt, VerbaliserSpec, build_prompt, stop_ids_for
+from .spec import Prompt, VerbalizerSpec, build_prompt, stop_ids_for
 
 DIRECTION_NORMS = ("background", "as_is")
 
@@ -74,7 +74,7 @@ class WashoutConfig:
 
 @dataclass
 class Explanation:
-    """The verbaliser's output for one vector: one entry per sample.
+    """The verbalizer's output for one vector: one entry per sample.
 
     raw: the decoded generation (stop token dropped, cut at the spec's stop strings);
     parsed: the explanation extracted by the spec's regex (falls back to the stripped raw text);
@@ -94,7 +94,7 @@ def _check_vectors(name: str, array, width: int, *, allow_zero: bool) -> np.ndar
     if a.ndim == 1:
         a = a[None]
     if a.ndim != 2 or a.shape[1] != width:
-        raise ValueError(f"{name} must have shape [N, {width}] (the verbaliser's d_model), got {np.shape(array)}")
+        raise ValueError(f"{name} must have shape [N, {width}] (the verbalizer's d_model), got {np.shape(array)}")
     bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
     if bad.size:
         raise ValueError(f"{name}[{int(bad[0])}] contains NaN or inf ({bad.size} bad row(s) in all)")
@@ -110,21 +110,21 @@ def _mean_row_norm(table: jax.Array) -> jax.Array:
     return jnp.mean(jnp.linalg.norm(table.astype(jnp.float32), axis=-1))
 
 
-class Verbaliser:
-    """A model + tokenizer + VerbaliserSpec that turns vectors into text.
+class Verbalizer:
+    """A model + tokenizer + VerbalizerSpec that turns vectors into text.
 
     The prompt is rendered and tokenised once (`self.prompt`).  `explain` batches vectors x
     samples (x washout rows), injects each scaled vector at the marker during prefill and
     generates with `engine.generate` (one jitted prefill + while-loop decode per batch).
     """
 
-    def __init__(self, model, tokenizer, spec: VerbaliserSpec, *, mesh: Mesh | None = None,
+    def __init__(self, model, tokenizer, spec: VerbalizerSpec, *, mesh: Mesh | None = None,
                  rules: dict | None = None):
         cfg = model.config
         spec.validate()
         if spec.d_model is not None and spec.d_model != cfg.d_model:
             raise ValueError(f"spec d_model={spec.d_model} (from {spec.source or 'the spec'}) does not match the "
-                             f"verbaliser model's width {cfg.d_model} ({cfg.name or cfg.model_type})")
+                             f"verbalizer model's width {cfg.d_model} ({cfg.name or cfg.model_type})")
         if spec.injection_layer > cfg.n_layers:
             raise ValueError(f"spec injection_layer={spec.injection_layer} out of range for "
                              f"{cfg.name or cfg.model_type} (0 = embeddings .. {cfg.n_layers})")
@@ -208,7 +208,7 @@ class Verbaliser:
         prompt = list(self.prompt.token_ids)
         results: list[Explanation] = []
         starts = range(0, n_vec, vectors_per_batch)
-        for b, start in enumerate(tqdm(starts, desc="verbalise", unit="batch", disable=not progress)):
+        for b, start in enumerate(tqdm(starts, desc="verbalize", unit="batch", disable=not progress)):
             chunk = row_vectors[start:start + vectors_per_batch]  # [n, group, D]
             n = chunk.shape[0]
             # row order: vector, sample, group row (groups are consecutive rows)
@@ -282,11 +282,11 @@ class Verbaliser:
         return out
 
 
-def explain(model, tokenizer, spec: VerbaliserSpec, vectors, **kwargs) -> list[Explanation]:
-    """One-shot `Verbaliser(model, tokenizer, spec).explain(vectors, **kwargs)` (mesh= and rules= go
-    to the Verbaliser)."""
+def explain(model, tokenizer, spec: VerbalizerSpec, vectors, **kwargs) -> list[Explanation]:
+    """One-shot `Verbalizer(model, tokenizer, spec).explain(vectors, **kwargs)` (mesh= and rules= go
+    to the Verbalizer)."""
     mesh, rules = kwargs.pop("mesh", None), kwargs.pop("rules", None)
-    return Verbaliser(model, tokenizer, spec, mesh=mesh, rules=rules).explain(vectors, **kwargs)
+    return Verbalizer(model, tokenizer, spec, mesh=mesh, rules=rules).explain(vectors, **kwargs)
 
 
 def mean_embedding_norm(model, token_ids: Sequence[int] | None = None) -> float:
