@@ -242,8 +242,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bandwidth = measured_copy_bandwidth(copy_mib << 20, repeats=max(args.reps, 5))["gb_per_s"] * 1e9
     floor = _floor(cfg, model, batch, prompt_len, new_tokens, bandwidth, ours["decode_step_s"])
     ours["ratio_to_floor"] = ours["decode_step_s"] / floor["step_s"]
+    # a decode step timed at <= 0 (a loaded CPU: the 1-token call took as long as the full one) has no ratio
+    ratio = "n/a" if floor["ratio_to_floor"] is None else f"{floor['ratio_to_floor']:.3f}"
     print(f"[verbalize bench] floor {floor['step_s'] * 1e3:.3f} ms/step at {floor['copy_bandwidth_GBps']:.0f} GB/s: "
-          f"ratio {floor['ratio_to_floor']:.3f}", flush=True)
+          f"ratio {ratio}", flush=True)
     del model
     result: dict[str, Any] = {
         "benchmark": "verbalize", "preset": args.preset, "model": cfg.name or cfg.model_type,
