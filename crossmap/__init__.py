@@ -2,7 +2,7 @@
 
 Floors, lowest first; a module imports only from its own floor or those below it (tests/test_architecture.py
 checks this and that no two files import each other, directly or through others):
-    jsonio, sharding                       plain JSON on disk; the logical-axis -> mesh table
+    jsonio, integrity, failpoints, sharding  plain JSON; content hashes and checksums; test kill points; the axis table
     models                                 Flax NNX ports, checkpoint formats, loading onto the mesh
     activations, ridge, sae                corpus and paired activations; the ridge map; SAEs
     verbalize, evaluate                    generation with injected vectors; metrics

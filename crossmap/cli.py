@@ -70,7 +70,11 @@ def _build_parser(argv: list[str]) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--config", required=True, help="path to a config .py file exposing get_config()")
     run.add_argument("--only", default="", help="comma-separated stages to run (their inputs must exist)")
-    run.add_argument("--force", default="", help="comma-separated stages to recompute even if done")
+    run.add_argument("--force", default="", help="comma-separated stages to recompute even if done (their "
+                                                  "partial state, e.g. SAE training checkpoints, is cleared too)")
+    run.add_argument("--resume-only", action="store_true",
+                     help="continue stages whose directories belong to this config, but refuse (saying what "
+                          "changed) rather than clear a stage started under another config")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     run.add_argument("--compile-cache", default=None, metavar="DIR",
                      help="keep compiled programs here so a resumed or repeated run skips compiling (default: "

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .failpoints import failpoint
+
 
 def to_jsonable(obj: Any, *, strict: bool = True) -> Any:
     """`obj` as plain JSON types (recursively).
@@ -51,6 +53,18 @@ def dumps(obj: Any, *, strict: bool = True, indent: int | None = 2, sort_keys: b
     return json.dumps(to_jsonable(obj, strict=strict), indent=indent, sort_keys=sort_keys, allow_nan=False)
 
 
+def temporary_name(path: str | os.PathLike, suffix: str = "") -> Path:
+    """Where `save_json` writes before its rename (a kill can leave such a file behind; it is no result)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp{suffix}")
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    name = Path(path).name
+    stem, dot, rest = name.rpartition(".tmp")
+    return bool(dot) and stem.endswith(".json") and (rest == "" or rest.isdigit())
+
+
 def save_json(path: str | os.PathLike, obj: Any, *, strict: bool = True, suffix: str = "") -> Path:
     """Write `obj` to `path` atomically: a killed process never leaves half a file under the name.
 
@@ -59,8 +73,9 @@ def save_json(path: str | os.PathLike, obj: Any, *, strict: bool = True, suffix:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{suffix}")
+    tmp = temporary_name(path, suffix)
     tmp.write_text(dumps(obj, strict=strict), encoding="utf-8")
+    failpoint("save_json")  # a kill here leaves the temporary file, never half a record under the name
     tmp.replace(path)
     return path
 

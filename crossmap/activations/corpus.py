@@ -19,8 +19,18 @@ def default_corpus_path() -> Path:
     return Path(str(resources.files("crossmap.data").joinpath("corpus.jsonl")))
 
 
+def _utf8_error(path: Path, raw: bytes, err: UnicodeDecodeError) -> ValueError:
+    line = raw[:err.start].count(b"\n") + 1
+    return ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+                      "re-encode the corpus as UTF-8")
+
+
 def _read_txt(path: Path, split: str) -> Iterator[str]:
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _utf8_error(path, raw, err) from None
     if split == "line":
         blocks = text.splitlines()
     else:
@@ -40,24 +50,28 @@ def _read_txt(path: Path, split: str) -> Iterator[str]:
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{path}:{line_number}: no text field {text_field!r} (found {fields}); "
-                                 "pass text_field= to name the right one")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{line_number}: field {text_field!r} is a {type(text).__name__}, "
-                                 "expected a string")
-            if text.strip():
-                yield text
+    raw = path.read_bytes()
+    try:
+        lines = raw.decode("utf-8").split("\n")  # not splitlines(): U+2028 may stand inside a JSON string
+    except UnicodeDecodeError as err:
+        raise _utf8_error(path, raw, err) from None
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{path}:{line_number}: no text field {text_field!r} (found {fields}); "
+                             "pass text_field= to name the right one")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{line_number}: field {text_field!r} is a {type(text).__name__}, "
+                             "expected a string")
+        if text.strip():
+            yield text
 
 
 def _read_file(path: Path, split: str, text_field: str) -> Iterator[str]:

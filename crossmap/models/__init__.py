@@ -28,6 +28,7 @@ from .loading import (
     load_model,
     load_tokenizer,
     make_hidden_fn,
+    read_model_config,
     resolve_model_path,
     shard_model,
 )
@@ -44,5 +45,5 @@ from .synthetic import (
 
 __all__ = ["ModelConfig", "Transformer", "LoadedModel", "load_model", "init_random", "tiny_config",
            "make_hidden_fn", "architecture_for", "config_from_hf", "hf_config", "shard_model", "load_tokenizer",
-           "resolve_model_path", "convert_gguf", "shipped_gguf", "SHIPPED", "ARCHITECTURES", "random_hf_arrays",
+           "resolve_model_path", "read_model_config", "convert_gguf", "shipped_gguf", "SHIPPED", "ARCHITECTURES", "random_hf_arrays",
            "write_random_checkpoint", "shape_config", "shape_config_names"]

@@ -29,9 +29,16 @@ def _layer_types(hf: dict, n_layers: int) -> tuple[str, ...]:
 def config_from_hf(hf: dict, name: str = "", **overrides) -> ModelConfig:
     if hf.get("model_type") == "gemma3":  # multimodal wrapper: the decoder is in text_config
         hf = {**hf["text_config"], "model_type": "gemma3_text"}
+    for flag, what in (("use_bidirectional_attention", "bidirectional attention"),
+                       ("attention_bias", "biases on q, k, v and o")):
+        if hf.get(flag):
+            raise NotImplementedError(f"{name}: {flag}=True ({what}) is not implemented by the Gemma 3 port")
     rope_params = hf.get("rope_parameters") or {}
     full = rope_params.get("full_attention") or {}
     local = rope_params.get("sliding_attention") or {}
+    if local.get("rope_type", local.get("type", "default")) not in ("default", None):
+        raise NotImplementedError(f"{name}: RoPE scaling on sliding-window layers ({local}) is not implemented by "
+                                  "the Gemma 3 port (only linear scaling of the global layers)")
     scaling = hf.get("rope_scaling") or full
     factor = 1.0
     if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "linear":
@@ -51,7 +58,7 @@ def config_from_hf(hf: dict, name: str = "", **overrides) -> ModelConfig:
         rope_theta=float(hf.get("rope_theta") or full.get("rope_theta", 1_000_000.0)),
         rope_local_theta=float(hf.get("rope_local_base_freq") or local.get("rope_theta", 10_000.0)),
         rope_scaling=factor, sliding_window=hf.get("sliding_window", 4096),
-        layer_types=_layer_types(hf, n_layers), qkv_bias=bool(hf.get("attention_bias", False)),
+        layer_types=_layer_types(hf, n_layers), qkv_bias=False,
         qk_norm=True, norm_plus_one=True, sandwich_norms=True, embed_scale=True, activation="gelu_tanh",
         query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
@@ -80,7 +87,7 @@ def hf_config(cfg: ModelConfig) -> dict:
                             "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
         "sliding_window": cfg.sliding_window,
         "layer_types": ["sliding_attention" if t == "sliding" else "full_attention" for t in cfg.layer_types],
-        "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "attention_bias": cfg.qkv_bias,
+        "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "attention_bias": False,
         "tie_word_embeddings": cfg.tie_embeddings, "final_logit_softcapping": cfg.final_logit_softcap,
         "max_position_embeddings": cfg.max_position_embeddings, "bos_token_id": cfg.bos_token_id,
         "eos_token_id": token_ids_to_hf(cfg.eos_token_ids), "pad_token_id": cfg.pad_token_id,

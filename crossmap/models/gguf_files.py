@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..integrity import cached_sha256
 from .registry import gguf_architecture_for, hf_config
 from .shipped import cache_dir, env_offline
 
@@ -42,7 +43,14 @@ def read_gguf(path: Path) -> tuple[dict, Callable[[], Iterator[tuple[str, np.nda
     """(metadata dict, tensor iterator factory) of a GGUF file, dequantised with `gguf` (no torch)."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    with Path(path).open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as err:  # the gguf package's own errors: say which file
+        raise ValueError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from err
     meta = {}
     for key, field in reader.fields.items():
         if key.split(".")[-1] in ("tokens", "scores", "token_type", "merges"):
@@ -62,14 +70,17 @@ def read_gguf(path: Path) -> tuple[dict, Callable[[], Iterator[tuple[str, np.nda
 
 
 def _gguf_cache_dir(path: Path) -> Path:
-    st = path.stat()
-    return cache_dir() / "converted" / f"{path.stem}-{st.st_size}"
+    """Where the conversion of `path` is kept: named by the file's content hash (hashed once, then
+    remembered by path, size and mtime), so another file of the same name and size is never
+    taken for it."""
+    digest = cached_sha256(path, cache_dir() / "converted" / "sha256-by-path.json")
+    return cache_dir() / "converted" / f"{path.stem}-{digest[:16]}"
 
 
 def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
     """Dequantise a GGUF file into a HF-layout directory (config.json, model.safetensors, tokenizer).
 
-    The result is cached (by file name and size) so later loads are a plain safetensors read;
+    The result is cached (by the file's content hash) so later loads are a plain safetensors read;
     transformers can load the directory too.
     """
     from safetensors.numpy import save_file

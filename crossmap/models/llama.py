@@ -20,6 +20,10 @@ def config_from_hf(hf: dict, name: str = "", **overrides) -> ModelConfig:
     scaling = hf.get("rope_scaling") or (hf.get("rope_parameters") or {})
     if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
         raise NotImplementedError(f"{name}: RoPE scaling {scaling} is not supported for llama-family ports")
+    if hf.get("model_type") == "llama":
+        for flag, what in (("attention_bias", "biases on q, k, v and o"), ("mlp_bias", "biases in the MLP")):
+            if hf.get(flag):
+                raise NotImplementedError(f"{name}: {flag}=True ({what}) is not implemented by the llama port")
     theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10_000.0)
     kw = dict(
         model_type=hf["model_type"], vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
@@ -27,7 +31,7 @@ def config_from_hf(hf: dict, name: str = "", **overrides) -> ModelConfig:
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, d_ff=hf["intermediate_size"],
         rms_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-        qkv_bias=bool(hf.get("attention_bias", False)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=False, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id"), eos_token_ids=token_ids(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"), max_position_embeddings=hf.get("max_position_embeddings", 32768),
         name=name,
@@ -48,7 +52,9 @@ def hf_config(cfg: ModelConfig) -> dict:
         "eos_token_id": token_ids_to_hf(cfg.eos_token_ids), "pad_token_id": cfg.pad_token_id,
     }
     if cfg.model_type == "llama":
-        hf["attention_bias"] = cfg.qkv_bias
+        if cfg.qkv_bias:
+            raise NotImplementedError(f"{cfg.name}: a llama config.json cannot say q, k, v biases without o (qwen2 can)")
+        hf["attention_bias"] = False
     return hf
 
 

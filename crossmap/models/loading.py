@@ -133,6 +133,18 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a checkpoint without reading its weights (a GGUF file is converted once, as
+    `load_model` would): for checks before anything loads."""
+    p = resolve_model_path(path)
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ValueError(f"{p}: expected a checkpoint directory or a .gguf file")
+        p = convert_gguf(p)
+        return config_from_hf(read_config_json(p), p.name.rsplit("-", 1)[0])
+    return config_from_hf(read_config_json(p), p.name)
+
+
 def load_model(path: str | os.PathLike, *, dtype="float32", mesh: Mesh | None = None, rules: dict | None = None,
                with_tokenizer: bool = True, config_overrides: dict | None = None) -> LoadedModel:
     """Load a model from a HF checkpoint directory, a GGUF file, or `shipped:<name>`.

@@ -77,7 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
         "per_target": False,
         "standardize": False,
         "compute_dtype": "float64",
-        "on_nonfinite": "skip",  # ridge.NONFINITE_MODES
+        "on_nonfinite": "skip",  # ridge.NONFINITE_MODES: skip (leave out pairs with NaN/inf), raise, ignore
+        "max_nonfinite_fraction": 0.01,  # past this fraction of left-out pairs the map stage fails
         "keep_pairs": 200_000,  # paired activations kept on the host for SAE training and evaluation
     }
     c.sae = {
@@ -149,7 +150,9 @@ def _parse_value(text: str, current, field: str):
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         raise ValueError(f"--config.{field}: cannot parse {text!r} as a {type(current).__name__}") from None
-    if isinstance(current, float) and isinstance(value, int):
+    if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, bool):
+        raise ValueError(f"--config.{field}: expected an int, got the boolean {text!r}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
@@ -158,6 +161,47 @@ def _parse_value(text: str, current, field: str):
     if current is not None and not isinstance(value, type(current)) and not isinstance(current, dict):
         raise ValueError(f"--config.{field}: expected a {type(current).__name__}, got {text!r}")
     return value
+
+
+# Fields whose value is a free-form dict: --config.verbalizers.source.spec.max_new_tokens=5 sets one key
+FREE_FORM_FIELDS = (("verbalizers", "*", "spec"),)
+
+
+def _free_form_prefix(parts: list[str]) -> int | None:
+    """Length of the free-form field `parts` starts with (None if it starts with none)."""
+    for pattern in FREE_FORM_FIELDS:
+        if len(parts) >= len(pattern) and all(p in ("*", q) for p, q in zip(pattern, parts, strict=False)):
+            return len(pattern)
+    return None
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word is a string
+
+
+def _set_free_form(config: ml_collections.ConfigDict, parts: list[str], n: int, text: str, key: str) -> None:
+    node = config
+    for depth, part in enumerate(parts[:n - 1]):
+        if part not in node:
+            raise KeyError(f"--config.{key}: unknown field {'.'.join(parts[:depth + 1])!r}")
+        node = node[part]
+    field = parts[n - 1]
+    with node.unlocked():
+        if len(parts) == n:  # the whole dict
+            value = _literal(text)
+            if not isinstance(value, dict):
+                raise ValueError(f"--config.{key}: expected a dict such as {{'max_new_tokens': 5}}, got {text!r}")
+            node[field] = value
+        else:
+            current = node[field].to_dict() if isinstance(node[field], ml_collections.ConfigDict) else dict(node[field])
+            target = current
+            for part in parts[n:-1]:
+                target = target.setdefault(part, {})
+            target[parts[-1]] = _literal(text)
+            node[field] = current
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
@@ -177,6 +221,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
             i += 1
         node = config
         parts = key.split(".")
+        free = _free_form_prefix(parts)
+        if free is not None:  # a free-form dict (verbalizers.*.spec): any key, its value a Python literal
+            _set_free_form(config, parts, free, text, key)
+            i += 1
+            continue
         for depth, part in enumerate(parts[:-1]):
             if part not in node:
                 raise KeyError(f"--config.{key}: unknown field {'.'.join(parts[:depth + 1])!r}")
@@ -195,6 +244,14 @@ def _one_of(problems: list[str], field: str, value, allowed: tuple) -> None:
         problems.append(f"{field} must be one of {', '.join(repr(a) for a in allowed)} (got {value!r})")
 
 
+MIN_KEPT_PAIRS = 1000
+
+
+def _at_least(problems: list[str], field: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        problems.append(f"{field} must be an int >= {low} (got {value!r})")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Reject contradictory or impossible settings, naming the field and its allowed values."""
     problems: list[str] = []
@@ -202,8 +259,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         m = c.models[side]
         if not m.path:
             problems.append(f"models.{side}.path is empty")
-        if m.layer < 0:
-            problems.append(f"models.{side}.layer must be >= 0 (got {m.layer})")
+        if isinstance(m.layer, bool) or not isinstance(m.layer, int) or m.layer < 0:
+            problems.append(f"models.{side}.layer must be a block index, an int >= 0 (got {m.layer!r})")
         _one_of(problems, f"models.{side}.dtype", m.dtype, SUPPORTED_DTYPES)
         v = c.verbalizers[side]
         _one_of(problems, f"verbalizers.{side}.kind", v.kind, VERBALIZER_KINDS)
@@ -215,17 +272,40 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _one_of(problems, f"verbalizers.{side}.injection_mode", v.injection_mode, ("",) + INJECTION_MODES)
         if v.dtype:
             _one_of(problems, f"verbalizers.{side}.dtype", v.dtype, SUPPORTED_DTYPES)
-        if v.n_samples < 1:
-            problems.append(f"verbalizers.{side}.n_samples must be >= 1")
+        _at_least(problems, f"verbalizers.{side}.n_samples", v.n_samples, 1)
+        _at_least(problems, f"verbalizers.{side}.batch_size", v.batch_size, 1)
+        _at_least(problems, f"verbalizers.{side}.max_new_tokens", v.max_new_tokens, 1)
+        if not 0 < v.top_p <= 1:
+            problems.append(f"verbalizers.{side}.top_p must be in (0, 1] (got {v.top_p})")
+        if v.temperature < 0:
+            problems.append(f"verbalizers.{side}.temperature must be >= 0 (got {v.temperature})")
         if v.n_samples > 1 and v.temperature == 0.0:
             problems.append(f"verbalizers.{side}.n_samples={v.n_samples} with temperature=0 gives identical "
                             "greedy samples; set a temperature > 0 or n_samples=1")
     _one_of(problems, "corpus.split", c.corpus.split, CORPUS_SPLITS)
+    _at_least(problems, "corpus.batch_size", c.corpus.batch_size, 1)
+    _at_least(problems, "corpus.max_length", c.corpus.max_length, 1)
+    buckets = tuple(c.corpus.buckets)
+    if not buckets or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in buckets):
+        problems.append(f"corpus.buckets must be positive token lengths (got {buckets})")
+    elif c.corpus.max_length > max(buckets):
+        problems.append(f"corpus.max_length={c.corpus.max_length} exceeds the largest of corpus.buckets {buckets}")
     _one_of(problems, "pairing.method", c.pairing.method, PAIRINGS)
     if c.ridge.folds < 2 and len(c.ridge.lambdas) > 1:
         problems.append(f"ridge.folds={c.ridge.folds} cannot choose among {len(c.ridge.lambdas)} ridge.lambdas")
-    if any(lam < 0 for lam in c.ridge.lambdas):
+    elif c.ridge.folds < 2:
+        problems.append(f"ridge.folds must be >= 2: the held-out R^2 and the SAE's held-out fold need them "
+                        f"(got {c.ridge.folds})")
+    lambdas = tuple(c.ridge.lambdas)
+    if not lambdas or not all(isinstance(lam, (int, float)) and not isinstance(lam, bool) for lam in lambdas):
+        problems.append(f"ridge.lambdas must be one or more numbers (got {lambdas!r})")
+    elif any(lam < 0 for lam in lambdas):
         problems.append("ridge.lambdas must be >= 0")
+    if c.ridge.keep_pairs < MIN_KEPT_PAIRS:
+        problems.append(f"ridge.keep_pairs must be >= {MIN_KEPT_PAIRS}: the SAE trains on them and the "
+                        f"evaluation draws backgrounds from them (got {c.ridge.keep_pairs})")
+    if not 0 <= c.ridge.max_nonfinite_fraction <= 1:
+        problems.append(f"ridge.max_nonfinite_fraction must be in [0, 1] (got {c.ridge.max_nonfinite_fraction})")
     _one_of(problems, "ridge.on_nonfinite", c.ridge.on_nonfinite, NONFINITE_MODES)
     _one_of(problems, "ridge.compute_dtype", c.ridge.compute_dtype, COMPUTE_DTYPES)
     _one_of(problems, "features.method", c.features.method, SELECTION_METHODS)
@@ -245,8 +325,44 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if (c.washout.alpha > 0 or c.washout.compare) and c.washout.n_backgrounds < 1:
         problems.append("washout needs washout.n_backgrounds >= 1")
     _one_of(problems, "evaluate.aggregate", c.evaluate.aggregate, AGGREGATES)
+    _at_least(problems, "evaluate.n_permutations", c.evaluate.n_permutations, 1)
+    _at_least(problems, "evaluate.n_bootstrap", c.evaluate.n_bootstrap, 1)
+    _at_least(problems, "evaluate.context_k", c.evaluate.context_k, 1)
+    _at_least(problems, "sae.n_contexts", c.sae.n_contexts, 1)
+    if not c.sae.path:
+        _at_least(problems, "sae.steps", c.sae.steps, 1)
+        _at_least(problems, "sae.batch_size", c.sae.batch_size, 1)
+        if c.sae.lr < 0:
+            problems.append(f"sae.lr must be >= 0 (0 = the default for the width; got {c.sae.lr})")
     if c.sae.path == "" and (c.sae.k < 1 or c.sae.n_features <= c.sae.k):
         problems.append(f"sae: need 1 <= k < n_features (got k={c.sae.k}, n_features={c.sae.n_features})")
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def validate_inputs(c: ml_collections.ConfigDict) -> None:
+    """What the config's files say, checked before any model loads: every path exists, and each
+    layer is in range for the checkpoint's own config.json (or GGUF header)."""
+    from ..models import read_model_config
+
+    problems = []
+    for side in ("source", "target"):
+        m = c.models[side]
+        try:
+            cfg = read_model_config(m.path)
+        except (FileNotFoundError, ValueError, KeyError, NotImplementedError) as err:
+            problems.append(f"models.{side}.path={m.path!r}: {err}")
+            continue
+        if not 0 <= m.layer < cfg.n_layers:
+            problems.append(f"models.{side}.layer={m.layer} is out of range: {cfg.name} has {cfg.n_layers} blocks "
+                            f"(0..{cfg.n_layers - 1})")
+        v = c.verbalizers[side]
+        if v.kind == "nla" and not Path(v.checkpoint).is_dir():
+            problems.append(f"verbalizers.{side}.checkpoint={v.checkpoint!r}: no such directory")
+    for field, value in (("sae.path", c.sae.path), ("corpus.path", c.corpus.path),
+                         ("evaluate.embedder", c.evaluate.embedder)):
+        if value and not Path(value).exists():
+            problems.append(f"{field}={value!r}: no such file or directory")
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 

@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 
 from .. import activations
+from ..integrity import path_identity
 from ..models import LoadedModel, load_model, load_tokenizer, resolve_model_path
 from ..sharding import make_mesh
 from .config import fingerprint, validate
@@ -33,6 +34,7 @@ class RunContext:
         self._models: dict[str, LoadedModel] = {}
         self._tokenizers: dict[str, Any] = {}
         self._documents: list[str] | None = None
+        self._corpus_hash: str | None = None
 
     def stage_dir(self, stage: str) -> Path:
         return self.dir / stage
@@ -73,4 +75,11 @@ class RunContext:
         return self._documents
 
     def corpus_hash(self) -> str:
-        return fingerprint(self.documents())
+        """A hash of the documents' content (an edited corpus changes it, a moved one does not)."""
+        if self._corpus_hash is None:
+            self._corpus_hash = fingerprint(self.documents())
+        return self._corpus_hash
+
+    def model_identity(self, side: str) -> list:
+        """The identity of the side's checkpoint files (names, sizes, modification times)."""
+        return path_identity(resolve_model_path(self.config.models[side].path))

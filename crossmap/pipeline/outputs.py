@@ -59,11 +59,13 @@ class Record:
 
 @dataclass
 class StageDone(Record):
-    """done.json: the identity of the result a stage wrote, and how long it took."""
+    """done.json: the identity of the result a stage wrote, how long it took, and the checksum of
+    every file it wrote (checked before a later stage reads them)."""
 
     FILE: ClassVar[str] = "done.json"
     fingerprint: str
     seconds: float
+    files: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class MapSummary(Record):
     collect: dict
     kept_per_document: dict
     kept_pairs_for_sae_and_evaluation: int
+    nonfinite_pairs: int = 0  # collected pairs left out for a NaN/inf activation (n_pairs excludes them)
 
 
 @dataclass
@@ -137,6 +140,7 @@ class ExplanationSet(Record):
     prompt: str
     settings: dict  # {"alpha=A": {"features": [[samples]], "features_raw": ..., "controls": ...}}
     seconds: float
+    blank: dict = field(default_factory=dict)  # {"alpha=A": {group: [empty or special-only, all]}}
 
 
 @dataclass

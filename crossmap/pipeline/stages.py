@@ -16,12 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from .. import activations, ridge
 from .. import sae as sae_lib
+from ..failpoints import failpoint
+from ..integrity import path_identity
 from ..jsonio import load_json, save_json
 from ..models import make_hidden_fn
 from ..sharding import to_host
@@ -72,11 +75,17 @@ def run_map(run: RunContext) -> None:
     folds = activations.assign_folds(len(docs), c.ridge.folds, seed=c.seed)
     stats = ridge.init_stats(src.config.d_model, tgt.config.d_model, n_folds=c.ridge.folds)
     keeper = _CappedPairs(c.ridge.folds, max(1, c.ridge.keep_pairs // c.ridge.folds))
-    holder = {"stats": stats}
+    holder = {"stats": stats, "nonfinite": jnp.zeros((), jnp.int32)}
 
     def consume(x, y, mask, fold, info):
+        if c.ridge.on_nonfinite != "ignore":  # a pair with a NaN/inf in either activation is left out
+            mask, bad = _finite_pairs(x, y, mask)
+            holder["nonfinite"] = holder["nonfinite"] + bad  # on the device: no wait per batch
+            if c.ridge.on_nonfinite == "raise" and int(bad):
+                raise RuntimeError(f"map: {int(bad)} paired activations of a batch are not finite (NaN/inf) and "
+                                   "ridge.on_nonfinite='raise'; the stage is not marked done")
         holder["stats"] = ridge.accumulate(holder["stats"], x, y, fold=int(fold), weights=mask,
-                                           on_nonfinite=c.ridge.on_nonfinite)
+                                           on_nonfinite="ignore" if c.ridge.on_nonfinite == "ignore" else "skip")
         keeper.add(x, y, mask, int(fold), info)
 
     summary = activations.collect_pairs(
@@ -86,6 +95,9 @@ def run_map(run: RunContext) -> None:
         batch_size=c.corpus.batch_size, buckets=tuple(c.corpus.buckets), max_length=c.corpus.max_length,
         chat_source=c.models.source.chat, chat_target=c.models.target.chat, fold_of_doc=folds, mesh=run.mesh)
     stats = holder["stats"]
+    n_collected, n_nonfinite = int(summary["n_pairs"]), int(holder["nonfinite"])
+    check_skipped("map", "paired activations", n_nonfinite, n_collected, c.ridge.max_nonfinite_fraction,
+                  "ridge.max_nonfinite_fraction", "not finite (NaN/inf; an overflow or a broken checkpoint?)")
     t0 = time.perf_counter()
     ridge_map, fit = ridge.solve(stats, tuple(c.ridge.lambdas), standardize=c.ridge.standardize,
                                  per_target=c.ridge.per_target, compute_dtype=c.ridge.compute_dtype)
@@ -95,13 +107,16 @@ def run_map(run: RunContext) -> None:
                                _chunks(pairs, 8192), standardize=c.ridge.standardize,
                                compute_dtype=c.ridge.compute_dtype)
     fit.mean_cosine = cos["mean_cosine"]
+    check_finite("map", {"held-out R^2": fit.r2, "held-out mean cosine": fit.mean_cosine,
+                         "map weights": np.asarray(ridge_map.W), "map intercept": np.asarray(ridge_map.b)})
     meta = {
         "source_model": src.model_id, "target_model": tgt.model_id,
         "source_layer": int(c.models.source.layer), "target_layer": int(c.models.target.layer),
-        "corpus_hash": run.corpus_hash(), "pairing": c.pairing.to_dict(), "n_pairs": int(summary["n_pairs"]),
+        "corpus_hash": run.corpus_hash(), "pairing": c.pairing.to_dict(), "n_pairs": n_collected - n_nonfinite,
         "n_documents": int(summary["n_documents"]), "fit": fit.to_metadata(per_target=c.ridge.per_target),
         "heldout_mean_cosine_pairs": int(cos["count"]),
     }
+    failpoint("save_map")
     ridge.save_map(out / "ridge_map", ridge_map, meta, overwrite=True)
     save_pairs(out / "pairs", pairs)
     norms = ActivationNorms(source_median_norm=float(np.median(np.linalg.norm(pairs["x"], axis=1))),
@@ -109,13 +124,42 @@ def run_map(run: RunContext) -> None:
                             target_mean=pairs["y"].mean(0).tolist())
     kept = np.asarray(summary["kept_per_document"])
     save_json(out / "kept_per_document.json", {"pairing": c.pairing.to_dict(), "kept": kept.tolist()})
-    MapSummary(**meta, norms=norms, solve_seconds=solve_s,
+    MapSummary(**meta, norms=norms, solve_seconds=solve_s, nonfinite_pairs=n_nonfinite,
                collect={k: v for k, v in summary.items() if k != "kept_per_document"},
                kept_per_document={"mean": float(kept.mean()), "min": int(kept.min()), "max": int(kept.max()),
                                   "zero": int((kept == 0).sum())},
                kept_pairs_for_sae_and_evaluation=int(len(pairs["x"]))).save(out)
     log(f"map: {summary['n_pairs']} pairs from {summary['n_documents']} documents; lambda={fit.lam:.3g}, "
          f"held-out R^2={fit.r2:.3f}, mean cosine={fit.mean_cosine:.3f}")
+
+
+@jax.jit
+def _finite_pairs(x, y, mask):
+    """(mask without the pairs holding a NaN/inf, how many valid pairs that removed)."""
+    ok = mask & jnp.all(jnp.isfinite(x), axis=1) & jnp.all(jnp.isfinite(y), axis=1)
+    return ok, jnp.sum(mask & ~ok).astype(jnp.int32)
+
+
+def check_skipped(stage: str, what: str, skipped: int, total: int, max_fraction: float, field: str,
+                  why: str) -> None:
+    """Count what a stage left out; past `max_fraction` of `total` the stage fails (not marked done)."""
+    if skipped == 0:
+        return
+    fraction = skipped / max(total, 1)
+    message = f"{stage}: {skipped} of {total} {what} ({fraction:.2%}) were {why}"
+    if fraction > max_fraction:
+        raise RuntimeError(f"{message}: more than {field}={max_fraction:g}; the stage is not marked done")
+    log(f"{message}; left out and counted in the summary (at most {field}={max_fraction:g} allowed)")
+
+
+def check_finite(stage: str, quantities: dict) -> None:
+    """A stage whose result is not finite fails, naming the stage, the quantity and how much of it."""
+    for name, value in quantities.items():
+        array = np.asarray(value if value is not None else np.nan, np.float64)
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            where = f"{bad} of {array.size} values" if array.size > 1 else repr(float(array))
+            raise RuntimeError(f"{stage}: {name} is not finite ({where}); the stage is not marked done")
 
 
 def _chunks(pairs: dict[str, np.ndarray], size: int):
@@ -129,6 +173,7 @@ def save_pairs(directory: Path, pairs: dict[str, np.ndarray]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for name, array in pairs.items():
         np.save(directory / f"{name}.npy", array)
+        failpoint("save_pairs")
 
 
 def load_pairs(run: RunContext) -> dict[str, np.ndarray]:
@@ -170,6 +215,8 @@ def run_sae(run: RunContext) -> None:
             hook_name=f"blocks.{int(c.models.source.layer)}.hook_resid_post")
         sae_lib.save_sae_lens(sae, out / "sae_lens")
     quality = sae_lib.evaluate_sae(sae, held)
+    check_finite("sae", {"held-out FVE": quality["fve"], "decoder": np.asarray(sae.W_dec),
+                         "encoder": np.asarray(sae.W_enc)})
     stats = sae_lib.feature_stats(sae, ((x[i:i + 4096], pairs["doc"][i:i + 4096], pairs["source_pos"][i:i + 4096])
                                         for i in range(0, len(x), 4096)), top_k=c.sae.n_contexts)
     np.savez(out / "feature_stats.npz", n_tokens=stats.n_tokens, count=stats.count, max_act=stats.max_act,
@@ -303,6 +350,33 @@ def verbalize_chunk(batch_size: int, n_samples: int, n_backgrounds: int) -> int:
     return max(1, batch_size // max(1, rows_per_vector))
 
 
+def special_tokens(tokenizer) -> tuple[str, ...]:
+    specials = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    specials |= {str(t) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()
+                 if getattr(t, "special", False)}
+    return tuple(sorted(specials, key=len, reverse=True))
+
+
+def is_blank(text: str, specials: tuple[str, ...]) -> bool:
+    """Empty once the tokenizer's special tokens and white space are taken out ('<pad><pad>' is blank)."""
+    for token in specials:
+        text = text.replace(token, "")
+    return not text.strip()
+
+
+def count_blank(settings: dict, specials: tuple[str, ...]) -> dict:
+    """{setting: {group: [blank, all]}} over every sample of every explanation."""
+    out = {}
+    for key, groups in settings.items():
+        out[key] = {}
+        for name, items in groups.items():
+            if name.endswith("_raw"):
+                continue
+            samples = [s for item in items for s in item]
+            out[key][name] = [sum(is_blank(s, specials) for s in samples), len(samples)]
+    return out
+
+
 def run_verbalize(run: RunContext, side: str) -> None:
     """Explain this side's vectors under each washout setting, a chunk at a time.
 
@@ -322,6 +396,9 @@ def run_verbalize(run: RunContext, side: str) -> None:
     pairs = load_pairs(run)
     acts = pairs["x" if side == "source" else "y"]
     rng = np.random.default_rng(c.seed + (11 if side == "source" else 13))
+    if c.washout.n_backgrounds > len(acts):
+        raise ValueError(f"washout.n_backgrounds={c.washout.n_backgrounds} is more than the {len(acts)} paired "
+                         "activations the map stage kept (ridge.keep_pairs): lower it")
     backgrounds = acts[rng.choice(len(acts), size=c.washout.n_backgrounds, replace=False)]
     t_load = time.perf_counter()
     verbalizer, lm = build_verbalizer(run, side)
@@ -361,9 +438,20 @@ def run_verbalize(run: RunContext, side: str) -> None:
                 raw += partial[slot]["raw"]
             settings[key][name] = parsed
             settings[key][f"{name}_raw"] = raw
+    blank = count_blank(settings, special_tokens(lm.tokenizer))
+    for key, groups_blank in blank.items():
+        for name, (n_blank, n_all) in groups_blank.items():
+            if n_blank:
+                log(f"verbalize_{side}: {key} {name}: {n_blank} of {n_all} explanations are empty or special "
+                    "tokens only")
+            if n_blank == n_all:
+                raise RuntimeError(f"verbalize_{side}: all {n_all} explanations of the {name} ({key}) are empty or "
+                                   f"special tokens only (e.g. {settings[key][f'{name}_raw'][0][0][:60]!r}): the "
+                                   "verbalizer wrote no text; the stage is not marked done")
     ExplanationSet(side=side, model=lm.model_id,
                    spec=verbalizer.spec.__dict__ | {"extra": dict(verbalizer.spec.extra)},
-                   prompt=verbalizer.prompt.text, settings=settings, seconds=time.perf_counter() - t0).save(out)
+                   prompt=verbalizer.prompt.text, settings=settings, seconds=time.perf_counter() - t0,
+                   blank=blank).save(out)
     first = settings[alpha_key(washout_settings(run)[0])]["features"][:3]
     log(f"verbalize_{side}: e.g. {[s[0] for s in first]}")
 
@@ -394,6 +482,10 @@ def run_evaluate(run: RunContext) -> None:
         if key != primary:
             lines.append(f"  comparison, washout {key}: {result['summary_line']}")
     lines.append(f"  verbalizer-free: {ev.context_overlap_line(overlap)}")
+    blank = [f"{explanations.side} {key} {name} {n}/{total}" for explanations in (src, tgt)
+             for key, groups in explanations.blank.items() for name, (n, total) in groups.items() if n]
+    if blank:
+        lines.append(f"  blank explanations (empty or special tokens only): {', '.join(blank)}")
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     log(lines[0])
 
@@ -459,6 +551,10 @@ class Stage:
     models: which base models ("source", "target") it runs, given the config: the runner loads
         them lazily and releases those no later stage of the invocation needs.
     writes: what it leaves in its directory, for the docs and `--help`.
+    partial: what of it is partial state (resumable checkpoints inside the stage): cleared with the
+        rest when the stage's identity changes, and not part of the checksummed result.
+    external: the identities of what it reads from outside the run (corpus content, checkpoint
+        files), part of its own identity, so replacing such a file at the same path reruns it.
     """
 
     name: str
@@ -468,33 +564,66 @@ class Stage:
     inputs: tuple[str, ...]
     writes: tuple[str, ...]
     models: Callable[[ml_collections.ConfigDict], tuple[str, ...]] = lambda config: ()
+    partial: tuple[str, ...] = ()
+    external: Callable[[RunContext], list] = lambda run: []
 
 
 def _self_verbalizer(side: str) -> Callable[[ml_collections.ConfigDict], tuple[str, ...]]:
     return lambda config: (side,) if config.verbalizers[side].kind == "self" else ()
 
 
+def _map_reads(run: RunContext) -> list:
+    return [["corpus", run.corpus_hash()], ["source", run.model_identity("source")],
+            ["target", run.model_identity("target")]]
+
+
+def _sae_reads(run: RunContext) -> list:
+    return [["sae", path_identity(run.config.sae.path)]] if run.config.sae.path else []
+
+
+def _verbalizer_reads(side: str) -> Callable[[RunContext], list]:
+    def reads(run: RunContext) -> list:
+        v = run.config.verbalizers[side]
+        return [["verbalizer", path_identity(v.checkpoint)]] if v.kind == "nla" else []
+    return reads
+
+
+def _embedder_reads(run: RunContext) -> list:
+    from ..evaluate import default_embedder_path
+
+    path = run.config.evaluate.embedder
+    if not path:
+        try:
+            path = default_embedder_path()
+        except (FileNotFoundError, ImportError):
+            return [["embedder", "shipped default, not installed"]]  # the evaluate stage itself says so
+    return [["embedder", path_identity(path)]]
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("map", run_map, "both models over the corpus, paired positions, streamed ridge statistics, CV solve",
           sections=("models", "corpus", "pairing", "ridge", "seed"), inputs=(),
           writes=("ridge_map/", "pairs/*.npy", "summary.json", "kept_per_document.json"),
-          models=lambda config: ("source", "target")),
+          models=lambda config: ("source", "target"), external=_map_reads),
     Stage("sae", run_sae, "load a public SAE or train a TopK SAE on the source activations; feature statistics",
-          sections=("sae",), inputs=("map",), writes=("sae_lens/", "feature_stats.npz", "summary.json")),
+          sections=("sae",), inputs=("map",), writes=("sae_lens/", "feature_stats.npz", "summary.json"),
+          partial=("train/",), external=_sae_reads),
     Stage("features", run_features, "select features, map their decoder directions, draw controls, context overlap",
           sections=("features", "controls", "mapping", "evaluate.context_k"), inputs=("sae",),
           writes=("directions.npz", "features.json")),
     Stage("verbalize_source", lambda run: run_verbalize(run, "source"),
           "the source verbalizer explains the features' own decoder directions",
           sections=("verbalizers.source", "washout"), inputs=("features",),
-          writes=("explanations.json", "partial.json"), models=_self_verbalizer("source")),
+          writes=("explanations.json",), models=_self_verbalizer("source"), partial=("partial.json",),
+          external=_verbalizer_reads("source")),
     Stage("verbalize_target", lambda run: run_verbalize(run, "target"),
           "the target verbalizer explains the mapped directions and the controls",
           sections=("verbalizers.target", "washout"), inputs=("features",),
-          writes=("explanations.json", "partial.json"), models=_self_verbalizer("target")),
+          writes=("explanations.json",), models=_self_verbalizer("target"), partial=("partial.json",),
+          external=_verbalizer_reads("target")),
     Stage("evaluate", run_evaluate, "sentence embeddings; lift, permutation p-value, bootstrap CI, retrieval",
           sections=("evaluate",), inputs=("verbalize_source", "verbalize_target"),
-          writes=("evaluation.json", "summary.txt")),
+          writes=("evaluation.json", "summary.txt"), external=_embedder_reads),
     Stage("report", run_report, "report.md, report.json and figures", sections=(), inputs=("evaluate",),
           writes=("report.md", "report.json", "figures/")),
 )
@@ -508,13 +637,12 @@ def stage_named(name: str) -> Stage:
     raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
 
 
-def closing_lines(run: RunContext) -> list[str]:
-    """What `crossmap run` prints last: the evaluation's summary lines and the report's path."""
+def closing_lines(run: RunContext, is_done: Callable[[str], bool]) -> list[str]:
+    """What `crossmap run` prints last: the evaluation's summary lines and the report's path, each only
+    when that stage's result belongs to this config (`is_done`), never an older run's."""
     lines = []
-    summary = run.stage_dir("evaluate") / "summary.txt"
-    if summary.exists():
-        lines.append(summary.read_text().strip())
-    report = run.stage_dir("report") / "report.md"
-    if report.exists():
-        lines.append(f"report: {report}")
+    if is_done("evaluate"):
+        lines.append((run.stage_dir("evaluate") / "summary.txt").read_text().strip())
+    if is_done("report"):
+        lines.append(f"report: {run.stage_dir('report') / 'report.md'}")
     return lines

@@ -47,21 +47,30 @@ def _mm(a: Array, b: Array) -> Array:
     return jnp.matmul(a, b, precision=_HIGHEST)
 
 
-def _scale(train: _Moments, standardize: bool) -> Array:
-    """Feature scale: population std of the training rows (1 where zero), or ones."""
+# A column whose standard deviation is below this fraction of its mean's magnitude is constant: its
+# centred sums hold only the rounding of float32 accumulation (about 2^-24 of the mean per row).
+_CONSTANT_RELATIVE_SD = 16 * float(np.finfo(np.float32).eps)
+
+
+def _scale(train: _Moments, standardize: bool) -> tuple[Array, Array]:
+    """(feature scale, which features vary).  Scale: the population std of the training rows, or
+    ones.  With standardize, a numerically constant column gets scale 1 and is masked out of the
+    fit (coefficient 0, as scikit-learn's StandardScaler + Ridge gives), instead of its rounding
+    noise being blown up to unit variance."""
     if not standardize:
-        return jnp.ones_like(train.mx)
-    sd = jnp.sqrt(jnp.maximum(jnp.diagonal(train.sxx), 0) / jnp.where(train.n > 0, train.n, 1))
-    return jnp.where(sd > 0, sd, 1)
+        return jnp.ones_like(train.mx), jnp.ones_like(train.mx)
+    var = jnp.maximum(jnp.diagonal(train.sxx), 0) / jnp.where(train.n > 0, train.n, 1)
+    varies = var > (_CONSTANT_RELATIVE_SD * jnp.abs(train.mx)) ** 2 + jnp.finfo(var.dtype).tiny
+    return jnp.where(varies, jnp.sqrt(var), 1), varies.astype(var.dtype)
 
 
 def _eig(train: _Moments, standardize: bool):
     """Eigendecomposition of the (scaled) training Sxx; P = Q^T (scaled Sxy)."""
-    s = _scale(train, standardize)
-    a = train.sxx / (s[:, None] * s[None, :])
+    s, live = _scale(train, standardize)
+    a = train.sxx / (s[:, None] * s[None, :]) * (live[:, None] * live[None, :])
     e, q = jnp.linalg.eigh(a, symmetrize_input=True)
     e = jnp.maximum(e, 0)  # rounding can leave tiny negative eigenvalues of a PSD matrix
-    p = _mm(q.T, train.sxy / s[:, None])
+    p = _mm(q.T, train.sxy / s[:, None] * live[:, None])
     return s, e, q, p
 
 
@@ -174,6 +183,13 @@ class _Precision:
 def _check_stats(stats: RidgeStats, where: str, fitting: bool = True) -> np.ndarray:
     """Host-side sanity checks before a solve (`fitting`) or a score; returns the per-fold counts."""
     counts = np.asarray(jax.device_get(stats.count), np.float64)
+    bad = {name: int(np.size(a) - np.count_nonzero(np.isfinite(a))) for name, a in
+           zip(("count", "mean_x", "mean_y", "sxx", "sxy", "syy"), jax.device_get(tuple(stats[:6])), strict=True)}
+    bad = {name: n for name, n in bad.items() if n}
+    if bad:
+        raise ValueError(f"{where}: the statistics hold non-finite values ({', '.join(f'{n} in {k}' for k, n in bad.items())}): "
+                         "values too large for the stats dtype overflowed (scale the inputs, or accumulate in "
+                         "float64), or NaN/inf was accumulated with on_nonfinite='ignore'")
     total = float(counts.sum())
     if total <= 0:
         raise ValueError(f"{where}: the statistics are empty (count 0): no valid pairs were accumulated")
@@ -237,6 +253,9 @@ def solve(stats: RidgeStats, lambdas: Iterable[float] | float, *, standardize: b
                                     out_dtype)
         ridge_map = jax.block_until_ready(ridge_map)
         cv = jax.device_get(cv)
+    if not all(bool(np.all(np.isfinite(np.asarray(a)))) for a in (ridge_map.W, ridge_map.b)):
+        raise ValueError(f"ridge solve: the fitted map is not finite although the statistics are: the solve "
+                         f"overflowed in {dtype_name} or in the output dtype {out_dtype.name}")
     if cv is not None:
         _fill_cv_report(fit, cv, lam_grid, per_target)
     return ridge_map, fit

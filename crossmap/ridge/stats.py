@@ -98,10 +98,12 @@ def _chan_merge(na, mxa, mya, sxxa, sxya, syya, nb, mxb, myb, sxxb, sxyb, syyb):
     return n, mx, my, sxx, sxy, syy
 
 
-def _nonfinite_count(x: Array, y: Array, valid: Array) -> Array:
+def _nonfinite_count(x: Array, y: Array, valid: Array, w: Array | None = None) -> Array:
+    """Non-finite values in the valid rows, plus weights that are non-finite or negative."""
     bad_x = jnp.sum(jnp.where(valid[:, None], ~jnp.isfinite(x), False))
     bad_y = jnp.sum(jnp.where(valid[:, None], ~jnp.isfinite(y), False))
-    return bad_x + bad_y
+    bad_w = 0 if w is None else jnp.sum(~jnp.isfinite(w) | (w < 0))
+    return bad_x + bad_y + bad_w
 
 
 def _warn_skipped(n_bad, n_rows) -> None:
@@ -119,7 +121,8 @@ def update(stats: RidgeStats, x: Array, y: Array, fold: Array | int | None = Non
     fold: None (single-fold stats), a scalar fold id for the whole batch (fast path), or int [B] per row.
     weights: None, a bool mask [B] of valid rows (padding rows False: fixed batch shapes, no recompiles),
         or non-negative float row weights [B] (the objective becomes sum_i w_i |y_i - x_i W - b|^2).
-        Values in rows with weight 0 are ignored, even NaN.
+        Values in rows with weight 0 are ignored, even NaN.  A NaN, infinite or negative weight is
+        bad input, treated like a non-finite value (`on_nonfinite`).
     on_nonfinite: "skip" leaves out a batch whose valid rows hold NaN/Inf and counts it in
         stats.skipped_batches/skipped_rows (`solve` warns about them once);
         "raise" raises ValueError (needs concrete arrays: use `accumulate` or call outside jit);
@@ -151,15 +154,16 @@ def update(stats: RidgeStats, x: Array, y: Array, fold: Array | int | None = Non
         if isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer) or isinstance(w, jax.core.Tracer):
             raise ValueError("ridge update: on_nonfinite='raise' needs concrete arrays; under jit use 'skip' "
                              "and check stats.skipped_batches, or call `accumulate` (which checks on the host)")
-        _raise_if_nonfinite("ridge update", x, y, valid)
+        _raise_if_nonfinite("ridge update", x, y, valid, w)
     skipped_batches, skipped_rows = stats.skipped_batches, stats.skipped_rows
     if on_nonfinite == "skip":
-        n_bad = _nonfinite_count(x, y, valid)
+        n_bad = _nonfinite_count(x, y, valid, w)
         ok = n_bad == 0
         if warn:
             lax.cond(ok, lambda: None, lambda: jax.debug.callback(_warn_skipped, n_bad, jnp.sum(valid)))
         skipped_batches = skipped_batches + jnp.where(ok, 0, 1).astype(dtype)
-        skipped_rows = skipped_rows + jnp.where(ok, 0, jnp.sum(w)).astype(dtype)
+        usable = jnp.where(jnp.isfinite(w) & (w > 0), w, 0)  # a bad weight must not make the count NaN
+        skipped_rows = skipped_rows + jnp.where(ok, 0, jnp.sum(usable)).astype(dtype)
         w = jnp.where(ok, w, 0)
         valid = valid & ok
 
@@ -239,8 +243,8 @@ def accumulate(stats: RidgeStats, x: Array, y: Array, fold: Array | int | None =
     """
     if on_nonfinite == "raise":
         xa, ya = jnp.asarray(x), jnp.asarray(y)
-        valid = jnp.ones((xa.shape[0],), bool) if weights is None else jnp.asarray(weights) > 0
-        _raise_if_nonfinite("ridge accumulate", xa, ya, valid)
+        wa = jnp.ones((xa.shape[0],), jnp.float32) if weights is None else jnp.asarray(weights).astype(jnp.float32)
+        _raise_if_nonfinite("ridge accumulate", xa, ya, wa > 0, wa)
         on_nonfinite = "ignore"
     return _update_donated(stats, x, y, fold, weights, on_nonfinite=on_nonfinite, precision=precision, warn=warn)
 
@@ -248,12 +252,12 @@ def accumulate(stats: RidgeStats, x: Array, y: Array, fold: Array | int | None =
 _nonfinite_count_jit = jax.jit(_nonfinite_count)
 
 
-def _raise_if_nonfinite(where: str, x: Array, y: Array, valid: Array) -> None:
+def _raise_if_nonfinite(where: str, x: Array, y: Array, valid: Array, w: Array | None = None) -> None:
     """The host-side check of on_nonfinite="raise" (concrete arrays only: it reads the count back)."""
-    n_bad = int(_nonfinite_count_jit(x, y, valid))
+    n_bad = int(_nonfinite_count_jit(x, y, valid, w))
     if n_bad:
         raise ValueError(f"{where}: batch x{tuple(x.shape)} y{tuple(y.shape)} has {n_bad} non-finite (NaN/Inf) "
-                         "values in its valid rows")
+                         "values in its valid rows, or NaN, infinite or negative weights")
 
 
 # ----------------------------------------------------------------------------------------------

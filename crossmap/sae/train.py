@@ -37,6 +37,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from crossmap.failpoints import failpoint
 from crossmap.sae.core import SAE, make_sae, scatter_topk
 from crossmap.sharding import shard_batch
 
@@ -209,6 +210,14 @@ def train_step(state: TrainState, x: jax.Array, cfg: SAETrainConfig,
 
 
 # ----------------------------------------------------------------------------- statistics for init
+def _check_finite_step(loss: float, step: int, mngr) -> None:
+    if not math.isfinite(loss):
+        kept = f"the checkpoint of step {mngr.latest_step()} is kept" if mngr is not None and \
+            mngr.latest_step() is not None else "no checkpoint was written"
+        raise ValueError(f"train_sae: the loss is not finite ({loss}) at step {step}: a NaN/inf or huge input row "
+                         f"in the batches up to that step, or a learning rate too high; {kept}, nothing after it")
+
+
 def _input_moments(batches: Callable[[int], np.ndarray], data: np.ndarray | None, n_batches: int,
                    d_model: int) -> tuple[np.ndarray, float]:
     """(mean vector, mean squared norm) of the raw inputs, in float64."""
@@ -327,6 +336,9 @@ def train_sae(batches: BatchSource, d_model: int, n_features: int, k: int, steps
 
     # --- fresh state (also the restore target) ---------------------------------------------
     mean, mean_sq_norm = _input_moments(host_batch, data, max(1, min(init_batches, steps)), cfg.d_model)
+    if not (np.isfinite(mean_sq_norm) and np.all(np.isfinite(mean))):
+        raise ValueError("train_sae: the activations hold non-finite values (NaN/inf), or values so large that "
+                         "their squared norm overflows float64")
     if not mean_sq_norm > 0:
         raise ValueError("train_sae: the activations are all zero")
     scale = math.sqrt(cfg.d_model / mean_sq_norm)
@@ -361,11 +373,15 @@ def train_sae(batches: BatchSource, d_model: int, n_features: int, k: int, steps
             done = s + 1
             if done % log_every == 0 or done == cfg.steps:
                 row = {"step": done, **{n: float(v) for n, v in jax.device_get(metrics).items()}}
+                _check_finite_step(row["loss"], done, mngr)
                 history.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", fve=f"{row['fve']:.3f}", l0=f"{row['l0']:.1f}",
                                 dead=f"{row['dead_frac']:.3f}", refresh=False)
             if mngr is not None and (done % ckpt_every == 0 or done == cfg.steps):
+                _check_finite_step(float(metrics["loss"]), done, mngr)  # a NaN state never overwrites a good one
+                failpoint("sae_checkpoint")
                 _save(mngr, state, meta())
+                failpoint("sae_checkpoint")
             if done < cfg.steps:
                 # fetched while the device still runs step s (dispatch is asynchronous)
                 x_next = put(host_batch(done))
