@@ -70,9 +70,9 @@ def test_finished_stages_are_skipped_and_changed_config_reruns_only_downstream(f
     run_dir = tmp_path / "copy"
     shutil.copytree(full_run[0], run_dir)  # the shared run stays as it was for the other tests
     done = {s: (run_dir / s / "done.json").read_text() for s in STAGE_NAMES}
-    assert Run(_config(run_dir)).run() == {}  # nothing ran
+    assert Run(_config(run_dir)).execute() == {}  # nothing ran
     rerun = Run(_config(run_dir, "--config.evaluate.n_bootstrap=300"))
-    assert set(rerun.run()) == {"evaluate", "report"}  # exactly the changed stage and what reads it
+    assert set(rerun.execute()) == {"evaluate", "report"}  # exactly the changed stage and what reads it
     for stage in STAGE_NAMES:
         same = (run_dir / stage / "done.json").read_text() == done[stage]
         assert same == (stage not in ("evaluate", "report")), stage

@@ -62,7 +62,7 @@ def _plant_stale_chunk(run_dir: Path, side: str = "source") -> None:
 def test_1_partial_chunks_of_another_config_are_never_reused(base_run, tmp_path):
     run_dir = _copy(base_run, tmp_path)
     _plant_stale_chunk(run_dir)
-    timings = Run(_config(run_dir, "--config.verbalizers.source.max_new_tokens=5")).run(only=("verbalize_source",))
+    timings = Run(_config(run_dir, "--config.verbalizers.source.max_new_tokens=5")).execute(only=("verbalize_source",))
     assert set(timings) == {"verbalize_source"}
     text = json.dumps(_explanations(run_dir)["settings"])
     assert "STALE" not in text
@@ -72,7 +72,7 @@ def test_1_force_clears_the_stage_partial_state(base_run, tmp_path):
     run_dir = _copy(base_run, tmp_path)
     _plant_stale_chunk(run_dir)
     (run_dir / "verbalize_source" / "done.json").write_text("{}")  # as if it had finished
-    Run(_config(run_dir)).run(only=("verbalize_source",), force=("verbalize_source",))
+    Run(_config(run_dir)).execute(only=("verbalize_source",), force=("verbalize_source",))
     assert "STALE" not in json.dumps(_explanations(run_dir)["settings"])
     assert _explanations(run_dir)["settings"] == _explanations(base_run)["settings"]
 
@@ -82,20 +82,20 @@ def test_1_resume_only_refuses_naming_what_changed(base_run, tmp_path):
     _plant_stale_chunk(run_dir)
     with pytest.raises(RuntimeError, match=r"--resume-only: stage verbalize_source .*\(changed: config "
                                            r"verbalizers\.source"):
-        Run(_config(run_dir, "--config.verbalizers.source.max_new_tokens=5")).run(
+        Run(_config(run_dir, "--config.verbalizers.source.max_new_tokens=5")).execute(
             only=("verbalize_source",), resume_only=True)
     # the same config resumes from the chunks it finds
-    Run(_config(run_dir)).run(only=("verbalize_source",), resume_only=True)
+    Run(_config(run_dir)).execute(only=("verbalize_source",), resume_only=True)
     assert "STALE" in json.dumps(_explanations(run_dir)["settings"])
 
 
 # -- 2: SAE training checkpoints -------------------------------------------------------------------
 def test_2_sae_training_never_resumes_from_another_layer_or_learning_rate(base_run, tmp_path):
     run_dir = _copy(base_run, tmp_path)
-    Run(_config(run_dir, "--config.models.source.layer=1")).run(only=("map", "sae"))
+    Run(_config(run_dir, "--config.models.source.layer=1")).execute(only=("map", "sae"))
     sae = json.loads((run_dir / "sae" / "summary.json").read_text())
     assert sae["train"]["resumed_from"] is None
-    Run(_config(run_dir, "--config.models.source.layer=1", "--config.sae.lr=0.002")).run(only=("sae",))
+    Run(_config(run_dir, "--config.models.source.layer=1", "--config.sae.lr=0.002")).execute(only=("sae",))
     sae = json.loads((run_dir / "sae" / "summary.json").read_text())
     assert sae["train"]["resumed_from"] is None and sae["train"]["config"]["lr"] == 0.002
 
@@ -111,17 +111,17 @@ def test_3_a_corpus_edited_in_place_or_a_checkpoint_replaced_reruns_the_map(tmp_
     shutil.copytree(tiny_checkpoint("qwen2"), model)
     run_dir = tmp_path / "run"
     config = lambda: _config(run_dir, f"--config.corpus.path={corpus}", f"--config.models.source.path={model}")
-    assert "map" in Run(config()).run(only=("map",))
-    assert Run(config()).run(only=("map",)) == {}
+    assert "map" in Run(config()).execute(only=("map",))
+    assert Run(config()).execute(only=("map",)) == {}
     corpus.write_text(corpus.read_text().replace("the", "a"))  # edited in place, same path
-    assert "map" in Run(config()).run(only=("map",))
+    assert "map" in Run(config()).execute(only=("map",))
     from safetensors.numpy import load_file, save_file
 
     weights = load_file(str(model / "model.safetensors"))
     weights["model.norm.weight"] = weights["model.norm.weight"] * 2
     time.sleep(0.01)
     save_file(weights, str(model / "model.safetensors"))  # replaced at the same path
-    assert "map" in Run(config()).run(only=("map",))
+    assert "map" in Run(config()).execute(only=("map",))
 
 
 # -- 4: the GGUF conversion cache -----------------------------------------------------------------
@@ -146,7 +146,7 @@ def test_5_a_partial_run_after_a_config_change_prints_no_old_lift(base_run, tmp_
 
     run_dir = _copy(base_run, tmp_path)
     run = Run(_config(run_dir, "--config.features.n=4"))
-    run.run(only=("map", "sae"))
+    run.execute(only=("map", "sae"))
     assert closing_lines(run, run.is_done) == []
     same = Run(_config(run_dir))
     assert closing_lines(same, same.is_done)[-1] == f"report: {run_dir / 'report' / 'report.md'}"
@@ -190,7 +190,7 @@ def test_6_nonfinite_pairs_are_left_out_counted_and_past_the_limit_fail(tmp_path
     model = _poisoned_checkpoint(tmp_path, "qwen2", poison)
     run_dir = tmp_path / "run"
     run = Run(_config(run_dir, f"--config.models.source.path={model}", "--config.ridge.max_nonfinite_fraction=0.9"))
-    run.run(only=("map",))
+    run.execute(only=("map",))
     summary = json.loads((run_dir / "map" / "summary.json").read_text())
     assert summary["nonfinite_pairs"] > 0
     assert summary["n_pairs"] == summary["collect"]["n_pairs"] - summary["nonfinite_pairs"]
@@ -201,7 +201,7 @@ def test_6_nonfinite_pairs_are_left_out_counted_and_past_the_limit_fail(tmp_path
                          "--config.ridge.max_nonfinite_fraction=0.0"))
     with pytest.raises(RuntimeError, match=r"map: \d+ of \d+ paired activations \(.*%\) were not finite .*"
                                            r"ridge\.max_nonfinite_fraction=0; the stage is not marked done"):
-        strict.run(only=("map",))
+        strict.execute(only=("map",))
     assert not strict.is_done("map")
 
 
@@ -214,10 +214,10 @@ def test_7_a_nan_lm_head_fails_the_verbalize_stage(base_run, tmp_path):
     # only the verbalizer's head is broken: the map and everything before it are as they were
     config = _config(run_dir, f"--config.models.source.path={model}")
     run = Run(config)
-    run.run(only=("map", "sae", "features"))
+    run.execute(only=("map", "sae", "features"))
     with pytest.raises(RuntimeError, match=r"verbalize_source: all \d+ explanations of the features \(alpha=0\) "
                                            r"are empty or special tokens only"):
-        run.run(only=("verbalize_source",))
+        run.execute(only=("verbalize_source",))
     assert not run.is_done("verbalize_source")
 
 
@@ -228,7 +228,7 @@ def test_7_overflowed_activations_fail_the_map_stage(tmp_path):
     model = _poisoned_checkpoint(tmp_path, "qwen2", poison)
     run = Run(_config(tmp_path / "run", f"--config.models.source.path={model}", "--config.ridge.on_nonfinite=ignore"))
     with pytest.raises(ValueError, match=r"ridge solve: the statistics hold non-finite values"):
-        run.run(only=("map",))
+        run.execute(only=("map",))
     assert not run.is_done("map")
 
 
@@ -333,7 +333,7 @@ def test_11_a_byte_flipped_in_the_ridge_map_is_caught_naming_the_file(base_run, 
     data[len(data) // 2] ^= 0x40
     (run_dir / "map" / target).write_bytes(bytes(data))
     with pytest.raises(ValueError, match=rf"{target}: its content differs .*--force map"):
-        Run(_config(run_dir)).run(only=("sae",), force=("sae",))
+        Run(_config(run_dir)).execute(only=("sae",), force=("sae",))
 
 
 @pytest.mark.parametrize("stage,name", [("features", "features.json"), ("map", "pairs/x.npy")])
@@ -342,7 +342,7 @@ def test_11_a_truncated_output_is_caught_naming_the_file(base_run, tmp_path, sta
     path = run_dir / stage / name
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match=rf"{name}: its content differs .*--force {stage}"):
-        Run(_config(run_dir)).run(only=("verbalize_source",), force=("verbalize_source",))
+        Run(_config(run_dir)).execute(only=("verbalize_source",), force=("verbalize_source",))
 
 
 def test_11_a_truncated_record_names_the_file_and_the_stage(tmp_path):
@@ -367,7 +367,7 @@ def test_12_a_layer_out_of_range_is_refused_before_any_model_loads(tmp_path, ove
 
     monkeypatch.setattr(context, "load_model", no_loading)
     with pytest.raises(ValueError, match=message):
-        Run(_config(tmp_path, override)).run()
+        Run(_config(tmp_path, override)).execute()
 
 
 @pytest.mark.parametrize("override,message", [
@@ -412,7 +412,7 @@ def test_12_too_many_backgrounds_names_the_field(base_run, tmp_path):
     run_dir = _copy(base_run, tmp_path)
     kept = len(np.load(run_dir / "map" / "pairs" / "x.npy", mmap_mode="r"))
     with pytest.raises(ValueError, match=rf"washout\.n_backgrounds={kept + 1} is more than the {kept} paired"):
-        Run(_config(run_dir, f"--config.washout.n_backgrounds={kept + 1}")).run(only=("verbalize_source",))
+        Run(_config(run_dir, f"--config.washout.n_backgrounds={kept + 1}")).execute(only=("verbalize_source",))
 
 
 def test_12_unreadable_corpora_name_the_file_and_line(tmp_path):

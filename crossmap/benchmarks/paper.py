@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["stages"][stage] = {"seconds": StageDone.load(run_.stage_dir(stage)).seconds, "resumed": True}
             continue
         t = time.perf_counter()
-        run_.run(only=(stage,))
+        run_.execute(only=(stage,))
         result["stages"][stage] = {"seconds": time.perf_counter() - t, **_peak_memory()}
         write_json(result, args.out, echo=False)  # a run cut short keeps what finished
     summary = MapSummary.load(run_.stage_dir("map"))

@@ -156,15 +156,15 @@ class Run(RunContext):
                                      "files": files}, suffix=str(jax.process_index()))
 
     # -- the loop -----------------------------------------------------------------------------
-    def run(self, only: tuple[str, ...] = (), force: tuple[str, ...] = (), resume_only: bool = False) -> dict:
+    def execute(self, only: tuple[str, ...] = (), force: tuple[str, ...] = (), resume_only: bool = False) -> dict:
         """Run the stages (all, or `only` these) whose result is missing or stale, or in `force`."""
         for name in list(only) + list(force):
             stage_named(name)  # an unknown name is an error listing the stages
         with run_directory_lock(self.dir):
             validate_inputs(self.config)  # before any model loads or any identity is worked out
-            return self._run(only, force, resume_only)
+            return self._execute(only, force, resume_only)
 
-    def _run(self, only: tuple[str, ...], force: tuple[str, ...], resume_only: bool) -> dict[str, float]:
+    def _execute(self, only: tuple[str, ...], force: tuple[str, ...], resume_only: bool) -> dict[str, float]:
         timings = {}
         todo = [s for s in STAGES if (not only or s.name in only) and (not self.is_done(s.name) or s.name in force)]
         for stage in STAGES:
@@ -181,7 +181,7 @@ class Run(RunContext):
             self._start(stage, force=stage.name in force, resume_only=resume_only)
             log(f"stage {stage.name}: running")
             t0 = time.perf_counter()
-            stage.run(self)
+            stage.work(self)
             gc.collect()  # a stage's own models (e.g. an NLA verbalizer) are garbage now: free their memory
             timings[stage.name] = time.perf_counter() - t0
             self._finish(stage, timings[stage.name])
@@ -191,7 +191,7 @@ class Run(RunContext):
 
 def run_experiment(config: ml_collections.ConfigDict, only=(), force=(), resume_only: bool = False) -> Run:
     run = Run(config)
-    run.run(tuple(only), tuple(force), resume_only)
+    run.execute(tuple(only), tuple(force), resume_only)
     return run
 
 

@@ -67,11 +67,11 @@ class _CappedPairs:
         return {k: np.concatenate(v) for k, v in self.parts.items()}
 
 
-def run_map(run: RunContext) -> None:
-    c = run.config
-    out = run.stage_dir("map")
-    src, tgt = run.model("source"), run.model("target")
-    docs = run.documents()
+def run_map(ctx: RunContext) -> None:
+    c = ctx.config
+    out = ctx.stage_dir("map")
+    src, tgt = ctx.model("source"), ctx.model("target")
+    docs = ctx.documents()
     folds = activations.assign_folds(len(docs), c.ridge.folds, seed=c.seed)
     stats = ridge.init_stats(src.config.d_model, tgt.config.d_model, n_folds=c.ridge.folds)
     keeper = _CappedPairs(c.ridge.folds, max(1, c.ridge.keep_pairs // c.ridge.folds))
@@ -89,11 +89,11 @@ def run_map(run: RunContext) -> None:
         keeper.add(x, y, mask, int(fold), info)
 
     summary = activations.collect_pairs(
-        make_hidden_fn(src.model, c.models.source.layer, mesh=run.mesh),
-        make_hidden_fn(tgt.model, c.models.target.layer, mesh=run.mesh), src.tokenizer, tgt.tokenizer, docs,
+        make_hidden_fn(src.model, c.models.source.layer, mesh=ctx.mesh),
+        make_hidden_fn(tgt.model, c.models.target.layer, mesh=ctx.mesh), src.tokenizer, tgt.tokenizer, docs,
         consumer=consume, pairing=c.pairing.method, skip_first=c.pairing.skip_first,
         batch_size=c.corpus.batch_size, buckets=tuple(c.corpus.buckets), max_length=c.corpus.max_length,
-        chat_source=c.models.source.chat, chat_target=c.models.target.chat, fold_of_doc=folds, mesh=run.mesh)
+        chat_source=c.models.source.chat, chat_target=c.models.target.chat, fold_of_doc=folds, mesh=ctx.mesh)
     stats = holder["stats"]
     n_collected, n_nonfinite = int(summary["n_pairs"]), int(holder["nonfinite"])
     check_skipped("map", "paired activations", n_nonfinite, n_collected, c.ridge.max_nonfinite_fraction,
@@ -112,7 +112,7 @@ def run_map(run: RunContext) -> None:
     meta = {
         "source_model": src.model_id, "target_model": tgt.model_id,
         "source_layer": int(c.models.source.layer), "target_layer": int(c.models.target.layer),
-        "corpus_hash": run.corpus_hash(), "pairing": c.pairing.to_dict(), "n_pairs": n_collected - n_nonfinite,
+        "corpus_hash": ctx.corpus_hash(), "pairing": c.pairing.to_dict(), "n_pairs": n_collected - n_nonfinite,
         "n_documents": int(summary["n_documents"]), "fit": fit.to_metadata(per_target=c.ridge.per_target),
         "heldout_mean_cosine_pairs": int(cos["count"]),
     }
@@ -176,26 +176,26 @@ def save_pairs(directory: Path, pairs: dict[str, np.ndarray]) -> None:
         failpoint("save_pairs")
 
 
-def load_pairs(run: RunContext) -> dict[str, np.ndarray]:
+def load_pairs(ctx: RunContext) -> dict[str, np.ndarray]:
     """The kept pairs of the map stage, memory-mapped read-only (runs written before: pairs.npz)."""
-    directory = run.stage_dir("map") / "pairs"
+    directory = ctx.stage_dir("map") / "pairs"
     if directory.is_dir():
         return {p.stem: np.load(p, mmap_mode="r") for p in sorted(directory.glob("*.npy"))}
-    with np.load(run.stage_dir("map") / "pairs.npz") as f:
+    with np.load(ctx.stage_dir("map") / "pairs.npz") as f:
         return {k: f[k] for k in f.files}
 
 
-def load_ridge_map(run: RunContext):
-    src, tgt = run.config.models.source, run.config.models.target
-    return ridge.load_map(run.stage_dir("map") / "ridge_map",
+def load_ridge_map(ctx: RunContext):
+    src, tgt = ctx.config.models.source, ctx.config.models.target
+    return ridge.load_map(ctx.stage_dir("map") / "ridge_map",
                           expect={"source_layer": int(src.layer), "target_layer": int(tgt.layer)})
 
 
 # --------------------------------------------------------------------------------------------- sae
-def run_sae(run: RunContext) -> None:
-    c = run.config
-    out = run.stage_dir("sae")
-    pairs = load_pairs(run)
+def run_sae(ctx: RunContext) -> None:
+    c = ctx.config
+    out = ctx.stage_dir("sae")
+    pairs = load_pairs(ctx)
     x = pairs["x"]
     d_model = x.shape[1]
     if c.sae.path:
@@ -205,13 +205,13 @@ def run_sae(run: RunContext) -> None:
         held = x
     else:
         # Train on folds 1..K-1; fold 0 (whole documents) is held out for the reported quality.
-        source_model_id = MapSummary.load(run.stage_dir("map")).source_model  # no weights needed
+        source_model_id = MapSummary.load(ctx.stage_dir("map")).source_model  # no weights needed
         train_rows = pairs["fold"] != 0
         held = x[~train_rows] if (~train_rows).any() else x
         sae, train_metrics = sae_lib.train_sae(
             x[train_rows], d_model, c.sae.n_features, c.sae.k, c.sae.steps, lr=c.sae.lr or None,
             batch_size=min(c.sae.batch_size, int(train_rows.sum())), seed=c.seed, ckpt_dir=out / "train",
-            mesh=run.mesh, layer=int(c.models.source.layer), model_id=source_model_id,
+            mesh=ctx.mesh, layer=int(c.models.source.layer), model_id=source_model_id,
             hook_name=f"blocks.{int(c.models.source.layer)}.hook_resid_post")
         sae_lib.save_sae_lens(sae, out / "sae_lens")
     quality = sae_lib.evaluate_sae(sae, held)
@@ -229,21 +229,21 @@ def run_sae(run: RunContext) -> None:
     log(f"sae: held-out FVE={quality['fve']:.3f}, L0={quality['l0']:.1f}, dead={quality['dead_frac']:.3f}")
 
 
-def load_feature_stats(run: RunContext) -> sae_lib.FeatureStats:
-    with np.load(run.stage_dir("sae") / "feature_stats.npz") as f:
+def load_feature_stats(ctx: RunContext) -> sae_lib.FeatureStats:
+    with np.load(ctx.stage_dir("sae") / "feature_stats.npz") as f:
         return sae_lib.FeatureStats(**{k: (int(f[k]) if k == "n_tokens" else f[k]) for k in f.files})
 
 
-def load_run_sae(run: RunContext) -> sae_lib.SAE:
-    return sae_lib.load_sae(run.stage_dir("sae") / "sae_lens", allow_layer_mismatch=True)
+def load_run_sae(ctx: RunContext) -> sae_lib.SAE:
+    return sae_lib.load_sae(ctx.stage_dir("sae") / "sae_lens", allow_layer_mismatch=True)
 
 
 # ---------------------------------------------------------------------------------------- features
-def _token_lookup(run: RunContext):
-    tokenizer = run.tokenizer("source")
-    docs = run.documents()
+def _token_lookup(ctx: RunContext):
+    tokenizer = ctx.tokenizer("source")
+    docs = ctx.documents()
     cache: dict[int, list[str]] = {}
-    c = run.config
+    c = ctx.config
 
     def lookup(doc: int) -> list[str]:
         if doc not in cache:
@@ -259,16 +259,16 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
-def run_features(run: RunContext) -> None:
+def run_features(ctx: RunContext) -> None:
     from ..evaluate import context_overlap
 
-    c = run.config
-    out = run.stage_dir("features")
-    sae = load_run_sae(run)
-    stats = load_feature_stats(run)
-    ridge_map, meta = load_ridge_map(run)
+    c = ctx.config
+    out = ctx.stage_dir("features")
+    sae = load_run_sae(ctx)
+    stats = load_feature_stats(ctx)
+    ridge_map, meta = load_ridge_map(ctx)
     W = np.asarray(ridge_map.W, np.float64)
-    norms = MapSummary.load(run.stage_dir("map")).norms
+    norms = MapSummary.load(ctx.stage_dir("map")).norms
     target_norm = norms.target_median_norm if c.mapping.scale == "target_norm" else None
     idx = sae_lib.select_features(stats, c.features.method, None if c.features.method == "explicit" else c.features.n,
                                   seed=c.seed, indices=tuple(c.features.indices) or None,
@@ -279,14 +279,14 @@ def run_features(run: RunContext) -> None:
                                                        scale_policy=c.mapping.scale, target_norm=target_norm)
     # Verbalizer-free check: do the mapped directions pick out, in the target model, the same
     # tokens the source feature fires on?  Same paired-token index space for both sides.
-    pairs = load_pairs(run)
+    pairs = load_pairs(ctx)
     chosen = jnp.asarray(idx)
     src_acts = np.concatenate([np.asarray(sae_lib.encode_selected(sae, pairs["x"][i:i + 4096], chosen))
                                for i in range(0, len(pairs["x"]), 4096)])
     y_centred = pairs["y"] - pairs["y"].mean(0)
     overlap = context_overlap(src_acts, y_centred @ _unit(mapped).T, y_centred @ _unit(controls).T,
                               k=c.evaluate.context_k, src_threshold=0.0)
-    lookup = _token_lookup(run)
+    lookup = _token_lookup(ctx)
     contexts = {int(f): sae_lib.feature_contexts(stats, int(f), lookup, n=min(5, c.sae.n_contexts)) for f in idx}
     np.savez(out / "directions.npz", features=idx, source=directions.astype(np.float32), mapped=mapped,
              controls=controls)
@@ -297,15 +297,15 @@ def run_features(run: RunContext) -> None:
          f"control {overlap['mean_control']:.3f}")
 
 
-def load_directions(run: RunContext) -> dict[str, np.ndarray]:
-    with np.load(run.stage_dir("features") / "directions.npz") as f:
+def load_directions(ctx: RunContext) -> dict[str, np.ndarray]:
+    with np.load(ctx.stage_dir("features") / "directions.npz") as f:
         return {k: f[k] for k in f.files}
 
 
 # ------------------------------------------------------------------------------------ verbalizers
-def washout_settings(run: RunContext) -> list[float]:
+def washout_settings(ctx: RunContext) -> list[float]:
     """The washout alphas this run explains with: the configured one first, then the comparison."""
-    w = run.config.washout
+    w = ctx.config.washout
     alphas = [float(w.alpha)]
     if w.compare:
         other = 0.0 if w.alpha > 0 else float(w.compare_alpha)
@@ -318,18 +318,18 @@ def alpha_key(alpha: float) -> str:
     return f"alpha={alpha:g}"
 
 
-def build_verbalizer(run: RunContext, side: str):
+def build_verbalizer(ctx: RunContext, side: str):
     """The configured verbalizer of one side: the model itself (self) or a released NLA checkpoint."""
     from ..models import load_model
     from ..verbalize import Verbalizer, load_verbalizer_spec, self_verbalizer_spec
 
-    v = run.config.verbalizers[side]
+    v = ctx.config.verbalizers[side]
     overrides = dict(v.spec)
     if v.kind == "self":
-        lm = run.model(side)
+        lm = ctx.model(side)
         spec = self_verbalizer_spec(v.prompt, lm.tokenizer, **overrides)
     else:
-        lm = load_model(v.checkpoint, dtype=v.dtype or run.config.models[side].dtype, mesh=run.mesh)
+        lm = load_model(v.checkpoint, dtype=v.dtype or ctx.config.models[side].dtype, mesh=ctx.mesh)
         spec = load_verbalizer_spec(v.checkpoint, overrides)
     if v.injection_layer >= 0:
         spec = spec.replace(injection_layer=int(v.injection_layer))
@@ -338,9 +338,9 @@ def build_verbalizer(run: RunContext, side: str):
     if v.scale:
         changes = {"scale_policy": v.scale}
         if v.scale == "activation":  # the typical residual norm at this side's layer, measured in `map`
-            changes["injection_scale"] = MapSummary.load(run.stage_dir("map")).norms.median(side)
+            changes["injection_scale"] = MapSummary.load(ctx.stage_dir("map")).norms.median(side)
         spec = spec.replace(**changes)
-    return Verbalizer(lm.model, lm.tokenizer, spec, mesh=run.mesh), lm
+    return Verbalizer(lm.model, lm.tokenizer, spec, mesh=ctx.mesh), lm
 
 
 def verbalize_chunk(batch_size: int, n_samples: int, n_backgrounds: int) -> int:
@@ -377,7 +377,7 @@ def count_blank(settings: dict, specials: tuple[str, ...]) -> dict:
     return out
 
 
-def run_verbalize(run: RunContext, side: str) -> None:
+def run_verbalize(ctx: RunContext, side: str) -> None:
     """Explain this side's vectors under each washout setting, a chunk at a time.
 
     Source: the SAE features' own decoder directions.  Target: the mapped directions, then the
@@ -387,13 +387,13 @@ def run_verbalize(run: RunContext, side: str) -> None:
     """
     from ..verbalize import WashoutConfig
 
-    c = run.config
+    c = ctx.config
     v = c.verbalizers[side]
-    out = run.stage_dir(f"verbalize_{side}")
-    dirs = load_directions(run)
+    out = ctx.stage_dir(f"verbalize_{side}")
+    dirs = load_directions(ctx)
     groups = {"features": dirs["source"]} if side == "source" else {"features": dirs["mapped"],
                                                                      "controls": dirs["controls"]}
-    pairs = load_pairs(run)
+    pairs = load_pairs(ctx)
     acts = pairs["x" if side == "source" else "y"]
     rng = np.random.default_rng(c.seed + (11 if side == "source" else 13))
     if c.washout.n_backgrounds > len(acts):
@@ -401,12 +401,12 @@ def run_verbalize(run: RunContext, side: str) -> None:
                          "activations the map stage kept (ridge.keep_pairs): lower it")
     backgrounds = acts[rng.choice(len(acts), size=c.washout.n_backgrounds, replace=False)]
     t_load = time.perf_counter()
-    verbalizer, lm = build_verbalizer(run, side)
+    verbalizer, lm = build_verbalizer(ctx, side)
     log(f"verbalize_{side}: verbalizer {lm.model_id} ready in {time.perf_counter() - t_load:.1f}s")
     partial_path = out / "partial.json"
     partial = load_json(partial_path) if partial_path.exists() else {}
     t0 = time.perf_counter()
-    for alpha in washout_settings(run):
+    for alpha in washout_settings(ctx):
         key = alpha_key(alpha)
         washout = None if alpha == 0 else WashoutConfig(alpha=alpha, n_backgrounds=c.washout.n_backgrounds,
                                                         direction_scale=c.washout.background_scale)
@@ -427,7 +427,7 @@ def run_verbalize(run: RunContext, side: str) -> None:
                 log(f"verbalize_{side}: {key} {name} {start + len(explanations)}/{len(vectors)} "
                      f"({time.perf_counter() - t_chunk:.1f}s)")
     settings = {}
-    for alpha in washout_settings(run):
+    for alpha in washout_settings(ctx):
         key = alpha_key(alpha)
         settings[key] = {}
         for name in groups:
@@ -452,18 +452,18 @@ def run_verbalize(run: RunContext, side: str) -> None:
                    spec=verbalizer.spec.__dict__ | {"extra": dict(verbalizer.spec.extra)},
                    prompt=verbalizer.prompt.text, settings=settings, seconds=time.perf_counter() - t0,
                    blank=blank).save(out)
-    first = settings[alpha_key(washout_settings(run)[0])]["features"][:3]
+    first = settings[alpha_key(washout_settings(ctx)[0])]["features"][:3]
     log(f"verbalize_{side}: e.g. {[s[0] for s in first]}")
 
 
 # ---------------------------------------------------------------------------------------- evaluate
-def run_evaluate(run: RunContext) -> None:
+def run_evaluate(ctx: RunContext) -> None:
     from .. import evaluate as ev
 
-    c = run.config
-    out = run.stage_dir("evaluate")
-    src = ExplanationSet.load(run.stage_dir("verbalize_source"))
-    tgt = ExplanationSet.load(run.stage_dir("verbalize_target"))
+    c = ctx.config
+    out = ctx.stage_dir("evaluate")
+    src = ExplanationSet.load(ctx.stage_dir("verbalize_source"))
+    tgt = ExplanationSet.load(ctx.stage_dir("verbalize_target"))
     embedder = ev.load_embedder(c.evaluate.embedder or None)
     results = {}
     for key in src.settings:
@@ -475,7 +475,7 @@ def run_evaluate(run: RunContext) -> None:
         result["summary_line"] = ev.summary_line(result)
         results[key] = result
     primary = alpha_key(float(c.washout.alpha))
-    overlap = FeatureSet.load(run.stage_dir("features")).context_overlap
+    overlap = FeatureSet.load(ctx.stage_dir("features")).context_overlap
     Evaluation(primary=primary, results=results, context_overlap=overlap).save(out)
     lines = [f"{results[primary]['summary_line']}  [washout {primary}]"]
     for key, result in results.items():
@@ -491,18 +491,18 @@ def run_evaluate(run: RunContext) -> None:
 
 
 # ------------------------------------------------------------------------------------------ report
-def run_report(run: RunContext) -> None:
+def run_report(ctx: RunContext) -> None:
     from ..report import write_report
     from .config import to_dict
 
-    c = run.config
-    map_summary = MapSummary.load(run.stage_dir("map"))
+    c = ctx.config
+    map_summary = MapSummary.load(ctx.stage_dir("map"))
     fit = map_summary.fit
-    sae_summary = SaeSummary.load(run.stage_dir("sae"))
-    features = FeatureSet.load(run.stage_dir("features"))
-    evaluation = Evaluation.load(run.stage_dir("evaluate"))
-    src = ExplanationSet.load(run.stage_dir("verbalize_source"))
-    tgt = ExplanationSet.load(run.stage_dir("verbalize_target"))
+    sae_summary = SaeSummary.load(ctx.stage_dir("sae"))
+    features = FeatureSet.load(ctx.stage_dir("features"))
+    evaluation = Evaluation.load(ctx.stage_dir("evaluate"))
+    src = ExplanationSet.load(ctx.stage_dir("verbalize_source"))
+    tgt = ExplanationSet.load(ctx.stage_dir("verbalize_target"))
     primary = evaluation.primary
     result = evaluation.results[primary]
     per = result["per_feature"]
@@ -517,7 +517,7 @@ def run_report(run: RunContext) -> None:
     # held-out squared error per element: fold SSE [lambdas, folds] / (fold rows x target width)
     d_out = len(map_summary.norms.target_mean)
     cv_mse = np.asarray(fit["cv_sse"]) / (np.asarray(fit["fold_counts"])[None, :] * d_out)
-    timings = {stage.name: StageDone.load(run.stage_dir(stage.name)).seconds
+    timings = {stage.name: StageDone.load(ctx.stage_dir(stage.name)).seconds
                for stage in STAGES[:STAGES.index(stage_named("report"))]}
     data = {
         "config": to_dict(c),
@@ -536,7 +536,7 @@ def run_report(run: RunContext) -> None:
         "washout": dict(evaluation.results),
         "timings": timings,
     }
-    path = write_report(run.stage_dir("report"), data)
+    path = write_report(ctx.stage_dir("report"), data)
     log(f"report: {path}")
 
 
@@ -558,40 +558,40 @@ class Stage:
     """
 
     name: str
-    run: Callable[[RunContext], None]
+    work: Callable[[RunContext], None]
     summary: str
     sections: tuple[str, ...]
     inputs: tuple[str, ...]
     writes: tuple[str, ...]
     models: Callable[[ml_collections.ConfigDict], tuple[str, ...]] = lambda config: ()
     partial: tuple[str, ...] = ()
-    external: Callable[[RunContext], list] = lambda run: []
+    external: Callable[[RunContext], list] = lambda ctx: []
 
 
 def _self_verbalizer(side: str) -> Callable[[ml_collections.ConfigDict], tuple[str, ...]]:
     return lambda config: (side,) if config.verbalizers[side].kind == "self" else ()
 
 
-def _map_reads(run: RunContext) -> list:
-    return [["corpus", run.corpus_hash()], ["source", run.model_identity("source")],
-            ["target", run.model_identity("target")]]
+def _map_reads(ctx: RunContext) -> list:
+    return [["corpus", ctx.corpus_hash()], ["source", ctx.model_identity("source")],
+            ["target", ctx.model_identity("target")]]
 
 
-def _sae_reads(run: RunContext) -> list:
-    return [["sae", path_identity(run.config.sae.path)]] if run.config.sae.path else []
+def _sae_reads(ctx: RunContext) -> list:
+    return [["sae", path_identity(ctx.config.sae.path)]] if ctx.config.sae.path else []
 
 
 def _verbalizer_reads(side: str) -> Callable[[RunContext], list]:
-    def reads(run: RunContext) -> list:
-        v = run.config.verbalizers[side]
+    def reads(ctx: RunContext) -> list:
+        v = ctx.config.verbalizers[side]
         return [["verbalizer", path_identity(v.checkpoint)]] if v.kind == "nla" else []
     return reads
 
 
-def _embedder_reads(run: RunContext) -> list:
+def _embedder_reads(ctx: RunContext) -> list:
     from ..evaluate import default_embedder_path
 
-    path = run.config.evaluate.embedder
+    path = ctx.config.evaluate.embedder
     if not path:
         try:
             path = default_embedder_path()
@@ -611,12 +611,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("features", run_features, "select features, map their decoder directions, draw controls, context overlap",
           sections=("features", "controls", "mapping", "evaluate.context_k"), inputs=("sae",),
           writes=("directions.npz", "features.json")),
-    Stage("verbalize_source", lambda run: run_verbalize(run, "source"),
+    Stage("verbalize_source", lambda ctx: run_verbalize(ctx, "source"),
           "the source verbalizer explains the features' own decoder directions",
           sections=("verbalizers.source", "washout"), inputs=("features",),
           writes=("explanations.json",), models=_self_verbalizer("source"), partial=("partial.json",),
           external=_verbalizer_reads("source")),
-    Stage("verbalize_target", lambda run: run_verbalize(run, "target"),
+    Stage("verbalize_target", lambda ctx: run_verbalize(ctx, "target"),
           "the target verbalizer explains the mapped directions and the controls",
           sections=("verbalizers.target", "washout"), inputs=("features",),
           writes=("explanations.json",), models=_self_verbalizer("target"), partial=("partial.json",),
@@ -637,12 +637,12 @@ def stage_named(name: str) -> Stage:
     raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
 
 
-def closing_lines(run: RunContext, is_done: Callable[[str], bool]) -> list[str]:
+def closing_lines(ctx: RunContext, is_done: Callable[[str], bool]) -> list[str]:
     """What `crossmap run` prints last: the evaluation's summary lines and the report's path, each only
     when that stage's result belongs to this config (`is_done`), never an older run's."""
     lines = []
     if is_done("evaluate"):
-        lines.append((run.stage_dir("evaluate") / "summary.txt").read_text().strip())
+        lines.append((ctx.stage_dir("evaluate") / "summary.txt").read_text().strip())
     if is_done("report"):
-        lines.append(f"report: {run.stage_dir('report') / 'report.md'}")
+        lines.append(f"report: {ctx.stage_dir('report') / 'report.md'}")
     return lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable
@@ -163,21 +164,11 @@ def _resolve_compute_dtype(compute_dtype: str | None, stats_dtype) -> str:
     return compute_dtype
 
 
-class _Precision:
-    """Context for the solve: x64 on when float64 is asked for (jax.enable_x64 exists in jax 0.10/0.11)."""
-
-    def __init__(self, dtype_name: str):
-        self.ctx = jax.enable_x64(True) if dtype_name == "float64" and not jax.config.jax_enable_x64 else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False
+def _precision(dtype_name: str):
+    """The solve's context: x64 on when float64 is asked for (jax.enable_x64 exists in jax 0.10/0.11)."""
+    if dtype_name == "float64" and not jax.config.jax_enable_x64:
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
 
 
 def _check_stats(stats: RidgeStats, where: str, fitting: bool = True) -> np.ndarray:
@@ -248,7 +239,7 @@ def solve(stats: RidgeStats, lambdas: Iterable[float] | float, *, standardize: b
     out_dtype = jnp.dtype(stats.sxx.dtype if out_dtype is None else out_dtype)
     fit = RidgeFit(lambdas=lam_grid, lam=float(lam_grid[0]), count=float(counts.sum()), fold_counts=counts,
                    n_folds=k_folds, standardize=standardize, compute_dtype=dtype_name)
-    with _Precision(dtype_name):
+    with _precision(dtype_name):
         ridge_map, cv = _solve_core(stats, jnp.asarray(lam_grid, dtype_name), standardize, per_target, dtype_name,
                                     out_dtype)
         ridge_map = jax.block_until_ready(ridge_map)
@@ -297,7 +288,7 @@ def fold_maps(stats: RidgeStats, lam: float | Array, *, standardize: bool = Fals
     out_dtype = jnp.dtype(stats.sxx.dtype if out_dtype is None else out_dtype)
     lam_vec = np.broadcast_to(np.asarray(lam, np.float64), (stats.d_out,))
     _check_lambdas(lam_vec)
-    with _Precision(dtype_name):
+    with _precision(dtype_name):
         return jax.block_until_ready(_fold_maps_core(stats, jnp.asarray(lam_vec, dtype_name), standardize,
                                                      dtype_name, out_dtype))
 
