@@ -9,27 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_run import ROOT, TINY, run_numbers, tiny_config
 
 from crossmap.pipeline import apply_overrides, load_config, run_experiment, validate
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.py"
-
-
-def _config(run_dir, *overrides):
-    c = load_config(TINY)
-    apply_overrides(c, [f"--config.run_dir={run_dir}", *overrides])
-    return c
+_config = tiny_config
 
 
 def _numbers(run_dir: Path) -> dict:
-    ev = json.loads((run_dir / "evaluate" / "evaluation.json").read_text())
-    src = json.loads((run_dir / "verbalize_source" / "explanations.json").read_text())["settings"]
-    tgt = json.loads((run_dir / "verbalize_target" / "explanations.json").read_text())["settings"]
-    fit = json.loads((run_dir / "map" / "summary.json").read_text())["fit"]
-    sae = json.loads((run_dir / "sae" / "summary.json").read_text())["heldout"]
-    return {"summary": {k: r["summary"] for k, r in ev["results"].items()}, "src": src, "tgt": tgt,
-            "r2": fit["heldout_r2"], "lambda": fit["lambda"], "fve": sae["fve"]}
+    numbers = run_numbers(run_dir)
+    return {"summary": numbers["summary"], "src": numbers["src"], "tgt": numbers["tgt"],
+            "r2": numbers["fit"]["heldout_r2"], "lambda": numbers["fit"]["lambda"], "fve": numbers["sae"]["fve"]}
 
 
 @pytest.fixture(scope="module")

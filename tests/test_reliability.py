@@ -17,17 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_run import ROOT, TINY, run_numbers, tiny_config
 
-from crossmap.pipeline import Run, apply_overrides, load_config, run_experiment, validate
+from crossmap.pipeline import Run, run_experiment, validate
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.py"
-
-
-def _config(run_dir, *overrides):
-    c = load_config(TINY)
-    apply_overrides(c, [f"--config.run_dir={run_dir}", *overrides])
-    return c
+_config = tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -445,14 +439,6 @@ def test_13_unimplemented_model_configs_are_refused(arch, change, message):
 
 
 # -- kills at random points of every stage ------------------------------------------------------------
-def _numbers(run_dir: Path) -> dict:
-    ev = json.loads((run_dir / "evaluate" / "evaluation.json").read_text())
-    return {"summary": {k: r["summary"] for k, r in ev["results"].items()},
-            "src": _explanations(run_dir, "source")["settings"], "tgt": _explanations(run_dir, "target")["settings"],
-            "fit": json.loads((run_dir / "map" / "summary.json").read_text())["fit"],
-            "sae": json.loads((run_dir / "sae" / "summary.json").read_text())["heldout"]}
-
-
 def test_sigkill_anywhere_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path):
     """SIGKILL at seeded random moments inside every stage (three each) and at named writes (a JSON
     record between its temporary file and its rename, the kept pairs, the ridge map, an SAE
@@ -504,5 +490,5 @@ def test_sigkill_anywhere_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_pat
     for run in (in_stages, cmd, command(reference)):
         final = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert final.returncode == 0, final.stderr[-3000:]
-    assert _numbers(tmp_path / "killed-in-stages") == _numbers(reference)
-    assert _numbers(tmp_path / "killed-in-writes") == _numbers(reference)
+    assert run_numbers(tmp_path / "killed-in-stages") == run_numbers(reference)
+    assert run_numbers(tmp_path / "killed-in-writes") == run_numbers(reference)
