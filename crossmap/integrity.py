@@ -10,10 +10,11 @@ path changes it; hashing tens of GB of weights on every run would not pay).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from .jsonio import load_json, save_json
 
 _BLOCK = 1 << 22
 
@@ -31,17 +32,13 @@ def cached_sha256(path: str | os.PathLike, cache_file: str | os.PathLike) -> str
     path = Path(path).resolve()
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    cache_file = Path(cache_file)
     try:
-        known = json.loads(cache_file.read_text())
-    except (FileNotFoundError, ValueError):
+        known = load_json(cache_file)
+    except (FileNotFoundError, ValueError):  # none yet, or cut short: hash again
         known = {}
     if key not in known:
         known[key] = file_sha256(path)
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f"{cache_file.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(known, indent=0))
-        tmp.replace(cache_file)
+        save_json(cache_file, known, suffix=str(os.getpid()))  # concurrent runs: each its own temporary file
     return known[key]
 
 

@@ -7,11 +7,12 @@ verifies) the file.  Assembled files live in the crossmap cache directory.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import os
 from pathlib import Path
+
+from ..integrity import file_sha256
 
 SHIPPED = {
     "smollm2-135m-instruct": {
@@ -46,14 +47,6 @@ def _package_dir(module: str, pip_name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def shipped_gguf(name: str) -> Path:
     """Path of the GGUF file of a shipped model (see `SHIPPED` for names)."""
     if name not in SHIPPED:
@@ -82,7 +75,7 @@ def shipped_gguf(name: str) -> Path:
             with part.open("rb") as f:
                 for block in iter(lambda f=f: f.read(1 << 22), b""):
                     out.write(block)
-    got = _sha256(tmp)
+    got = file_sha256(tmp)
     if got != expected:
         tmp.unlink()
         raise ValueError(f"assembled {name} has sha256 {got}, expected {expected}; "

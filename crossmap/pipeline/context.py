@@ -81,5 +81,5 @@ class RunContext:
         return self._corpus_hash
 
     def model_identity(self, side: str) -> list:
-        """The identity of the side's checkpoint files (names, sizes, modification times)."""
+        """The identity of the side's checkpoint files (`integrity.path_identity`)."""
         return path_identity(resolve_model_path(self.config.models[side].path))

@@ -152,8 +152,8 @@ class Run(RunContext):
     def _finish(self, stage: Stage, seconds: float) -> None:
         directory = self.stage_dir(stage.name)
         files = checksums(directory, skip=(STARTED, DONE, *stage.partial), ignore=is_temporary)
-        save_json(directory / DONE, {"fingerprint": self.fingerprint(stage.name), "seconds": seconds,
-                                     "files": files}, suffix=str(jax.process_index()))
+        StageDone(fingerprint=self.fingerprint(stage.name), seconds=seconds, files=files).save(directory)
+        self._verified.add(stage.name)  # hashed just now: a later stage of this invocation need not again
 
     # -- the loop -----------------------------------------------------------------------------
     def execute(self, only: tuple[str, ...] = (), force: tuple[str, ...] = (), resume_only: bool = False) -> dict:

@@ -107,8 +107,8 @@ def run_map(ctx: RunContext) -> None:
                                _chunks(pairs, 8192), standardize=c.ridge.standardize,
                                compute_dtype=c.ridge.compute_dtype)
     fit.mean_cosine = cos["mean_cosine"]
-    check_finite("map", {"held-out R^2": fit.r2, "held-out mean cosine": fit.mean_cosine,
-                         "map weights": np.asarray(ridge_map.W), "map intercept": np.asarray(ridge_map.b)})
+    # (ridge.solve itself refuses a map that is not finite)
+    check_finite("map", {"held-out R^2": fit.r2, "held-out mean cosine": fit.mean_cosine})
     meta = {
         "source_model": src.model_id, "target_model": tgt.model_id,
         "source_layer": int(c.models.source.layer), "target_layer": int(c.models.target.layer),
@@ -129,7 +129,7 @@ def run_map(ctx: RunContext) -> None:
                kept_per_document={"mean": float(kept.mean()), "min": int(kept.min()), "max": int(kept.max()),
                                   "zero": int((kept == 0).sum())},
                kept_pairs_for_sae_and_evaluation=int(len(pairs["x"]))).save(out)
-    log(f"map: {summary['n_pairs']} pairs from {summary['n_documents']} documents; lambda={fit.lam:.3g}, "
+    log(f"map: {n_collected - n_nonfinite} pairs from {summary['n_documents']} documents; lambda={fit.lam:.3g}, "
          f"held-out R^2={fit.r2:.3f}, mean cosine={fit.mean_cosine:.3f}")
 
 
