@@ -1,6 +1,7 @@
 """The reference experiment at full scale: Qwen2.5-7B-Instruct (output of block 20) ->
 Gemma-3-27B-it (output of block 41), 45 features of a public Qwen2.5-7B-Instruct SAE at layer 20,
-explained by the released NLA verbalizers of both models, against random-direction controls.
+explained by the released NLA verbalizers of both models, against random-direction controls, and
+scored again without a sentence embedder by the released reconstructors (round trips).
 
 Only paths change for a researcher with the weights on disk, e.g.
 
@@ -10,6 +11,8 @@ Only paths change for a researcher with the weights on disk, e.g.
         --config.sae.path=/ckpt/qwen2.5-7b-instruct-sae/blocks.20.hook_resid_post \\
         --config.verbalizers.source.checkpoint=/ckpt/nla-qwen2.5-7b-L20-av \\
         --config.verbalizers.target.checkpoint=/ckpt/nla-gemma3-27b-L41-av \\
+        --config.reconstructors.source.checkpoint=/ckpt/nla-qwen2.5-7b-L20-ar \\
+        --config.reconstructors.target.checkpoint=/ckpt/nla-gemma3-27b-L41-ar \\
         --config.corpus.path=/data/corpus.jsonl
 
 or edit the PATHS block below.  On a multi-GPU node or a TPU slice use launch/ (the mesh spans
@@ -24,6 +27,8 @@ PATHS = {
     "sae": "/models/saes/qwen2.5-7b-instruct/blocks.20.hook_resid_post",
     "source_verbalizer": "/models/nla-qwen2.5-7b-L20-av",
     "target_verbalizer": "/models/nla-gemma3-27b-L41-av",
+    "source_reconstructor": "/models/nla-qwen2.5-7b-L20-ar",  # "" = no round trip on that side
+    "target_reconstructor": "/models/nla-gemma3-27b-L41-ar",
     "corpus": "",  # "" = the shipped corpus; a real run wants ~1M+ paired tokens of chat-shaped text
 }
 
@@ -57,17 +62,25 @@ def get_config():
     c.controls.n = 45
     c.controls.mode = "source"
     c.mapping.scale = "target_norm"
-    for side, key in (("source", "source_verbalizer"), ("target", "target_verbalizer")):
+    for side in ("source", "target"):
         v = c.verbalizers[side]
         v.kind = "nla"
-        v.checkpoint = PATHS[key]
-        v.scale = ""  # the NLA sidecar's own injection scale (see crossmap.verbalize.VerbalizerSpec)
-        v.max_new_tokens = 128
-        v.n_samples = 4
+        v.checkpoint = PATHS[f"{side}_verbalizer"]
+        v.scale = ""  # the sidecar's extraction.injection_scale (150 for Qwen2.5-7B, 60000 for Gemma-3-27B)
+        # the release's generation settings: 200 new tokens at the authors' command-line temperature, no nucleus
+        v.max_new_tokens = 200
         v.temperature = 0.7
-        v.top_p = 0.95
+        v.top_p = 1.0
+        v.n_samples = 4
         v.batch_size = 128
         v.dtype = "bfloat16"
+        r = c.reconstructors[side]
+        r.checkpoint = PATHS[f"{side}_reconstructor"]
+        r.dtype = "bfloat16"
+        r.batch_size = 64
+    # random source directions explained too: the controls of the source self round trip (the target's
+    # verbalizer always explains its controls)
+    c.verbalizers.source.explain_controls = True
     c.washout.alpha = 0.0
     c.washout.compare = True
     c.washout.compare_alpha = 0.5

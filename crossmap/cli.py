@@ -5,6 +5,7 @@
     crossmap run --config configs/paper.py --config.models.source.path=/ckpt/Qwen2.5-7B-Instruct
     crossmap bench forward|ridge|verbalize|top-p|scaling|paper [...]  # benchmarks that write JSON
     crossmap convert model.gguf OUT_DIR                   # GGUF -> HF-layout safetensors directory
+    crossmap explain --verbalizer AV_DIR --vectors acts.npy --out explanations.jsonl  # a released NLA, alone
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ examples:
   crossmap bench forward --model qwen2.5-7b-instruct --layer 20 --batch 32 --seq 1024
   launch/gpu_node.sh bench scaling --out scaling.json   27B-shaped workloads over every GPU of a node
   crossmap convert shipped:gemma-3-270m /tmp/gemma-3-270m
+  crossmap explain --verbalizer /ckpt/nla-qwen2.5-7b-L20-av --reconstructor /ckpt/nla-qwen2.5-7b-L20-ar \
+      --vectors acts.parquet --out explanations.jsonl      explain vectors with a released NLA pair
 Run `crossmap COMMAND --help` for a command's options."""
 
 BENCHES = {
@@ -97,6 +100,32 @@ def _build_parser(argv: list[str]) -> argparse.ArgumentParser:
             except ImportError as err:  # a missing optional dependency: say so instead of a traceback
                 bp.set_defaults(_bench_error=str(err))
 
+    explain = sub.add_parser(
+        "explain", help="explain vectors from a file with a released NLA verbalizer (and score them with its "
+                        "reconstructor)",
+        description="Explain every vector of a .npy, .safetensors or parquet file (an `activation_vector` column) "
+                    "with a released NLA verbalizer, run as its nla_meta.yaml prescribes, into a JSONL file: one "
+                    "row per vector and sample with index, sample, raw (the generated text, special tokens "
+                    "kept), explanation, truncated (no closing tag) and, with a reconstructor, round_trip_cos "
+                    "(cosine of its reconstruction with the vector; MSE = 2(1 - cos)). A killed run continues "
+                    "where it stopped; a rerun with other settings or inputs refuses unless --restart.")
+    explain.add_argument("--verbalizer", "--verbaliser", required=True, metavar="DIR",
+                         help="the AV checkpoint directory (HF weights, tokenizer, nla_meta.yaml)")
+    explain.add_argument("--reconstructor", default=None, metavar="DIR",
+                         help="the AR checkpoint directory (truncated backbone, value_head.safetensors, "
+                              "nla_meta.yaml): adds round_trip_cos")
+    explain.add_argument("--vectors", required=True, metavar="FILE", help=".npy, .safetensors or .parquet")
+    explain.add_argument("--out", required=True, metavar="FILE.jsonl")
+    explain.add_argument("--max-new-tokens", type=int, default=None, help="default: the release's 200")
+    explain.add_argument("--temperature", type=float, default=None,
+                         help="default: the release's 0.7 (the authors' command line); 0 = greedy")
+    explain.add_argument("--samples", type=int, default=1, help="explanations per vector")
+    explain.add_argument("--batch-size", type=int, default=64, help="generation rows per batch")
+    explain.add_argument("--dtype", default="bfloat16", help="weights' dtype on the device")
+    explain.add_argument("--seed", type=int, default=0)
+    explain.add_argument("--restart", action="store_true", help="discard an existing --out and start over")
+    explain.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     conv = sub.add_parser("convert", help="dequantise a GGUF file into a HF-layout checkpoint directory",
                           description="Dequantise a GGUF (llama, qwen2, gemma3) with the gguf package into "
                                       "config.json + model.safetensors + tokenizer files.")
@@ -129,6 +158,22 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as err:  # bad arguments: say which, no traceback
             print(f"crossmap bench {args.bench}: {err}", file=sys.stderr)
             return 2
+        return 0
+    if args.command == "explain":
+        from .nla import explain_to_jsonl
+
+        try:
+            summary = explain_to_jsonl(args.verbalizer, args.vectors, args.out, reconstructor=args.reconstructor,
+                                       n_samples=args.samples, max_new_tokens=args.max_new_tokens,
+                                       temperature=args.temperature, seed=args.seed, dtype=args.dtype,
+                                       batch_size=args.batch_size, restart=args.restart,
+                                       progress=not args.no_progress)
+        except (ValueError, FileNotFoundError, ImportError) as err:
+            print(f"crossmap explain: {err}", file=sys.stderr)
+            return 2
+        print(f"{summary['out']}: {summary['explained']} vectors explained now, {summary['already_done']} "
+              f"already there, of {summary['vectors']}; {summary['truncated']} explanations truncated (no closing "
+              "tag)")
         return 0
     if args.command == "convert":
         from .models import convert_gguf, resolve_model_path

@@ -320,6 +320,19 @@ def evaluate_explanations(src_emb: np.ndarray, tgt_emb: np.ndarray, ctrl_emb: np
 
     sim = similarity_matrix(src, tgt, aggregate)
     ctrl_sim = similarity_matrix(src, ctrl, aggregate)
+    result = lift_statistics(sim, ctrl_sim, n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed,
+                             ci_level=ci_level, top_k=top_k)
+    result["aggregate"] = aggregate
+    result["n_samples"] = {"source": int(src.shape[1]), "target": int(tgt.shape[1]), "control": int(ctrl.shape[1])}
+    return result
+
+
+def lift_statistics(sim: np.ndarray, ctrl_sim: np.ndarray, *, n_permutations: int = 10_000,
+                    n_bootstrap: int = 10_000, seed: int = 0, ci_level: float = 0.95,
+                    top_k: Sequence[int] = (1, 5)) -> dict[str, Any]:
+    """The lift, its permutation p-value, bootstrap interval and retrieval, from a similarity matrix
+    sim [N, N] (reference item i, explained item j) and ctrl_sim [N, M] (reference i, control c); shared
+    by the embedding lift and the round-trip scores."""
     per = feature_lift(sim, ctrl_sim)
     perm_rng, boot_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     perm = permutation_test(sim, n_permutations, perm_rng)
@@ -328,10 +341,8 @@ def evaluate_explanations(src_emb: np.ndarray, tgt_emb: np.ndarray, ctrl_emb: np
     n = sim.shape[0]
     hits = {f"top{k}": hit for k, hit in retrieval_accuracy(sim, top_k, ranks).items()}
     return {
-        "aggregate": aggregate,
         "n_features": int(n),
-        "n_controls": int(ctrl.shape[0]),
-        "n_samples": {"source": int(src.shape[1]), "target": int(tgt.shape[1]), "control": int(ctrl.shape[1])},
+        "n_controls": int(ctrl_sim.shape[1]),
         "seed": int(seed),
         "summary": {
             "mean_matched": float(per["matched"].mean()),
@@ -359,6 +370,58 @@ def evaluate_explanations(src_emb: np.ndarray, tgt_emb: np.ndarray, ctrl_emb: np
         "similarity_matrix": sim.tolist(),
         "control_similarity": ctrl_sim.tolist(),
     }
+
+
+ROUND_TRIPS = {
+    "source_self": "AR_source(AV_source(f)) vs f",
+    "target_self": "AR_target(AV_target(M f)) vs M f",
+    "cross": "AR_source(AV_target(M f)) vs f",
+}
+
+
+def _unit_last(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-30)
+
+
+def evaluate_round_trip(reference: np.ndarray, reconstructed: np.ndarray, control_reconstructed: np.ndarray, *,
+                        n_permutations: int = 10_000, n_bootstrap: int = 10_000, seed: int = 0,
+                        ci_level: float = 0.95, top_k: Sequence[int] = (1, 5)) -> dict[str, Any]:
+    """Round-trip fidelity with the lift's statistics, no sentence embedder needed.
+
+    reference [N, d]: the vectors that were explained (or, across models, the source vectors they came
+    from).  reconstructed [N, S, d]: the reconstructor's vector for each of the S explanations of item j.
+    control_reconstructed [M, S, d]: the same for explanations of random control directions.  The matched
+    score of feature i is the mean over samples of cos(reference_i, reconstructed_i); its control score the
+    mean over controls and samples of cos(reference_i, control_reconstructed_c); the lift, permutation
+    p-value, bootstrap interval and retrieval are those of `lift_statistics`.  The release's MSE of the
+    matched pair (both vectors at norm sqrt(d)) is 2 (1 - cos): `mean_mse_matched`.
+    """
+    ref = _unit_last(reference)
+    rec = _unit_last(reconstructed)
+    ctrl = _unit_last(control_reconstructed)
+    if ref.ndim != 2 or rec.ndim != 3 or ctrl.ndim != 3:
+        raise ValueError(f"evaluate_round_trip: reference [N, d], reconstructed [N, S, d] and control_reconstructed "
+                         f"[M, S, d] expected, got {ref.shape}, {rec.shape}, {ctrl.shape}")
+    if rec.shape[0] != ref.shape[0] or rec.shape[2] != ref.shape[1] or ctrl.shape[2] != ref.shape[1]:
+        raise ValueError(f"evaluate_round_trip: shapes do not match: reference {ref.shape}, reconstructed "
+                         f"{rec.shape}, control_reconstructed {ctrl.shape}")
+    if ref.shape[0] < 2:
+        raise ValueError(f"evaluate_round_trip: need at least 2 features, got {ref.shape[0]}")
+    sim = np.einsum("id,jsd->ij", ref, rec) / rec.shape[1]
+    ctrl_sim = np.einsum("id,csd->ic", ref, ctrl) / ctrl.shape[1]
+    result = lift_statistics(sim, ctrl_sim, n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed,
+                             ci_level=ci_level, top_k=top_k)
+    result["summary"]["mean_mse_matched"] = float(np.mean(2.0 * (1.0 - np.diag(sim))))
+    result["n_samples"] = {"reconstructed": int(rec.shape[1]), "control": int(ctrl.shape[1])}
+    return result
+
+
+def round_trip_line(name: str, result: dict[str, Any]) -> str:
+    """'cross (AR_source(AV_target(M f)) vs f): cos 0.412 vs control 0.105, mean lift ...'"""
+    s = result["summary"]
+    return (f"{name} ({ROUND_TRIPS.get(name, name)}): cos {s['mean_matched']:.3f} vs control {s['mean_control']:.3f}, "
+            + summary_line(result))
 
 
 def format_p_value(p: float) -> str:

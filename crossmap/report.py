@@ -35,7 +35,7 @@ from matplotlib.collections import PatchCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from crossmap.evaluate import context_overlap_line, format_p_value, summary_line
+from crossmap.evaluate import ROUND_TRIPS, context_overlap_line, format_p_value, summary_line
 from crossmap.jsonio import to_jsonable
 
 FIGURE_DIR = "figures"
@@ -387,6 +387,28 @@ def _draw_figures(data: Mapping[str, Any], run_dir: Path) -> tuple[dict[str, str
     return written, failures
 
 
+def _round_trip_lines(round_trip: Mapping[str, Any]) -> list[str]:
+    """The round-trip section: per round trip, the reconstructor's cosine against the explained vector,
+    against controls, and the lift's statistics."""
+    if not round_trip:
+        return []
+    rows = []
+    for name, result in round_trip.items():
+        s = result.get("summary") or {}
+        ci = s.get("lift_ci")
+        rows.append([md_escape(name.replace("_", " ")), md_escape(ROUND_TRIPS.get(name, name)),
+                     _fmt(s.get("mean_matched"), digits=3), _fmt(s.get("mean_control"), digits=3),
+                     _fmt(s.get("mean_lift"), signed=True, digits=3),
+                     f"[{_fmt(ci[0], True)}, {_fmt(ci[1], True)}]" if ci else "n/a",
+                     "n/a" if s.get("p_value") is None else format_p_value(s["p_value"]),
+                     _fmt(s.get("mean_mse_matched"), digits=3)])
+    return (["## Round trip (reconstructor cosine, no sentence embedder)", "",
+             "cos: mean cosine between the reconstructor's vector and the vector explained; control: the same "
+             "for explanations of random control directions; lift, interval and p-value as for the embedding "
+             "lift; MSE = 2(1 - cos), the release's reward scale.", ""]
+            + _table(["round trip", "what", "cos", "control", "lift", "95% CI", "p", "MSE"], rows) + [""])
+
+
 def render_markdown(data: Mapping[str, Any], figures: Mapping[str, str], notes: Sequence[str] = ()) -> str:
     """The report.md text.  The headline (summary line) comes right after the title."""
     evaluation = data.get("evaluation") or {}
@@ -408,6 +430,9 @@ def render_markdown(data: Mapping[str, Any], figures: Mapping[str, str], notes: 
         bullets.append(f"- {md_escape(name) + ': ' if name else ''}{context_overlap_line(result)}")
     if isinstance(data.get("washout"), Mapping):
         bullets += _washout_lines(data["washout"])
+    for result in (data.get("round_trip") or {}).values():
+        if result.get("summary_line"):
+            bullets.append(f"- round trip, {md_escape(result['summary_line'])}")
     if _is_number(ridge_map.get("r2")):
         bullets.append(f"- ridge map held-out R² {_fmt(ridge_map['r2'])}"
                        + (f", cosine {_fmt(ridge_map['cosine'])}" if _is_number(ridge_map.get("cosine")) else "")
@@ -445,12 +470,15 @@ def render_markdown(data: Mapping[str, Any], figures: Mapping[str, str], notes: 
     for name in ("similarity_heatmap", "lift_distribution"):
         if name in figures:
             lines += [f"![{name}]({figures[name]})", ""]
+    lines += _round_trip_lines(data.get("round_trip") or {})
 
     features = _feature_rows(data)
     if features:
         has_overlap = any("context_overlap" in f for f in features)
+        trips = [name for name in ROUND_TRIPS if any(name in (f.get("round_trip") or {}) for f in features)]
         header = ["id", "source explanation", "target explanation", "matched", "control", "lift", "rank"]
         header += ["ctx overlap"] if has_overlap else []
+        header += [f"round trip {name.replace('_', ' ')}" for name in trips]
         rows = []
         for f in features:
             rank = f.get("retrieval_rank")
@@ -458,7 +486,8 @@ def render_markdown(data: Mapping[str, Any], figures: Mapping[str, str], notes: 
                    _samples_cell(_samples(f, "target_explanation")), _fmt(f.get("matched"), digits=3),
                    _fmt(f.get("control_mean"), digits=3), _fmt(f.get("lift"), signed=True, digits=3),
                    "n/a" if rank is None else str(int(rank) + 1)]
-            rows.append(row + ([_fmt(f.get("context_overlap"), digits=3)] if has_overlap else []))
+            row += [_fmt(f.get("context_overlap"), digits=3)] if has_overlap else []
+            rows.append(row + [_fmt((f.get("round_trip") or {}).get(name), digits=3) for name in trips])
         lines += ["## Features", "", "rank: position of the feature's own source explanation when its target "
                   "explanation ranks all source explanations (1 = retrieved first).", ""]
         lines += _table(header, rows) + [""]

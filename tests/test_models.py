@@ -129,3 +129,22 @@ def test_random_init_on_mesh_matches_shapes():
     model = init_random(cfg, mesh=make_mesh(), dtype="bfloat16")
     assert model.layers[0].attn.q[...].shape == (cfg.d_model, cfg.n_heads, cfg.head_dim)
     assert model.layers[0].attn.q[...].dtype == jnp.bfloat16
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    """Llama 3.x's "llama3" RoPE scaling (every released Llama-3.3 NLA needs it): an original context of
+    64 puts the tiny model's frequencies in all three bands (kept, blended, stretched), and positions
+    reach 300, where the stretch matters."""
+    cfg = tiny_config("llama", rope_llama3=(8.0, 1.0, 4.0, 64))
+    hf = build_hf_model(cfg)
+    assert hf.config.rope_parameters["rope_type"] == "llama3"
+    hf.save_pretrained(tmp_path)
+    lm = load_model(tmp_path, with_tokenizer=False)
+    assert lm.config.rope_llama3 == (8.0, 1.0, 4.0, 64)
+    tokens, positions, valid = _batch(cfg.vocab_size, [300, 41], 300)
+    _, logits = hf_forward(hf, tokens, positions, valid)
+    ours = np.asarray(lm.model.logits(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid)))
+    assert _rel(ours[valid], logits[valid]) < 1e-4
+    plain = load_model(tmp_path, with_tokenizer=False, config_overrides={"rope_llama3": None})
+    unscaled = np.asarray(plain.model.logits(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid)))
+    assert _rel(unscaled[valid], logits[valid]) > 1e-2  # the scaling is not a no-op at these positions

@@ -178,22 +178,25 @@ def test_launch_script_runs_the_pipeline_on_a_data_by_tensor_mesh(full_run, tmp_
 
 def test_paper_style_run_with_public_sae_and_nla_verbalizer(full_run, tmp_path, capfd):
     """The paths configs/paper.py takes: an SAE read from a public format (SAE-Lens) and a target NLA
-    verbalizer read from its checkpoint directory with the sidecar contract.  Base models are
-    released once no later stage runs them, so an NLA verbalizer never shares memory with them."""
+    verbalizer read from its checkpoint directory with an nla_meta.yaml of the release's schema.  Base
+    models are released once no later stage runs them, so an NLA verbalizer never shares memory with them."""
     import shutil
 
+    from crossmap.models import load_tokenizer
     from crossmap.models.tiny import tiny_checkpoint
+    from crossmap.nla.meta import RELEASE_AV_TEMPLATE, pick_marker, write_nla_meta
 
     nla = tmp_path / "nla-tiny-gemma"
     shutil.copytree(tiny_checkpoint("gemma3_text"), nla)
-    (nla / "nla_config.json").write_text(json.dumps({
-        "injection_token": "<concept>", "prompt_template": "Concept: {marker}\nExplanation: <explanation>",
-        "use_chat_template": False, "explanation_regex": "<explanation>(.*?)(?:</explanation>|$)",
-        "max_new_tokens": 5}))
+    tokenizer = load_tokenizer(nla)
+    marker = pick_marker(tokenizer)
+    write_nla_meta(nla, role="av", tokenizer=tokenizer, d_model=64, injection_char=marker, injection_scale=3.0,
+                   extraction_layer=4)
     run_dir = tmp_path / "paper-style"
     c = _config(run_dir, f"--config.sae.path={full_run[0] / 'sae' / 'sae_lens'}",
                 "--config.verbalizers.target.kind=nla", f"--config.verbalizers.target.checkpoint={nla}",
-                "--config.washout.compare=false")
+                "--config.verbalizers.target.max_new_tokens=5", "--config.washout.compare=false",
+                "--config.verbalizers.target.scale=embedding")  # the tiny random model writes only <unk> at 3.0
     run = run_experiment(c)
     assert run.is_done("report")
     log = capfd.readouterr().err
@@ -203,8 +206,10 @@ def test_paper_style_run_with_public_sae_and_nla_verbalizer(full_run, tmp_path, 
     assert order == sorted(order), log
     assert run._models == {}
     explanations = json.loads((run_dir / "verbalize_target" / "explanations.json").read_text())
-    assert "Concept: <concept>" in explanations["prompt"]
-    assert explanations["spec"]["injection_token"] == "<concept>"
+    assert RELEASE_AV_TEMPLATE.split("\n")[0] in explanations["prompt"]
+    assert explanations["spec"]["injection_token"] == marker and explanations["spec"]["injection_scale"] == 3.0
+    assert explanations["spec"]["scale_policy"] == "embedding"  # the config's override of the sidecar's norm
+    assert explanations["truncated"]["alpha=0"]["features"][0] > 0  # a random model writes no closing tag
     sae = json.loads((run_dir / "sae" / "summary.json").read_text())
     assert sae["train"] == {"loaded_from": str(full_run[0] / "sae" / "sae_lens")}
     single = json.loads((full_run[0] / "sae" / "summary.json").read_text())
@@ -238,15 +243,15 @@ def test_bench_paper_runs_the_paper_config_on_written_checkpoints(tmp_path):
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert list(result["stages"]) == ["map", "sae", "features", "verbalize_source", "verbalize_target",
-                                      "evaluate", "report"]
+                                      "round_trip", "evaluate", "report"]
     assert not any(s.get("resumed") for s in result["stages"].values())
     # only paths were changed on top of the size overrides
-    assert all(o.split("=")[0].endswith((".path", ".checkpoint", ".run_dir")) for o in result["overrides"][:6])
+    assert all(o.split("=")[0].endswith((".path", ".checkpoint", ".run_dir")) for o in result["overrides"][:8])
     w = tmp_path / "w"
     assert json.loads((w / "tiny-gemma3" / "config.json").read_text())["model_type"] == "gemma3"
     assert (w / "tiny-gemma3" / "chat_template.jinja").exists()  # the base tokenizer got the -it turns
     explanations = json.loads((w / "run" / "verbalize_target" / "explanations.json").read_text())
-    assert "Here is a concept: <unused0>." in explanations["prompt"]  # the sidecar's prompt and marker
+    assert "<concept>" in explanations["prompt"] and explanations["spec"]["injection_scale"] == 60000.0
     assert set(result["lift"]) == {"alpha=0", "alpha=0.5"}
     assert main(argv) == 0
     assert all(s["resumed"] for s in json.loads(out.read_text())["stages"].values())

@@ -24,7 +24,6 @@ from crossmap.verbalize import (
     WashoutConfig,
     build_prompt,
     generate,
-    load_verbalizer_spec,
     self_verbalizer_spec,
     top_p_filter,
 )
@@ -323,35 +322,6 @@ def test_parse_and_truncate():
     assert spec.truncate("one line\n\nsecond</s>") == "one line"
     assert spec.replace(explanation_regex=None).parse(" <explanation>k</explanation>") == "<explanation>k</explanation>"
     assert spec.replace(explanation_regex=r"Meaning: \w+").parse("so Meaning: cats.") == "Meaning: cats"
-
-
-def test_load_verbalizer_spec_from_sidecar(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 3584, "model_type": "qwen2"}))
-    assert load_verbalizer_spec(tmp_path).d_model == 3584  # no sidecar: defaults + config width
-    assert "no sidecar" in load_verbalizer_spec(tmp_path).source
-    meta = {"injection": {"token": "<|act|>", "layer": 0, "scale": 150.0, "mode": "add"},
-            "prompt": "Explain <|act|> please", "normalization": "fixed", "stop": "</explanation>",
-            "max_tokens": 48, "layer": 20, "base_model": "Qwen/Qwen2.5-7B-Instruct"}
-    (tmp_path / "nla_meta.json").write_text(json.dumps(meta))
-    spec = load_verbalizer_spec(tmp_path)
-    assert (spec.injection_token, spec.injection_layer, spec.injection_scale, spec.injection_mode) == \
-        ("<|act|>", 0, 150.0, "add")
-    assert spec.prompt_template == "Explain <|act|> please" and spec.scale_policy == "fixed"
-    assert spec.stop_strings == ("</explanation>",) and spec.max_new_tokens == 48 and spec.d_model == 3584
-    assert spec.extra == {"layer": 20, "base_model": "Qwen/Qwen2.5-7B-Instruct"}  # source layer: not injection
-    assert spec.source.endswith("nla_meta.json")
-    over = load_verbalizer_spec(tmp_path, {"injection_layer": 3, "use_chat_template": False})
-    assert over.injection_layer == 3 and over.use_chat_template is False
-    with pytest.raises(ValueError, match="unknown VerbalizerSpec field"):
-        load_verbalizer_spec(tmp_path, {"injection_laye": 3})
-    (tmp_path / "nla_meta.json").write_text(json.dumps({"injection_layer": "first"}))
-    with pytest.raises(ValueError, match=r"nla_meta.json: field 'injection_layer' has value 'first'"):
-        load_verbalizer_spec(tmp_path)
-    (tmp_path / "nla_meta.json").write_text(json.dumps({"injection_mode": "swap"}))
-    with pytest.raises(ValueError, match=r"nla_meta.json.*injection_mode"):
-        load_verbalizer_spec(tmp_path)
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        load_verbalizer_spec(tmp_path / "nowhere")
 
 
 def test_verbalizer_rejects_bad_vectors(llama, tokenizer):

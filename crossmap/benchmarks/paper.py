@@ -10,8 +10,9 @@ stand-ins written at exactly the released shapes:
    small models' which share their vocabularies); a Gemma tokenizer without a chat template gets
    the -it turn format.
 2. NLA verbalizers: directories holding the same weights (linked, not copied: the loader reads
-   them again, as it would a fine-tuned copy) plus a sidecar JSON naming the injection token,
-   prompt and scale.
+   them again, as it would a fine-tuned copy) plus an nla_meta.yaml in the release's schema (its
+   prompt, a single-token marker, the release's injection norm).  No reconstructors: the round-trip
+   stage runs with none configured.
 3. an SAE-Lens TopK SAE at blocks.20.hook_resid_post (d_in 3584, --sae-features wide).
 4. the pipeline of configs/paper.py, one stage at a time, on a mesh over every local device:
    seconds per stage and the peak device memory reached by the end of each.
@@ -43,8 +44,6 @@ GEMMA_TURNS = ("{{ bos_token }}{% for message in messages %}"
                "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
                "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
                "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-NLA_PROMPT = ("Here is a concept: {marker}. Explain what it means in one or two sentences, "
-              "between <explanation> and </explanation>.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -105,16 +104,24 @@ def _write_sae(directory: Path, d_in: int, n_features: int, k: int, layer: int, 
         "activation_fn_kwargs": {"k": k}, "apply_b_dec_to_input": False, "normalize_activations": "none"}))
 
 
-def _verbalizer_dir(base: Path, directory: Path, marker: str) -> None:
-    """An NLA-style verbalizer checkpoint: the base weights (linked) plus the sidecar contract."""
+def _verbalizer_dir(base: Path, directory: Path, layer: int, injection_scale: float) -> None:
+    """An NLA verbalizer checkpoint in the release's layout: the base weights (linked) plus an
+    nla_meta.yaml with the release's prompt, a marker the tokenizer encodes as one token (the release's
+    CJK characters for the real tokenizers) and the release's injection norm for that model."""
+    from transformers import AutoTokenizer
+
+    from ..nla.meta import pick_marker, write_nla_meta
+
     directory.mkdir(parents=True, exist_ok=True)
     for f in base.iterdir():
         if f.name != ".complete" and not (directory / f.name).exists():
             (directory / f.name).symlink_to(f.resolve())
-    (directory / "nla_config.json").write_text(json.dumps({
-        "injection_token": marker, "prompt_template": NLA_PROMPT, "use_chat_template": True,
-        "scale_policy": "embedding", "injection_layer": 0, "max_new_tokens": 128,
-        "explanation_regex": "<explanation>(.*?)(?:</explanation>|$)"}, indent=1))
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    d_model = json.loads((base / "config.json").read_text())
+    d_model = d_model.get("text_config", d_model)["hidden_size"]
+    write_nla_meta(directory, role="av", tokenizer=tokenizer, d_model=d_model,
+                   injection_char=pick_marker(tokenizer), injection_scale=injection_scale,
+                   extraction_layer=layer, provenance={"created_by": "crossmap bench paper (random weights)"})
 
 
 def _short(model: str) -> str:
@@ -124,7 +131,7 @@ def _short(model: str) -> str:
     return name[:-5] if name.endswith(".json") else name
 
 
-def prepare(args: argparse.Namespace, sae_layer: int) -> dict[str, str]:
+def prepare(args: argparse.Namespace, sae_layer: int, target_layer: int) -> dict[str, str]:
     """Write (or reuse) the stand-in checkpoints, verbalizers and SAE; returns the paths for the config."""
     from ..models import write_random_checkpoint
     from .forward import model_config
@@ -135,16 +142,16 @@ def prepare(args: argparse.Namespace, sae_layer: int) -> dict[str, str]:
         raise ValueError(f"--source-model and --target-model share the name {_short(args.source_model)!r}; "
                          f"their checkpoints would overwrite each other under {work}")
     paths, shapes = {}, {}
-    for side, name, tok, multimodal, marker in (
-            ("source", args.source_model, args.source_tokenizer, False, "<|fim_pad|>"),
-            ("target", args.target_model, args.target_tokenizer, True, "<unused0>")):
+    for side, name, tok, multimodal, layer, scale in (
+            ("source", args.source_model, args.source_tokenizer, False, sae_layer, 150.0),
+            ("target", args.target_model, args.target_tokenizer, True, target_layer, 60000.0)):
         shapes[side], hf = model_config(name)
         hf = {k: v for k, v in hf.items() if not k.startswith("_")}
         base = write_random_checkpoint(hf, work / _short(name), dtype="bfloat16", seed=1 if side == "source" else 2,
                                        multimodal=multimodal and hf["model_type"] == "gemma3_text")
         _copy_tokenizer(Path(tok), base, GEMMA_TURNS if hf["model_type"].startswith("gemma") else None)
         verbalizer = work / f"nla-{_short(name)}-av"
-        _verbalizer_dir(base, verbalizer, marker)
+        _verbalizer_dir(base, verbalizer, layer, scale)
         paths[side], paths[f"{side}_verbalizer"] = str(base), str(verbalizer)
     sae = work / "saes" / _short(args.source_model) / f"blocks.{sae_layer}.hook_resid_post"
     _write_sae(sae, shapes["source"].d_model, args.sae_features, args.sae_k, sae_layer, _short(args.source_model), seed=3)
@@ -168,12 +175,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     probe = load_config(args.config)
     apply_overrides(probe, list(args.override))
-    paths = prepare(args, int(probe.models.source.layer))
+    paths = prepare(args, int(probe.models.source.layer), int(probe.models.target.layer))
     result["prepare_seconds"] = time.perf_counter() - t0
     overrides = [f"--config.models.source.path={paths['source']}", f"--config.models.target.path={paths['target']}",
                  f"--config.sae.path={paths['sae']}",
                  f"--config.verbalizers.source.checkpoint={paths['source_verbalizer']}",
                  f"--config.verbalizers.target.checkpoint={paths['target_verbalizer']}",
+                 # no reconstructors: an AR is a second, truncated checkpoint per model (not written here)
+                 "--config.reconstructors.source.checkpoint=", "--config.reconstructors.target.checkpoint=",
                  f"--config.run_dir={Path(args.workdir) / 'run'}"]
     if args.embedder:
         overrides.append(f"--config.evaluate.embedder={args.embedder}")

@@ -67,10 +67,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth-probe copy")
     parser.add_argument("--torch-device", default="auto", help="auto | cuda | cpu | none")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0 = greedy (default); > 0 samples, in both crossmap and transformers")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy (the default; with --nla the release's 0.7); > 0 samples, in both crossmap "
+                             "and transformers")
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="nucleus sampling when < 1 (with --temperature > 0), e.g. the paper config's 0.95")
+    parser.add_argument("--nla", action="store_true",
+                        help="the released NLA workload: the real AV prompt (from --tokenizer, a Qwen2.5 tokenizer "
+                             "directory) with the vector at its marker slot rescaled to the release's norm, 200 new "
+                             "tokens at the release's temperature 0.7, then the AR (the first K+1=21 blocks + value "
+                             "head) scoring --ar-explanations explanations; both side by side with transformers")
+    parser.add_argument("--tokenizer", default=None, help="--nla: the tokenizer directory whose chat template and "
+                                                          "marker give the real prompt")
+    parser.add_argument("--ar-explanations", type=int, default=1024, help="--nla: explanations the AR scores")
+    parser.add_argument("--ar-batch", type=int, default=64, help="--nla: explanations per AR forward")
+    parser.add_argument("--ar-explanation-tokens", type=int, default=150,
+                        help="--nla: tokens per explanation (the release's RL cap)")
     parser.add_argument("--out", default="verbalize_bench.json", help="JSON output path")
 
 
@@ -208,14 +220,20 @@ def _run_transformers(cfg: ModelConfig, prompts: np.ndarray, marker: int, vector
 def run(args: argparse.Namespace) -> dict[str, Any]:
     # transformers runs in the same process: JAX allocates on demand instead of taking 75% up front
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if args.temperature is None:
+        args.temperature = 0.7 if args.nla else 0.0
     preset = PRESETS[args.preset]
     cfg = _config(preset)
+    if args.nla and cfg.vocab_size < QWEN25_7B["vocab_size"]:  # the tiny smoke run reads the real tokenizer's ids
+        cfg = cfg.replace(vocab_size=QWEN25_7B["vocab_size"])
     batch = args.batch or preset["batch"]
     prompt_len = args.prompt_len or preset["prompt_len"]
-    new_tokens = args.new_tokens or preset["new_tokens"]
+    new_tokens = args.new_tokens or (NLA_NEW_TOKENS if args.nla else preset["new_tokens"])
     dtype = args.dtype or preset["dtype"]
     copy_mib = args.copy_mib or preset["copy_mib"]
     mesh = make_mesh()
+    if args.nla:
+        print(f"[verbalize bench] --nla: the release's prompt through {args.tokenizer}", flush=True)
     print(f"[verbalize bench] {cfg.name or cfg.model_type}: batch {batch}, prompt {prompt_len}, "
           f"{new_tokens} new tokens, {dtype}, {len(jax.devices())} x {jax.devices()[0].device_kind}", flush=True)
 
@@ -226,10 +244,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     jax.block_until_ready(nnx.split(model)[1])
     init_s = time.perf_counter() - t0
     rng = np.random.default_rng(args.seed)
-    prompts = rng.integers(0, cfg.vocab_size, size=(batch, prompt_len)).astype(np.int32)
-    marker = prompt_len // 2
     vectors = rng.normal(size=(batch, cfg.d_model)).astype(np.float32)
-    vectors *= mean_embedding_norm(model) / np.linalg.norm(vectors, axis=1, keepdims=True)
+    if args.nla:
+        prompt, marker, tokenizer = nla_prompt(args.tokenizer)
+        prompt_len = len(prompt)
+        prompts = np.asarray([prompt] * batch, np.int32)
+        vectors *= NLA_INJECTION_SCALE / np.linalg.norm(vectors, axis=1, keepdims=True)
+    else:
+        prompts = rng.integers(0, cfg.vocab_size, size=(batch, prompt_len)).astype(np.int32)
+        marker = prompt_len // 2
+        vectors *= mean_embedding_norm(model) / np.linalg.norm(vectors, axis=1, keepdims=True)
     inj = Injection(vectors, [marker] * batch)
 
     if args.top_p < 1.0 and args.temperature <= 0:
@@ -276,5 +300,145 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "step_s_at_torch_copy_bandwidth"]
         print(f"[verbalize bench] transformers on {device}: {hf['total_s']:.3f} s per call, decode step "
               f"{hf['decode_step_s'] * 1e3:.2f} ms; speedup {result['speedup_vs_transformers']:.2f}x", flush=True)
+    if args.nla:
+        result["nla"] = {"prompt_tokens": prompt_len, "marker_slot": marker, "injection_scale": NLA_INJECTION_SCALE}
+        result["reconstructor"] = bench_reconstructor(cfg, tokenizer, args, dtype, device)
     write_json(result, args.out, echo=False)
+    return result
+
+
+# The released Qwen2.5-7B AV's norm; its AR keeps blocks 0..20.
+NLA_INJECTION_SCALE = 150.0
+NLA_LAYER = 20
+NLA_NEW_TOKENS = 200  # the release's generation length
+
+
+def nla_prompt(tokenizer_dir: str | None) -> tuple[list[int], int, object]:
+    """The release's AV prompt through a real Qwen2.5 tokenizer: (token ids, marker slot, tokenizer)."""
+    from ..models import load_tokenizer
+    from ..nla.meta import RELEASE_AV_TEMPLATE, pick_marker
+    from ..verbalize import VerbalizerSpec, build_prompt
+
+    if not tokenizer_dir:
+        raise ValueError("--nla needs --tokenizer: a Qwen2.5 tokenizer directory (its chat template and marker "
+                         "make the real prompt)")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    marker = pick_marker(tokenizer)
+    token_id = tokenizer(marker, add_special_tokens=False)["input_ids"][0]
+    spec = VerbalizerSpec(injection_token=marker, injection_token_id=token_id,
+                          prompt_template=RELEASE_AV_TEMPLATE.format(injection_char=marker))
+    built = build_prompt(tokenizer, spec)
+    return list(built.token_ids), built.marker_index, tokenizer
+
+
+def _ar_prompts(tokenizer, n: int, tokens: int, vocab: int, seed: int) -> list[list[int]]:
+    """AR prompts of the release's form: template prefix, `tokens` explanation tokens, template suffix."""
+    from ..nla.meta import RELEASE_AR_TEMPLATE
+
+    head, tail = RELEASE_AR_TEMPLATE.split("{explanation}")
+    prefix = tokenizer(head, add_special_tokens=True)["input_ids"]
+    suffix = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(tokens // 2, tokens + 1, size=n)  # explanations end where they end
+    return [list(prefix) + rng.integers(1000, min(vocab, 100_000), size=int(k)).tolist() + list(suffix)
+            for k in lengths]
+
+
+def bench_reconstructor(cfg: ModelConfig, tokenizer, args, dtype: str, device: str | None) -> dict[str, Any]:
+    """AR scoring: explanations/s of crossmap's jitted, bucketed reconstructor forward vs a transformers
+    forward of the same truncated backbone, and the compute floor (matmul FLOPs at the measured bf16 rate)."""
+    import jax.numpy as jnp
+
+    from ..nla.reconstructor import _reconstruct, ar_length_bucket
+    from .common import measured_matmul_peak
+
+    ar_cfg = cfg.replace(n_layers=NLA_LAYER + 1, layer_types=(), tie_embeddings=True, name="qwen2.5-7b-ar-shaped")
+    model = init_random(ar_cfg, seed=args.seed + 1, dtype=dtype)
+    head = jnp.asarray(np.random.default_rng(1).standard_normal((cfg.d_model, cfg.d_model)) / np.sqrt(cfg.d_model),
+                       dtype=dtype)
+    prompts = _ar_prompts(tokenizer, args.ar_explanations, args.ar_explanation_tokens, cfg.vocab_size, args.seed)
+    graphdef, state = nnx.split(model)
+    order = np.argsort([len(p) for p in prompts])
+    batches = []
+    for i in range(0, len(order), args.ar_batch):
+        rows = order[i:i + args.ar_batch]
+        length = ar_length_bucket(max(len(prompts[r]) for r in rows))
+        tokens = np.zeros((args.ar_batch, length), np.int32)
+        valid = np.zeros((args.ar_batch, length), bool)
+        last = np.zeros(args.ar_batch, np.int32)
+        for slot, r in enumerate(rows):
+            tokens[slot, :len(prompts[r])] = prompts[r]
+            valid[slot, :len(prompts[r])] = True
+            last[slot] = len(prompts[r]) - 1
+        valid[len(rows):, 0] = True
+        positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy()
+        batches.append(tuple(jnp.asarray(a) for a in (tokens, positions, valid, last)))
+
+    def score_all():
+        return [np.asarray(_reconstruct(state, head, *b, graphdef=graphdef, layer=NLA_LAYER)) for b in batches]
+
+    t0 = time.perf_counter()
+    score_all()
+    first = time.perf_counter() - t0
+    seconds = median_time(score_all, max(args.reps, 1))
+    real_tokens = sum(len(p) for p in prompts)
+    # the blocks' matmuls and causal attention per token, plus the value head on each last token
+    flops = sum(ar_cfg.forward_flops_per_token(len(p), with_head=False) * len(p) + 2 * cfg.d_model ** 2
+                for p in prompts)
+    peak = measured_matmul_peak(dtype)
+    ours = {"first_call_s": first, "total_s": seconds, "explanations_per_s": len(prompts) / seconds,
+            "tokens_per_s": real_tokens / seconds, "batch": args.ar_batch,
+            "buckets": sorted({int(b[0].shape[1]) for b in batches})}
+    floor_s = flops / (peak["tflops"] * 1e12)
+    result = {"layers": ar_cfg.n_layers, "explanations": len(prompts), "mean_prompt_tokens": real_tokens / len(prompts),
+              "crossmap": ours, "floor": {"matmul_flops": flops, "bf16_matmul_tflops": peak["tflops"],
+                                          "seconds": floor_s, "ratio_to_floor": seconds / floor_s}}
+    print(f"[verbalize bench] AR: {ours['explanations_per_s']:.0f} explanations/s, {seconds / floor_s:.2f}x the "
+          f"compute floor", flush=True)
+    if device is None:
+        result["transformers"] = {"skipped": "no torch device"}
+        return result
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    hf_cfg = AutoConfig.for_model("qwen2", vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+                                  num_hidden_layers=ar_cfg.n_layers, num_attention_heads=cfg.n_heads,
+                                  num_key_value_heads=cfg.n_kv_heads, intermediate_size=cfg.d_ff,
+                                  rms_norm_eps=cfg.rms_eps, rope_theta=cfg.rope_theta,
+                                  max_position_embeddings=cfg.max_position_embeddings, use_sliding_window=False)
+    hf_cfg._attn_implementation = "sdpa"
+    torch_dtype = getattr(torch, dtype)
+    with torch.device(device):
+        backbone = AutoModel.from_config(hf_cfg, dtype=torch_dtype).eval()
+        backbone.norm = torch.nn.Identity()  # the AR has no final norm
+        value_head = torch.nn.Linear(cfg.d_model, cfg.d_model, bias=False, dtype=torch_dtype)
+    # the authors' NLACritic scores one explanation per forward; batched here (right padding, last real
+    # token), as a fair peer for throughput
+    torch_batches = []
+    for b in batches:
+        tokens, _, valid, last = (np.asarray(a) for a in b)
+        width = int(valid.sum(1).max())
+        torch_batches.append((torch.as_tensor(tokens[:, :width], device=device, dtype=torch.long),
+                              torch.as_tensor(valid[:, :width], device=device, dtype=torch.long),
+                              torch.as_tensor(last, device=device, dtype=torch.long)))
+
+    def torch_all():
+        out = []
+        with torch.no_grad():
+            for ids, mask, last in torch_batches:
+                h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+                out.append(value_head(h[torch.arange(len(last), device=device), last]).float().cpu())
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    t0 = time.perf_counter()
+    torch_all()
+    hf_first = time.perf_counter() - t0
+    hf_seconds = median_time(torch_all, max(args.reps, 1))
+    result["transformers"] = {"device": device, "attention": "sdpa", "first_call_s": hf_first, "total_s": hf_seconds,
+                              "explanations_per_s": len(prompts) / hf_seconds, "padding": "to each batch's longest"}
+    result["speedup_vs_transformers"] = hf_seconds / seconds
+    print(f"[verbalize bench] AR transformers: {len(prompts) / hf_seconds:.0f} explanations/s; speedup "
+          f"{result['speedup_vs_transformers']:.2f}x", flush=True)
     return result

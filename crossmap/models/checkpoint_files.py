@@ -117,6 +117,11 @@ def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, tuple[in
     return offset
 
 
+# safetensors files that sit beside a model's weights without being part of them: an NLA
+# reconstructor's head (read by crossmap.nla), a LoRA adapter
+NOT_MODEL_WEIGHTS = ("value_head.safetensors", "adapter_model.safetensors")
+
+
 def iter_safetensors(directory: Path) -> Iterator[tuple[str, np.ndarray, str]]:
     """Yield (name, array, file) one tensor at a time from a HF checkpoint directory.
 
@@ -131,7 +136,7 @@ def iter_safetensors(directory: Path) -> Iterator[tuple[str, np.ndarray, str]]:
         if missing:
             raise FileNotFoundError(f"{index} lists shard(s) that are missing: {', '.join(missing)}")
     else:
-        files = sorted(p.name for p in directory.glob("*.safetensors"))
+        files = sorted(p.name for p in directory.glob("*.safetensors") if p.name not in NOT_MODEL_WEIGHTS)
         if not files:
             raise FileNotFoundError(f"no *.safetensors files (and no model.safetensors.index.json) in {directory}")
     for fname in files:

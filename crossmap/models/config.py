@@ -38,6 +38,9 @@ class ModelConfig:
     rms_eps: float = 1e-6
     rope_theta: float = 10_000.0  # base of global (full-attention) layers
     rope_scaling: float = 1.0  # linear RoPE scaling factor of global layers (Gemma-3 27B: 8)
+    # Llama 3.x "llama3" RoPE scaling: (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings); None = none
+    rope_llama3: tuple[float, float, float, int] | None = None
     rope_local_theta: float | None = None  # base of sliding-window layers (Gemma 3)
     sliding_window: int | None = None  # window of "sliding" layers; None means no local layers
     layer_types: tuple[str, ...] = ()  # per layer "full" or "sliding"; empty means all "full"
@@ -76,6 +79,11 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.rope_llama3 is not None:
+            factor, low, high, original = self.rope_llama3
+            if not (factor >= 1 and 0 < low < high and original > 0):
+                problems.append(f"rope_llama3 (factor, low_freq_factor, high_freq_factor, original context) must "
+                                f"have factor >= 1 and 0 < low < high, got {self.rope_llama3}")
         if problems:
             raise ValueError(f"invalid model config {self.name or self.model_type}: " + "; ".join(problems))
 

@@ -54,10 +54,26 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(dtype) * x32.astype(dtype)
 
 
-def rope_tables(positions: Array, head_dim: int, theta: float, scaling: float = 1.0) -> tuple[Array, Array]:
+def llama3_inv_freq(inv_freq: Array, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_context: int) -> Array:
+    """Llama 3's RoPE scaling: wavelengths longer than original_context / low_freq_factor are
+    stretched by `factor`, those shorter than original_context / high_freq_factor kept, and the band
+    between blended linearly in original_context / wavelength."""
+    wavelength = 2 * math.pi / inv_freq
+    stretched = jnp.where(wavelength > original_context / low_freq_factor, inv_freq / factor, inv_freq)
+    smooth = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    medium = (wavelength >= original_context / high_freq_factor) & (wavelength <= original_context / low_freq_factor)
+    return jnp.where(medium, blended, stretched)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float, scaling: float = 1.0,
+                llama3: tuple[float, float, float, int] | None = None) -> tuple[Array, Array]:
     """cos/sin tables [B, T, head_dim] for integer positions [B, T] (HF "rotate_half" layout)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     inv_freq = inv_freq / scaling  # linear scaling stretches positions by `scaling`
+    if llama3 is not None:
+        inv_freq = llama3_inv_freq(inv_freq, *llama3)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
@@ -223,7 +239,7 @@ class Transformer(nnx.Module):
 
     def _rope(self, positions: Array) -> dict[str, tuple[Array, Array]]:
         cfg = self.config
-        tables = {"full": rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
+        tables = {"full": rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_llama3)}
         if "sliding" in cfg.layer_types:
             tables["sliding"] = rope_tables(positions, cfg.head_dim, cfg.rope_local_theta or cfg.rope_theta)
         return tables

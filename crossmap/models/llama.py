@@ -18,8 +18,20 @@ def config_from_hf(hf: dict, name: str = "", **overrides) -> ModelConfig:
     """ModelConfig from a HF config.json dict of a llama-family decoder."""
     n_heads = hf["num_attention_heads"]
     scaling = hf.get("rope_scaling") or (hf.get("rope_parameters") or {})
-    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-        raise NotImplementedError(f"{name}: RoPE scaling {scaling} is not supported for llama-family ports")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    llama3 = None
+    if rope_type == "llama3":
+        try:
+            llama3 = (float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"]),
+                      int(scaling["original_max_position_embeddings"]))
+        except KeyError as err:
+            raise ValueError(f"{name}: llama3 RoPE scaling {scaling} lacks {err}") from None
+        if scaling.get("attention_factor") not in (None, 1, 1.0):
+            raise NotImplementedError(f"{name}: llama3 RoPE scaling with attention_factor "
+                                      f"{scaling['attention_factor']} is not implemented")
+    elif rope_type not in ("default", None):
+        raise NotImplementedError(f"{name}: RoPE scaling {scaling} is not supported for llama-family ports "
+                                  "(default and llama3 are)")
     if hf.get("model_type") == "llama":
         for flag, what in (("attention_bias", "biases on q, k, v and o"), ("mlp_bias", "biases in the MLP")):
             if hf.get(flag):
@@ -31,7 +43,7 @@ def config_from_hf(hf: dict, name: str = "", **overrides) -> ModelConfig:
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, d_ff=hf["intermediate_size"],
         rms_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-        qkv_bias=False, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=False, rope_llama3=llama3, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id"), eos_token_ids=token_ids(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"), max_position_embeddings=hf.get("max_position_embeddings", 32768),
         name=name,
@@ -51,6 +63,10 @@ def hf_config(cfg: ModelConfig) -> dict:
         "max_position_embeddings": cfg.max_position_embeddings, "bos_token_id": cfg.bos_token_id,
         "eos_token_id": token_ids_to_hf(cfg.eos_token_ids), "pad_token_id": cfg.pad_token_id,
     }
+    if cfg.rope_llama3 is not None:
+        factor, low, high, original = cfg.rope_llama3
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                              "high_freq_factor": high, "original_max_position_embeddings": original}
     if cfg.model_type == "llama":
         if cfg.qkv_bias:
             raise NotImplementedError(f"{cfg.name}: a llama config.json cannot say q, k, v biases without o (qwen2 can)")

@@ -55,8 +55,13 @@ def shard_model(model: Transformer, mesh: Mesh, rules: dict | None = None) -> Tr
 
 
 def place_weights(cfg: ModelConfig, norm_names: dict[str, str], tensors: Iterator[tuple[str, np.ndarray, str]],
-                  *, dtype, mesh: Mesh | None, rules: dict | None, source: str) -> Transformer:
-    """Build the model abstractly and fill it from (hf_name, array, file) triples."""
+                  *, dtype, mesh: Mesh | None, rules: dict | None, source: str,
+                  unused: tuple[str, ...] = ()) -> Transformer:
+    """Build the model abstractly and fill it from (hf_name, array, file) triples.
+
+    unused: HF names of parameters the caller never runs (a reconstructor's final norm): read if the
+    checkpoint has them, filled with zeros if it does not.
+    """
     dtype = check_dtype(dtype)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -91,6 +96,11 @@ def place_weights(cfg: ModelConfig, norm_names: dict[str, str], tensors: Iterato
             filled[path] = jax.device_put(value, shd.sharding_for(mesh, logical, value.shape, rules))
         else:
             filled[path] = jnp.asarray(value)
+    for name in unused:
+        path = table[name][0]
+        if path not in filled:
+            var = flat[path]
+            filled[path] = jnp.zeros(var.get_value().shape, dtype)
     missing = [".".join(map(str, p)) for p in flat if p not in filled]
     if missing:
         raise ValueError(f"{source}: checkpoint lacks {len(missing)} parameter(s) the config needs, e.g. "
@@ -146,11 +156,14 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def load_model(path: str | os.PathLike, *, dtype="float32", mesh: Mesh | None = None, rules: dict | None = None,
-               with_tokenizer: bool = True, config_overrides: dict | None = None) -> LoadedModel:
+               with_tokenizer: bool = True, config_overrides: dict | None = None,
+               backbone_only: bool = False) -> LoadedModel:
     """Load a model from a HF checkpoint directory, a GGUF file, or `shipped:<name>`.
 
     Tensors are read one at a time and placed straight onto `mesh` with their target sharding.
     GGUF files are dequantised once into a cached HF-layout directory (see `convert_gguf`).
+    backbone_only: the decoder blocks without the LM head (never read, never placed) and with the
+    final norm optional (an NLA reconstructor runs neither).
     """
     p = resolve_model_path(path)
     if p.is_file():
@@ -161,10 +174,13 @@ def load_model(path: str | os.PathLike, *, dtype="float32", mesh: Mesh | None = 
     else:
         model_id = p.name
     hf = read_config_json(p)
-    cfg = config_from_hf(hf, model_id, **(config_overrides or {}))
+    overrides = dict(config_overrides or {})
+    if backbone_only:
+        overrides["tie_embeddings"] = True  # no LM head parameter; a stored one is skipped like a tied copy
+    cfg = config_from_hf(hf, model_id, **overrides)
     module = architecture_for(hf["model_type"], str(p / "config.json"))
     model = place_weights(cfg, module.NORM_NAMES, iter_safetensors(p), dtype=dtype, mesh=mesh, rules=rules,
-                          source=str(p))
+                          source=str(p), unused=("model.norm.weight",) if backbone_only else ())
     tokenizer = load_tokenizer(p) if with_tokenizer else None
     return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, model_id=model_id, path=str(p))
 

@@ -21,6 +21,7 @@ import ml_collections
 from ..activations import CORPUS_SPLITS, PAIRINGS
 from ..evaluate import AGGREGATES
 from ..models.config import SUPPORTED_DTYPES
+from ..nla import RELEASE_TEMPERATURE
 from ..ridge import COMPUTE_DTYPES, NONFINITE_MODES
 from ..sae import CONTROL_MODES, MAPPING_SCALES, SELECTION_METHODS
 from ..verbalize import INJECTION_MODES, SCALE_POLICIES, SELF_PROMPTS, VERBALIZER_KINDS
@@ -45,12 +46,23 @@ def _verbalizer(kind: str = "self") -> ml_collections.ConfigDict:
         # or "activation" (typical residual norm at the layer), "embedding", "fixed" (spec.injection_scale), "none"
         "injection_layer": -1,  # -1 = the spec's; 0 = input embeddings; L = residual after block L-1
         "injection_mode": "",  # "" = the spec's; else verbalize.INJECTION_MODES
-        "max_new_tokens": 24,
+        "max_new_tokens": 0,  # 0 = the verbalizer's own: the self presets' (12 base, 32 chat); NLA: the release's 200
         "n_samples": 1,
-        "temperature": 0.0,  # 0 = greedy
+        "temperature": -1.0,  # < 0 = the verbalizer's own (self presets: 0, greedy; NLA: the release's 0.7); 0 = greedy
         "top_p": 1.0,
         "batch_size": 32,
         "dtype": "",  # "" = the model's dtype
+        # also explain random directions of this side's own space (the controls of the source self round
+        # trip, AR_source(AV_source(r)) against r); the target always explains its controls
+        "explain_controls": False,
+    })
+
+
+def _reconstructor() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "checkpoint": "",  # a released NLA reconstructor (AR) directory; "" = no round trip on this side
+        "dtype": "",  # "" = the side's model dtype
+        "batch_size": 32,  # explanations per forward
     })
 
 
@@ -102,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.controls = {"n": 32, "mode": "source"}  # source: random source directions mapped; target: drawn in target
     c.mapping = {"scale": "target_norm"}  # sae.MAPPING_SCALES
     c.verbalizers = {"source": _verbalizer(), "target": _verbalizer()}
+    # round-trip fidelity (needs no sentence embedder): AR(AV(v)) against v, per side and across models
+    c.reconstructors = {"source": _reconstructor(), "target": _reconstructor()}
     c.washout = {
         "alpha": 0.0,  # 0 = off: bare directions; >0: logits(dir + bg) - alpha * logits(bg), over backgrounds
         "n_backgrounds": 4,
@@ -274,14 +288,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
             _one_of(problems, f"verbalizers.{side}.dtype", v.dtype, SUPPORTED_DTYPES)
         _at_least(problems, f"verbalizers.{side}.n_samples", v.n_samples, 1)
         _at_least(problems, f"verbalizers.{side}.batch_size", v.batch_size, 1)
-        _at_least(problems, f"verbalizers.{side}.max_new_tokens", v.max_new_tokens, 1)
+        _at_least(problems, f"verbalizers.{side}.max_new_tokens", v.max_new_tokens, 0)
         if not 0 < v.top_p <= 1:
             problems.append(f"verbalizers.{side}.top_p must be in (0, 1] (got {v.top_p})")
-        if v.temperature < 0:
-            problems.append(f"verbalizers.{side}.temperature must be >= 0 (got {v.temperature})")
-        if v.n_samples > 1 and v.temperature == 0.0:
+        own = {"nla": RELEASE_TEMPERATURE}.get(v.kind, dict(v.spec).get("temperature", 0.0))
+        temperature = v.temperature if v.temperature >= 0 else own
+        if v.n_samples > 1 and temperature == 0.0:
             problems.append(f"verbalizers.{side}.n_samples={v.n_samples} with temperature=0 gives identical "
                             "greedy samples; set a temperature > 0 or n_samples=1")
+        r = c.reconstructors[side]
+        if r.dtype:
+            _one_of(problems, f"reconstructors.{side}.dtype", r.dtype, SUPPORTED_DTYPES)
+        _at_least(problems, f"reconstructors.{side}.batch_size", r.batch_size, 1)
+    if c.reconstructors.source.checkpoint and not c.verbalizers.source.explain_controls:
+        problems.append("reconstructors.source.checkpoint is set, so the source self round trip is scored against "
+                        "random-direction controls explained by the source verbalizer: set "
+                        "verbalizers.source.explain_controls=True")
     _one_of(problems, "corpus.split", c.corpus.split, CORPUS_SPLITS)
     _at_least(problems, "corpus.batch_size", c.corpus.batch_size, 1)
     _at_least(problems, "corpus.max_length", c.corpus.max_length, 1)
@@ -340,6 +362,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
 
+def _nla_problems(field: str, path: str, role: str, d_model: int, side: str) -> list[str]:
+    """An NLA checkpoint's sidecar, read and checked before any weight is read: present, of the role the
+    config gives it, as wide as this side's model."""
+    from ..nla import read_nla_meta
+
+    if not Path(path).is_dir():
+        return [f"{field}={path!r}: no such directory"]
+    try:
+        meta = read_nla_meta(path, role=role)
+    except (FileNotFoundError, ValueError) as err:
+        return [f"{field}: {err}"]
+    if meta.d_model != d_model:
+        return [f"{field}: {meta.path} field 'd_model' is {meta.d_model}, but models.{side} is {d_model} wide"]
+    return []
+
+
 def validate_inputs(c: ml_collections.ConfigDict) -> None:
     """What the config's files say, checked before any model loads: every path exists, and each
     layer is in range for the checkpoint's own config.json (or GGUF header)."""
@@ -357,8 +395,11 @@ def validate_inputs(c: ml_collections.ConfigDict) -> None:
             problems.append(f"models.{side}.layer={m.layer} is out of range: {cfg.name} has {cfg.n_layers} blocks "
                             f"(0..{cfg.n_layers - 1})")
         v = c.verbalizers[side]
-        if v.kind == "nla" and not Path(v.checkpoint).is_dir():
-            problems.append(f"verbalizers.{side}.checkpoint={v.checkpoint!r}: no such directory")
+        if v.kind == "nla":
+            problems += _nla_problems(f"verbalizers.{side}.checkpoint", v.checkpoint, "av", cfg.d_model, side)
+        r = c.reconstructors[side]
+        if r.checkpoint:
+            problems += _nla_problems(f"reconstructors.{side}.checkpoint", r.checkpoint, "ar", cfg.d_model, side)
     for field, value in (("sae.path", c.sae.path), ("corpus.path", c.corpus.path),
                          ("evaluate.embedder", c.evaluate.embedder)):
         if value and not Path(value).exists():

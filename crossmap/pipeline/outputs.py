@@ -141,6 +141,23 @@ class ExplanationSet(Record):
     settings: dict  # {"alpha=A": {"features": [[samples]], "features_raw": ..., "controls": ...}}
     seconds: float
     blank: dict = field(default_factory=dict)  # {"alpha=A": {group: [empty or special-only, all]}}
+    truncated: dict = field(default_factory=dict)  # {"alpha=A": {group: [no closing tag, all]}}
+
+
+@dataclass
+class RoundTrip(Record):
+    """round_trip/round_trip.json (the vectors are in reconstructions.npz, keyed by `reconstruction_key`)."""
+
+    FILE: ClassVar[str] = "round_trip.json"
+    reconstructors: dict  # side -> {"model": id, "checkpoint": path, "extraction_layer": K}
+    keys: list  # every array in reconstructions.npz
+    seconds: float
+    explanations_per_second: float | None = None
+
+
+def reconstruction_key(setting: str, ar_side: str, av_side: str, group: str) -> str:
+    """The name in reconstructions.npz of AR_{ar_side}(AV_{av_side}(group)) under one washout setting."""
+    return f"{setting}|ar_{ar_side}|av_{av_side}|{group}"
 
 
 @dataclass
@@ -149,3 +166,4 @@ class Evaluation(Record):
     primary: str  # the settings key of the configured washout
     results: dict  # settings key -> evaluate.evaluate_explanations result
     context_overlap: dict = field(default_factory=dict)
+    round_trip: dict = field(default_factory=dict)  # settings key -> {source_self|target_self|cross: result}

@@ -35,8 +35,10 @@ from .outputs import (
     ExplanationSet,
     FeatureSet,
     MapSummary,
+    RoundTrip,
     SaeSummary,
     StageDone,
+    reconstruction_key,
 )
 
 
@@ -288,8 +290,11 @@ def run_features(ctx: RunContext) -> None:
                               k=c.evaluate.context_k, src_threshold=0.0)
     lookup = _token_lookup(ctx)
     contexts = {int(f): sae_lib.feature_contexts(stats, int(f), lookup, n=min(5, c.sae.n_contexts)) for f in idx}
+    # Random directions of the source space for the source self round trip: with controls.mode 'source' the
+    # very directions whose images are the target's controls (the same seed), else drawn the same way.
+    source_controls = sae_lib.random_directions(c.controls.n, W.shape[0], seed=c.seed + 1)
     np.savez(out / "directions.npz", features=idx, source=directions.astype(np.float32), mapped=mapped,
-             controls=controls)
+             controls=controls, source_controls=source_controls)
     FeatureSet(features=idx.tolist(), freq=stats.freq[idx].tolist(), max_act=stats.max_act[idx].tolist(),
                mapping=map_record, controls=ctrl_record, context_overlap=overlap, contexts=contexts,
                target_norm=target_norm).save(out)
@@ -320,17 +325,18 @@ def alpha_key(alpha: float) -> str:
 
 def build_verbalizer(ctx: RunContext, side: str):
     """The configured verbalizer of one side: the model itself (self) or a released NLA checkpoint."""
-    from ..models import load_model
-    from ..verbalize import Verbalizer, load_verbalizer_spec, self_verbalizer_spec
+    from ..nla import load_nla_verbalizer
+    from ..verbalize import Verbalizer, self_verbalizer_spec
 
     v = ctx.config.verbalizers[side]
     overrides = dict(v.spec)
     if v.kind == "self":
         lm = ctx.model(side)
         spec = self_verbalizer_spec(v.prompt, lm.tokenizer, **overrides)
-    else:
-        lm = load_model(v.checkpoint, dtype=v.dtype or ctx.config.models[side].dtype, mesh=ctx.mesh)
-        spec = load_verbalizer_spec(v.checkpoint, overrides)
+    else:  # the sidecar's contract, checked against the live tokenizer and model before anything runs
+        av = load_nla_verbalizer(v.checkpoint, dtype=v.dtype or ctx.config.models[side].dtype, mesh=ctx.mesh,
+                                 spec_overrides=overrides)
+        lm, spec = av.model, av.verbalizer.spec
     if v.injection_layer >= 0:
         spec = spec.replace(injection_layer=int(v.injection_layer))
     if v.injection_mode:
@@ -364,6 +370,20 @@ def is_blank(text: str, specials: tuple[str, ...]) -> bool:
     return not text.strip()
 
 
+def verbalized_groups(ctx: RunContext, side: str) -> dict[str, np.ndarray]:
+    """The vectors a side's verbalizer explains, by group name."""
+    dirs = load_directions(ctx)
+    if side == "target":
+        return {"features": dirs["mapped"], "controls": dirs["controls"]}
+    groups = {"features": dirs["source"]}
+    if ctx.config.verbalizers.source.explain_controls:
+        if "source_controls" not in dirs:
+            raise RuntimeError("verbalize_source: the features stage's directions.npz has no source_controls (written "
+                               "by an older crossmap): rerun it with --force --only features")
+        groups["controls"] = dirs["source_controls"]
+    return groups
+
+
 def count_blank(settings: dict, specials: tuple[str, ...]) -> dict:
     """{setting: {group: [blank, all]}} over every sample of every explanation."""
     out = {}
@@ -390,9 +410,7 @@ def run_verbalize(ctx: RunContext, side: str) -> None:
     c = ctx.config
     v = c.verbalizers[side]
     out = ctx.stage_dir(f"verbalize_{side}")
-    dirs = load_directions(ctx)
-    groups = {"features": dirs["source"]} if side == "source" else {"features": dirs["mapped"],
-                                                                     "controls": dirs["controls"]}
+    groups = verbalized_groups(ctx, side)
     pairs = load_pairs(ctx)
     acts = pairs["x" if side == "source" else "y"]
     rng = np.random.default_rng(c.seed + (11 if side == "source" else 13))
@@ -418,26 +436,32 @@ def run_verbalize(ctx: RunContext, side: str) -> None:
                     continue
                 t_chunk = time.perf_counter()
                 explanations = verbalizer.explain(
-                    vectors[start:start + chunk], n_samples=v.n_samples, max_new_tokens=v.max_new_tokens,
-                    temperature=v.temperature, top_p=v.top_p, seed=c.seed * 100_003 + start,
-                    washout=washout, backgrounds=None if washout is None else backgrounds,
-                    batch_size=v.batch_size, progress=False)
-                partial[slot] = {"parsed": [e.parsed for e in explanations], "raw": [e.raw for e in explanations]}
+                    vectors[start:start + chunk], n_samples=v.n_samples, max_new_tokens=v.max_new_tokens or None,
+                    temperature=None if v.temperature < 0 else v.temperature, top_p=v.top_p,
+                    seed=c.seed * 100_003 + start, washout=washout,
+                    backgrounds=None if washout is None else backgrounds, batch_size=v.batch_size, progress=False)
+                partial[slot] = {"parsed": [e.parsed for e in explanations], "raw": [e.raw for e in explanations],
+                                 "truncated": [e.truncated for e in explanations]}
                 save_json(partial_path, partial)
                 log(f"verbalize_{side}: {key} {name} {start + len(explanations)}/{len(vectors)} "
                      f"({time.perf_counter() - t_chunk:.1f}s)")
-    settings = {}
+    settings, truncated = {}, {}
     for alpha in washout_settings(ctx):
         key = alpha_key(alpha)
-        settings[key] = {}
+        settings[key], truncated[key] = {}, {}
         for name in groups:
-            parsed, raw = [], []
+            parsed, raw, cut = [], [], []
             for slot in sorted((s for s in partial if s.startswith(f"{key}/{name}/")),
                                key=lambda s: int(s.rsplit("/", 1)[1])):
                 parsed += partial[slot]["parsed"]
                 raw += partial[slot]["raw"]
+                cut += [t for item in partial[slot]["truncated"] for t in item]
             settings[key][name] = parsed
             settings[key][f"{name}_raw"] = raw
+            truncated[key][name] = [int(sum(cut)), len(cut)]
+            if any(cut):
+                log(f"verbalize_{side}: {key} {name}: {sum(cut)} of {len(cut)} explanations have no closing tag "
+                    "(truncated at max_new_tokens); their raw text is kept as the explanation")
     blank = count_blank(settings, special_tokens(lm.tokenizer))
     for key, groups_blank in blank.items():
         for name, (n_blank, n_all) in groups_blank.items():
@@ -451,9 +475,80 @@ def run_verbalize(ctx: RunContext, side: str) -> None:
     ExplanationSet(side=side, model=lm.model_id,
                    spec=verbalizer.spec.__dict__ | {"extra": dict(verbalizer.spec.extra)},
                    prompt=verbalizer.prompt.text, settings=settings, seconds=time.perf_counter() - t0,
-                   blank=blank).save(out)
+                   blank=blank, truncated=truncated).save(out)
     first = settings[alpha_key(washout_settings(ctx)[0])]["features"][:3]
     log(f"verbalize_{side}: e.g. {[s[0] for s in first]}")
+
+
+# -------------------------------------------------------------------------------------- round trip
+# Which explanations each side's reconstructor reads: its own verbalizer's (the self round trip) and,
+# for the source, the target verbalizer's too (the foreign explanation carried back into the source).
+ROUND_TRIP_READS = {"source": ("source", "target"), "target": ("target",)}
+
+
+def run_round_trip(ctx: RunContext) -> None:
+    """Each configured reconstructor (AR) turns explanations back into vectors; evaluate scores them."""
+    from ..nla import Reconstructor
+
+    c = ctx.config
+    out = ctx.stage_dir("round_trip")
+    explained = {side: ExplanationSet.load(ctx.stage_dir(f"verbalize_{side}")) for side in ("source", "target")}
+    arrays, reconstructors, n_texts = {}, {}, 0
+    t0 = time.perf_counter()
+    for ar_side in ("source", "target"):
+        r = c.reconstructors[ar_side]
+        if not r.checkpoint:
+            continue
+        t_load = time.perf_counter()
+        ar = Reconstructor(r.checkpoint, dtype=r.dtype or c.models[ar_side].dtype, mesh=ctx.mesh,
+                           batch_size=r.batch_size)
+        log(f"round_trip: reconstructor {ar.model_id} ready in {time.perf_counter() - t_load:.1f}s")
+        reconstructors[ar_side] = {"model": ar.model_id, "checkpoint": r.checkpoint,
+                                   "extraction_layer": ar.meta.extraction_layer}
+        for av_side in ROUND_TRIP_READS[ar_side]:
+            for setting, groups in explained[av_side].settings.items():
+                for group in ("features", "controls"):
+                    if group not in groups:
+                        continue
+                    items = groups[group]
+                    flat = [sample for item in items for sample in item]
+                    vectors = ar.reconstruct(flat)
+                    n_texts += len(flat)
+                    key = reconstruction_key(setting, ar_side, av_side, group)
+                    arrays[key] = vectors.reshape(len(items), len(flat) // len(items), ar.d_model)
+                    check_finite("round_trip", {key: arrays[key]})
+        del ar
+    seconds = time.perf_counter() - t0
+    np.savez(out / "reconstructions.npz", **arrays)
+    RoundTrip(reconstructors=reconstructors, keys=sorted(arrays), seconds=seconds,
+              explanations_per_second=n_texts / seconds if n_texts else None).save(out)
+    log(f"round_trip: {n_texts} explanations reconstructed by {', '.join(reconstructors) or 'no'} reconstructor(s)"
+        + (f" ({n_texts / seconds:.1f}/s)" if n_texts else " (reconstructors.*.checkpoint not set)"))
+
+
+def round_trip_results(ctx: RunContext, setting: str) -> dict:
+    """The three round trips the configured reconstructors allow, scored like the lift."""
+    from .. import evaluate as ev
+
+    c = ctx.config
+    record = RoundTrip.load(ctx.stage_dir("round_trip"))
+    if not record.keys:
+        return {}
+    dirs = load_directions(ctx)
+    with np.load(ctx.stage_dir("round_trip") / "reconstructions.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    trips = {"source_self": ("source", "source", dirs["source"]), "target_self": ("target", "target", dirs["mapped"]),
+             "cross": ("source", "target", dirs["source"])}
+    results = {}
+    for name, (ar_side, av_side, reference) in trips.items():
+        features = arrays.get(reconstruction_key(setting, ar_side, av_side, "features"))
+        controls = arrays.get(reconstruction_key(setting, ar_side, av_side, "controls"))
+        if features is None or controls is None:
+            continue
+        results[name] = ev.evaluate_round_trip(reference, features, controls, n_permutations=c.evaluate.n_permutations,
+                                               n_bootstrap=c.evaluate.n_bootstrap, seed=c.seed)
+        results[name]["summary_line"] = ev.round_trip_line(name, results[name])
+    return results
 
 
 # ---------------------------------------------------------------------------------------- evaluate
@@ -476,16 +571,23 @@ def run_evaluate(ctx: RunContext) -> None:
         results[key] = result
     primary = alpha_key(float(c.washout.alpha))
     overlap = FeatureSet.load(ctx.stage_dir("features")).context_overlap
-    Evaluation(primary=primary, results=results, context_overlap=overlap).save(out)
+    round_trip = {key: round_trip_results(ctx, key) for key in src.settings}
+    round_trip = {key: value for key, value in round_trip.items() if value}
+    Evaluation(primary=primary, results=results, context_overlap=overlap, round_trip=round_trip).save(out)
     lines = [f"{results[primary]['summary_line']}  [washout {primary}]"]
     for key, result in results.items():
         if key != primary:
             lines.append(f"  comparison, washout {key}: {result['summary_line']}")
+    for result in round_trip.get(primary, {}).values():
+        lines.append(f"  round trip, {result['summary_line']}")
     lines.append(f"  verbalizer-free: {ev.context_overlap_line(overlap)}")
-    blank = [f"{explanations.side} {key} {name} {n}/{total}" for explanations in (src, tgt)
-             for key, groups in explanations.blank.items() for name, (n, total) in groups.items() if n]
-    if blank:
-        lines.append(f"  blank explanations (empty or special tokens only): {', '.join(blank)}")
+    for what, attribute in (("blank explanations (empty or special tokens only)", "blank"),
+                            ("truncated explanations (no closing tag)", "truncated")):
+        counts = [f"{explanations.side} {key} {name} {n}/{total}" for explanations in (src, tgt)
+                  for key, groups in getattr(explanations, attribute).items() for name, (n, total) in groups.items()
+                  if n]
+        if counts:
+            lines.append(f"  {what}: {', '.join(counts)}")
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     log(lines[0])
 
@@ -506,6 +608,7 @@ def run_report(ctx: RunContext) -> None:
     primary = evaluation.primary
     result = evaluation.results[primary]
     per = result["per_feature"]
+    round_trip = evaluation.round_trip.get(primary, {})
     feature_rows = []
     for i, f in enumerate(features.features):
         feature_rows.append({
@@ -513,7 +616,9 @@ def run_report(ctx: RunContext) -> None:
             "source_explanation": src.settings[primary]["features"][i],
             "target_explanation": tgt.settings[primary]["features"][i],
             "matched": per["matched"][i], "control_mean": per["control_mean"][i], "lift": per["lift"][i],
-            "retrieval_rank": per["retrieval_rank"][i]})
+            "retrieval_rank": per["retrieval_rank"][i],
+            **({"round_trip": {name: r["per_feature"]["matched"][i] for name, r in round_trip.items()}}
+               if round_trip else {})})
     # held-out squared error per element: fold SSE [lambdas, folds] / (fold rows x target width)
     d_out = len(map_summary.norms.target_mean)
     cv_mse = np.asarray(fit["cv_sse"]) / (np.asarray(fit["fold_counts"])[None, :] * d_out)
@@ -534,6 +639,7 @@ def run_report(ctx: RunContext) -> None:
         "evaluation": result,
         "context_overlap": evaluation.context_overlap,
         "washout": dict(evaluation.results),
+        "round_trip": round_trip,
         "timings": timings,
     }
     path = write_report(ctx.stage_dir("report"), data)
@@ -588,6 +694,10 @@ def _verbalizer_reads(side: str) -> Callable[[RunContext], list]:
     return reads
 
 
+def _reconstructor_reads(ctx: RunContext) -> list:
+    return [[side, path_identity(r.checkpoint)] for side, r in ctx.config.reconstructors.items() if r.checkpoint]
+
+
 def _embedder_reads(ctx: RunContext) -> list:
     from ..evaluate import default_embedder_path
 
@@ -621,8 +731,12 @@ STAGES: tuple[Stage, ...] = (
           sections=("verbalizers.target", "washout"), inputs=("features",),
           writes=("explanations.json",), models=_self_verbalizer("target"), partial=("partial.json",),
           external=_verbalizer_reads("target")),
-    Stage("evaluate", run_evaluate, "sentence embeddings; lift, permutation p-value, bootstrap CI, retrieval",
-          sections=("evaluate",), inputs=("verbalize_source", "verbalize_target"),
+    Stage("round_trip", run_round_trip, "the NLA reconstructors (if configured) turn explanations back into vectors",
+          sections=("reconstructors",), inputs=("verbalize_source", "verbalize_target"),
+          writes=("reconstructions.npz", "round_trip.json"), external=_reconstructor_reads),
+    Stage("evaluate", run_evaluate, "sentence embeddings; lift, permutation p-value, bootstrap CI, retrieval; "
+          "round-trip cosines with the same statistics",
+          sections=("evaluate",), inputs=("verbalize_source", "verbalize_target", "round_trip"),
           writes=("evaluation.json", "summary.txt"), external=_embedder_reads),
     Stage("report", run_report, "report.md, report.json and figures", sections=(), inputs=("evaluate",),
           writes=("report.md", "report.json", "figures/")),

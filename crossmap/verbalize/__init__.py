@@ -2,8 +2,8 @@
 
     engine.py      batched prefill + jitted while-loop decode with a preallocated KV cache
                    (`generate`, `Injection`, `GenerationResult`)
-    spec.py        the verbalizer contract (`VerbalizerSpec`), NLA sidecar loading, self-verbalizer
-                   presets, prompt rendering and marker location
+    spec.py        the verbalizer contract (`VerbalizerSpec`), self-verbalizer presets, prompt
+                   rendering and marker location (by characters, or by pinned token id and neighbours)
     verbalizer.py  `Verbalizer.explain` (scaling, samples, background washout, parsing)
 """
 
@@ -11,18 +11,13 @@ from .engine import INJECTION_MODES, GenerationResult, Injection, generate, top_
 from .spec import (
     SCALE_POLICIES,
     SELF_PROMPTS,
-    SIDECAR_ALIASES,
-    SIDECAR_NAMES,
     VERBALIZER_KINDS,
     Prompt,
     VerbalizerSpec,
     build_prompt,
-    load_verbalizer_spec,
     self_verbalizer_spec,
-    spec_from_sidecar,
 )
 from .verbalizer import Explanation, Verbalizer, WashoutConfig, explain, mean_embedding_norm
 
 __all__ = ["INJECTION_MODES", "SCALE_POLICIES", "SELF_PROMPTS", "VERBALIZER_KINDS", "GenerationResult", "Injection", "generate", "top_p_filter", "VerbalizerSpec", "Prompt", "build_prompt",
-           "load_verbalizer_spec", "self_verbalizer_spec", "spec_from_sidecar", "SIDECAR_ALIASES", "SIDECAR_NAMES",
-           "Explanation", "Verbalizer", "WashoutConfig", "explain", "mean_embedding_norm"]
+           "self_verbalizer_spec", "Explanation", "Verbalizer", "WashoutConfig", "explain", "mean_embedding_norm"]

@@ -1,25 +1,22 @@
 """What a verbalizer is: the prompt, where the vector goes, how it is scaled, how output is parsed.
 
-`VerbalizerSpec` is crossmap's own description of an activation verbalizer (AV).  Trained NLA
-verbalizers (e.g. kitft/nla-qwen2.5-7b-L20-av) ship HF weights plus a sidecar metadata JSON whose
-exact field names are not published; `load_verbalizer_spec` reads such a sidecar, maps the
-obviously-named keys onto the spec (see `SIDECAR_ALIASES`), keeps every other key in
-`spec.extra`, and lets the caller override any field.  `self_verbalizer_spec` gives
-Patchscopes/SelfIE-style presets for models without a trained AV.
+`VerbalizerSpec` is crossmap's own description of an activation verbalizer (AV).  The released
+NLA verbalizers describe themselves in an `nla_meta.yaml` sidecar, which `crossmap.nla` reads into
+a spec (`crossmap.nla.nla_verbalizer_spec`); `self_verbalizer_spec` gives Patchscopes/SelfIE-style
+presets for models without a trained AV.
 
 `build_prompt` renders the template (through the tokenizer's chat template, or raw), tokenises
-it once and finds the single token position of the marker, where the vector is injected.
+it once and finds the single token position of the marker, where the vector is injected: by the
+marker's character span (presets), or, when the spec pins the marker's token id and its two
+neighbours (NLA checkpoints), by that id with both neighbours checked.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from .engine import INJECTION_MODES
 
@@ -27,10 +24,9 @@ SCALE_POLICIES = ("fixed", "embedding", "prompt", "activation", "none")  # how a
 SELF_PROMPTS = ("chat", "base")  # the self-verbalizer presets (self_verbalizer_spec kind, "auto" picks one)
 VERBALIZER_KINDS = ("self", "nla")  # the model itself with a preset prompt, or a trained NLA checkpoint
 MULTI_TOKEN_MARKER_POLICIES = ("last", "error")
-DEFAULT_EXPLANATION_REGEX = r"<explanation>(.*?)</explanation>"
-# Sidecar files tried, in order, in a verbalizer checkpoint directory.
-SIDECAR_NAMES = ("nla_config.json", "nla_meta.json", "nla_metadata.json", "nla.json", "verbalizer.json",
-                 "verbaliser.json", "verbalizer_config.json", "verbaliser_config.json", "av_config.json")
+# The released NLAs' parse (docs/inference.md of kitft/natural_language_autoencoders): white space
+# inside the tags is not part of the explanation; no match keeps the raw text.
+DEFAULT_EXPLANATION_REGEX = r"<explanation>\s*(.*?)\s*</explanation>"
 # End-of-turn tokens of common chat templates: generation stops on them when they exist.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
 # Stands in for the marker while a template is rendered, so its character span can be found
@@ -43,10 +39,13 @@ class VerbalizerSpec:
     """How to run an activation verbalizer.  Defaults are the documented fallback contract.
 
     injection_token: the marker text placed in the prompt at `{marker}`, where the vector is
-        injected (a reserved special token such as "<concept>" for trained AVs, or a plain
-        word / punctuation for self-verbalizers).  After tokenisation it must cover exactly one
-        token; if it covers several, `multi_token_marker` decides ("last": inject at the last
-        of them; "error").
+        injected (a rare single-token character for NLA AVs, or a plain word / punctuation for
+        self-verbalizers).  After tokenisation it must cover exactly one token; if it covers
+        several, `multi_token_marker` decides ("last": inject at the last of them; "error").
+    injection_token_id, injection_neighbor_ids: when set (NLA checkpoints pin them), the marker
+        is found by its token id instead of its characters, and the tokens either side of it must
+        be the two neighbour ids; exactly one position may pass, else the prompt is an error.
+        Chat prompts are then tokenised in one step by the chat template (no second BOS).
     prompt_template: text with one `{marker}` placeholder (if absent, the first literal
         occurrence of `injection_token` is the marker).  A list of {"role", "content"} messages
         is also accepted (chat only).  Other braces are left alone (no str.format).
@@ -82,6 +81,8 @@ class VerbalizerSpec:
     """
 
     injection_token: str = "<concept>"
+    injection_token_id: int | None = None
+    injection_neighbor_ids: tuple[int, int] | None = None
     prompt_template: str | list = "{marker}"
     use_chat_template: bool = True
     system_prompt: str | None = None
@@ -107,6 +108,8 @@ class VerbalizerSpec:
     def __post_init__(self):
         self.stop_strings = tuple(self.stop_strings)
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if self.injection_neighbor_ids is not None:
+            self.injection_neighbor_ids = tuple(int(t) for t in self.injection_neighbor_ids)
         self.validate()
 
     def validate(self) -> VerbalizerSpec:
@@ -123,6 +126,13 @@ class VerbalizerSpec:
         elif not isinstance(self.prompt_template, str):
             problems.append(f"prompt_template must be a string or a list of messages, got "
                             f"{type(self.prompt_template).__name__}")
+        if self.injection_token_id is not None and (not isinstance(self.injection_token_id, int)
+                                                    or self.injection_token_id < 0):
+            problems.append(f"injection_token_id must be a token id >= 0, got {self.injection_token_id!r}")
+        if self.injection_neighbor_ids is not None and (self.injection_token_id is None
+                                                        or len(self.injection_neighbor_ids) != 2):
+            problems.append("injection_neighbor_ids must be two ids (left, right) and needs injection_token_id, "
+                            f"got {self.injection_neighbor_ids!r}")
         if self.scale_policy not in SCALE_POLICIES:
             problems.append(f"scale_policy must be one of {SCALE_POLICIES}, got {self.scale_policy!r}")
         if self.scale_policy in ("fixed", "activation") and not (self.injection_scale and self.injection_scale > 0):
@@ -165,6 +175,11 @@ class VerbalizerSpec:
                 return (m.group(1) if m.re.groups else m.group(0)).strip()
         return text.strip()
 
+    def is_truncated(self, text: str) -> bool:
+        """True when the spec parses tagged explanations and `text` holds no complete one (the
+        closing tag is missing: generation stopped at max_new_tokens inside the explanation)."""
+        return bool(self.explanation_regex) and re.search(self.explanation_regex, text, flags=re.DOTALL) is None
+
     def truncate(self, text: str) -> str:
         """Cut `text` at the first occurrence of any stop string."""
         cut = len(text)
@@ -173,143 +188,6 @@ class VerbalizerSpec:
             if s and 0 <= i < cut:
                 cut = i
         return text[:cut]
-
-
-# ---------------------------------------------------------------------------------------------
-# sidecar metadata
-
-# spec field -> keys that obviously mean it in a sidecar JSON.  Nested objects are flattened
-# with "_" (so {"injection": {"layer": 0}} reads as "injection_layer").  A bare "layer" is NOT
-# mapped: in NLA metadata it most likely names the *source* layer of the activations.
-SIDECAR_ALIASES: dict[str, tuple[str, ...]] = {
-    "injection_token": ("injection_token", "inject_token", "injection_marker", "marker", "marker_token",
-                        "placeholder", "placeholder_token", "concept_token", "activation_token", "special_token",
-                        "injection_placeholder"),
-    "prompt_template": ("prompt_template", "template", "prompt", "av_prompt", "av_prompt_template",
-                        "prompt_format", "user_prompt", "input_template", "messages"),
-    "use_chat_template": ("use_chat_template", "apply_chat_template", "chat_template_enabled"),
-    "system_prompt": ("system_prompt", "system", "system_message"),
-    "d_model": ("d_model", "hidden_size", "activation_dim", "d_in", "input_dim", "d_activation",
-                "activation_size"),
-    "scale_policy": ("scale_policy", "norm_policy", "scaling_policy", "normalization"),
-    "injection_scale": ("injection_scale", "injection_norm", "inject_scale", "scale", "norm", "target_norm",
-                        "activation_norm"),
-    "scale_multiplier": ("scale_multiplier", "injection_multiplier"),
-    "injection_mode": ("injection_mode", "inject_mode", "mode"),
-    "injection_layer": ("injection_layer", "inject_layer", "av_injection_layer", "injection_layer_index"),
-    "explanation_regex": ("explanation_regex", "explanation_pattern", "parse_regex", "output_regex",
-                          "explanation_re"),
-    "max_new_tokens": ("max_new_tokens", "max_tokens", "generation_max_new_tokens", "max_generation_tokens"),
-    "temperature": ("temperature", "generation_temperature"),
-    "top_p": ("top_p", "generation_top_p"),
-    "stop_strings": ("stop_strings", "stop", "stop_sequences", "stop_words"),
-    "stop_token_ids": ("stop_token_ids", "eos_token_ids"),
-}
-_FIELD_TYPES = {"injection_token": str, "system_prompt": str, "use_chat_template": bool, "d_model": int,
-                "scale_policy": str, "injection_scale": float, "scale_multiplier": float, "injection_mode": str,
-                "injection_layer": int, "explanation_regex": str, "max_new_tokens": int, "temperature": float,
-                "top_p": float}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for k, v in d.items():
-        key = f"{prefix}_{k}" if prefix else str(k)
-        if isinstance(v, dict) and v and key not in ("extra",):
-            flat.update(_flatten(v, key))
-        else:
-            flat[key] = v
-    return flat
-
-
-def _coerce(field_name: str, value: Any, where: str) -> Any:
-    """Convert a sidecar value to the spec field's type, or raise naming the key and file."""
-    if value is None:
-        return None
-    try:
-        if field_name == "prompt_template":
-            if isinstance(value, (str, list)):
-                return value
-            raise TypeError("expected a string or a list of messages")
-        if field_name in ("stop_strings",):
-            return (value,) if isinstance(value, str) else tuple(str(s) for s in value)
-        if field_name == "stop_token_ids":
-            return (int(value),) if isinstance(value, (int, float)) else tuple(int(s) for s in value)
-        kind = _FIELD_TYPES[field_name]
-        if kind is bool:
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes")
-            return bool(value)
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise TypeError("not an integer")
-            return int(value)
-        if kind is str and field_name in ("scale_policy", "injection_mode"):
-            return str(value).strip().lower()
-        return kind(value)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: field {field_name!r} has value {value!r}: {e}") from None
-
-
-def find_sidecar(directory: str | os.PathLike) -> Path | None:
-    """The first of `SIDECAR_NAMES` present in `directory`, else None."""
-    d = Path(directory)
-    for name in SIDECAR_NAMES:
-        if (d / name).is_file():
-            return d / name
-    return None
-
-
-def spec_from_sidecar(meta: dict, where: str = "sidecar") -> VerbalizerSpec:
-    """Map a sidecar dict onto a VerbalizerSpec (first alias found wins; the rest go to `extra`)."""
-    flat = _flatten(meta)
-    values: dict[str, Any] = {}
-    used: set[str] = set()
-    for field_name, aliases in SIDECAR_ALIASES.items():
-        for alias in aliases:
-            if alias in flat and flat[alias] is not None:
-                values[field_name] = _coerce(field_name, flat[alias], where)
-                used.add(alias)
-                break
-    values["extra"] = {k: v for k, v in flat.items() if k not in used}
-    values["source"] = where
-    try:
-        return VerbalizerSpec(**values)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
-def load_verbalizer_spec(path: str | os.PathLike, overrides: dict | None = None) -> VerbalizerSpec:
-    """Read the verbalizer contract from a checkpoint directory (or a sidecar JSON file).
-
-    Looks for the first of `SIDECAR_NAMES` in the directory.  Without one the spec defaults
-    apply (source says so).  d_model defaults to config.json's hidden_size when the sidecar
-    does not give it.  `overrides` (spec field -> value) win over everything; an unknown field
-    is an error.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"verbalizer checkpoint path not found: {p}")
-    sidecar = p if p.is_file() else find_sidecar(p)
-    directory = p.parent if p.is_file() else p
-    if sidecar is not None:
-        try:
-            meta = json.loads(sidecar.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{sidecar}: not valid JSON ({e})") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{sidecar}: expected a JSON object, got {type(meta).__name__}")
-        spec = spec_from_sidecar(meta, str(sidecar))
-    else:
-        spec = VerbalizerSpec(source=f"defaults (no sidecar among {', '.join(SIDECAR_NAMES)} in {directory})")
-    if spec.d_model is None and (directory / "config.json").is_file():
-        hf = json.loads((directory / "config.json").read_text())
-        hidden = hf.get("hidden_size") or hf.get("text_config", {}).get("hidden_size")
-        if hidden:
-            spec = spec.replace(d_model=int(hidden))
-    if overrides:
-        spec = spec.replace(**dict(overrides))
-    return spec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,6 +267,50 @@ def _marker_template(spec: VerbalizerSpec) -> str | list:
     return out
 
 
+def chat_token_ids(tokenizer, messages: list, where: str) -> list[int]:
+    """The chat template's token ids in one step (the template's own BOS, never a second one)."""
+    try:
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    except Exception as e:  # jinja errors come in many types
+        raise ValueError(f"the tokenizer's chat template could not render the prompt{where}: {e}") from e
+    if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+def _build_prompt_by_id(tokenizer, spec: VerbalizerSpec, where: str) -> Prompt:
+    """The NLA recipe: render, tokenise once, find the marker by id with both neighbours checked."""
+    content = spec.prompt_template
+    if isinstance(content, str) and "{marker}" in content:
+        content = content.replace("{marker}", spec.injection_token)
+    if spec.use_chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"use_chat_template=True but the tokenizer has no chat template{where}")
+        messages = content if isinstance(content, list) else [{"role": "user", "content": content}]
+        if spec.system_prompt is not None:
+            messages = [{"role": "system", "content": spec.system_prompt}] + [
+                m for m in messages if m["role"] != "system"]
+        ids = chat_token_ids(tokenizer, messages, where)
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+    else:
+        add_special = True if spec.add_special_tokens is None else spec.add_special_tokens
+        ids = [int(t) for t in tokenizer(content, add_special_tokens=add_special)["input_ids"]]
+        text = content
+    target = spec.injection_token_id
+    sites = [p for p, t in enumerate(ids) if t == target]
+    neighbours = spec.injection_neighbor_ids
+    passing = [p for p in sites if neighbours is None
+               or (0 < p < len(ids) - 1 and (ids[p - 1], ids[p + 1]) == tuple(neighbours))]
+    if len(passing) != 1:
+        seen = [(ids[p - 1] if p > 0 else None, ids[p + 1] if p + 1 < len(ids) else None) for p in sites]
+        raise ValueError(
+            f"the prompt has {len(passing)} injection slots where exactly one is needed{where}: token id {target} "
+            f"({spec.injection_token!r}) occurs at positions {sites} with neighbours {seen}, and the spec requires "
+            f"neighbours {tuple(neighbours) if neighbours else 'any'} (template drift, a tokenizer that is not the "
+            "checkpoint's, or a second BOS)")
+    return Prompt(token_ids=tuple(ids), marker_index=passing[0], text=text, marker_token_indices=(passing[0],))
+
+
 def build_prompt(tokenizer, spec: VerbalizerSpec) -> Prompt:
     """Render `spec`'s template, tokenise it and locate the marker token.
 
@@ -397,6 +319,8 @@ def build_prompt(tokenizer, spec: VerbalizerSpec) -> Prompt:
     next to the marker (e.g. a merged leading space) still counts as the marker token.
     """
     where = f" (spec from {spec.source})" if spec.source else ""
+    if spec.injection_token_id is not None:
+        return _build_prompt_by_id(tokenizer, spec, where)
     template = _marker_template(spec)
     if spec.use_chat_template:
         if not getattr(tokenizer, "chat_template", None):

@@ -1,6 +1,6 @@
 """Explain vectors with an activation verbalizer: a trained NLA AV or the model itself.
 
-    spec = load_verbalizer_spec("/ckpt/nla-qwen2.5-7b-L20-av")          # or self_verbalizer_spec("chat", tok)
+    spec = self_verbalizer_spec("chat", lm.tokenizer)   # or crossmap.nla.nla_verbalizer_spec(meta) for a released AV
     verbalizer = Verbalizer(lm.model, lm.tokenizer, spec, mesh=mesh)
     explanations = verbalizer.explain(vectors, n_samples=3, temperature=0.7, top_p=0.9, seed=0)
     explanations[i].parsed[s]   # explanation of vector i, sample s (explanations[i].raw: full text)
@@ -21,6 +21,12 @@ and every step all 2n rows append the same token, chosen from the contrastive lo
 
 (`scale` is the spec's injection scaling, applied to each row's vector).  alpha = 0 is plain
 generation on direction-plus-background and then skips the background-only rows.
+
+What is mixed and what is contrasted, exactly: the mixing (b_j + d_j) is done on the raw vectors,
+and only then is each row rescaled by the spec's policy -- for an NLA verbalizer to the sidecar's
+fixed `injection_scale` -- so every injected row, mixed or background-only, has the norm the
+verbalizer was trained on.  The contrast is between next-token logits (never between vectors):
+one token per step, chosen from the weighted logits above, is appended to all 2n rows.
 """
 
 from __future__ import annotations
@@ -78,7 +84,9 @@ class Explanation:
 
     raw: the decoded generation (stop token dropped, cut at the spec's stop strings);
     parsed: the explanation extracted by the spec's regex (falls back to the stripped raw text);
-    tokens: generated token ids (stop token included); stopped: ended on a stop token.
+    tokens: generated token ids (stop token included); stopped: ended on a stop token;
+    truncated: the spec parses tagged explanations and this sample has no closing tag (it ran out
+        of max_new_tokens): `parsed` then holds the raw text, counted, never hidden.
     """
 
     index: int
@@ -86,6 +94,7 @@ class Explanation:
     parsed: list[str]
     tokens: list[list[int]]
     stopped: list[bool]
+    truncated: list[bool]
 
 
 def _check_vectors(name: str, array, width: int, *, allow_zero: bool) -> np.ndarray:
@@ -162,9 +171,11 @@ class Verbalizer:
         target = self.target_norm()
         out = np.asarray(vectors, np.float32)
         if target is not None:
-            norms = np.linalg.norm(out, axis=1, keepdims=True)
-            out = out * (target / np.maximum(norms, np.finfo(np.float32).tiny))
-        return out * np.float32(self.spec.scale_multiplier)
+            # the norm in float32 and one division by (norm / target): the released NLAs' rescale
+            norms = np.linalg.norm(out, axis=1, keepdims=True).astype(np.float32)
+            out = out / (np.maximum(norms, np.float32(1e-12)) / np.float32(target))
+        multiplier = np.float32(self.spec.scale_multiplier)
+        return out if multiplier == 1 else out * multiplier
 
     # -- the main entry point --------------------------------------------------------------------
     def explain(self, vectors, *, n_samples: int = 1, max_new_tokens: int | None = None,
@@ -266,7 +277,7 @@ class Verbalizer:
                 group: int) -> list[Explanation]:
         out = []
         for v in range(n_vectors):
-            raw, parsed, toks, stopped = [], [], [], []
+            raw, parsed, toks, stopped, truncated = [], [], [], [], []
             for s in range(n_samples):
                 row = (v * n_samples + s) * group  # every row of a group holds the same tokens
                 length = int(res.lengths[row])
@@ -276,9 +287,11 @@ class Verbalizer:
                                                                 skip_special_tokens=self.spec.skip_special_tokens))
                 raw.append(text)
                 parsed.append(self.spec.parse(text))
+                truncated.append(self.spec.is_truncated(text))
                 toks.append(ids)
                 stopped.append(bool(res.stopped[row]))
-            out.append(Explanation(index=start + v, raw=raw, parsed=parsed, tokens=toks, stopped=stopped))
+            out.append(Explanation(index=start + v, raw=raw, parsed=parsed, tokens=toks, stopped=stopped,
+                                   truncated=truncated))
         return out
 
 

@@ -1,0 +1,27 @@
+"""The released Natural Language Autoencoders: verbalizers (AV, vector -> text) and reconstructors (AR,
+text -> vector), run exactly as their published contract says.
+
+    meta.py           `nla_meta.yaml`: read, checked field by field, checked against the live tokenizer
+    verbalizer.py     an AV as a crossmap `Verbalizer` (`load_nla_verbalizer`, `nla_verbalizer_spec`)
+    reconstructor.py  an AR: truncated backbone + value head, batched and jitted (`Reconstructor`),
+                      and the release's score (`round_trip_cosine`, MSE = 2 (1 - cos))
+    explain.py        explaining vectors from a file into resumable JSONL (`crossmap explain`)
+"""
+
+from .explain import explain_to_jsonl, explain_vectors, read_vectors
+from .meta import (
+    NLA_ROLES,
+    RELEASE_MAX_NEW_TOKENS,
+    RELEASE_TEMPERATURE,
+    SIDECAR_NAME,
+    NLAMeta,
+    check_marker_token,
+    read_nla_meta,
+)
+from .reconstructor import Reconstructor, read_value_head, round_trip_cosine, round_trip_mse
+from .verbalizer import NLAVerbalizer, load_nla_verbalizer, nla_verbalizer_spec
+
+__all__ = ["NLA_ROLES", "RELEASE_MAX_NEW_TOKENS", "RELEASE_TEMPERATURE", "SIDECAR_NAME", "NLAMeta",
+           "check_marker_token", "read_nla_meta", "Reconstructor", "read_value_head", "round_trip_cosine",
+           "round_trip_mse", "NLAVerbalizer", "load_nla_verbalizer", "nla_verbalizer_spec", "explain_to_jsonl",
+           "explain_vectors", "read_vectors"]
