@@ -186,17 +186,19 @@ def test_paper_style_run_with_public_sae_and_nla_verbalizer(full_run, tmp_path, 
     from crossmap.models.tiny import tiny_checkpoint
     from crossmap.nla.meta import RELEASE_AV_TEMPLATE, pick_marker, write_nla_meta
 
-    nla = tmp_path / "nla-tiny-gemma"
-    shutil.copytree(tiny_checkpoint("gemma3_text"), nla)
+    # a qwen2-architecture verbalizer as wide as the tiny Gemma target (the tiny Gemma tokenizer's chat turns
+    # are not in its small vocabulary, so its chat prompt would be <unk> tokens)
+    nla = tmp_path / "nla-tiny-qwen"
+    shutil.copytree(tiny_checkpoint("qwen2"), nla)
     tokenizer = load_tokenizer(nla)
     marker = pick_marker(tokenizer)
     write_nla_meta(nla, role="av", tokenizer=tokenizer, d_model=64, injection_char=marker, injection_scale=3.0,
-                   extraction_layer=4)
+                   extraction_layer=2)
     run_dir = tmp_path / "paper-style"
     c = _config(run_dir, f"--config.sae.path={full_run[0] / 'sae' / 'sae_lens'}",
                 "--config.verbalizers.target.kind=nla", f"--config.verbalizers.target.checkpoint={nla}",
                 "--config.verbalizers.target.max_new_tokens=5", "--config.washout.compare=false",
-                "--config.verbalizers.target.scale=embedding")  # the tiny random model writes only <unk> at 3.0
+                "--config.verbalizers.target.scale=embedding")
     run = run_experiment(c)
     assert run.is_done("report")
     log = capfd.readouterr().err
