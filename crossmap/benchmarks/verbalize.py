@@ -349,7 +349,7 @@ def bench_reconstructor(cfg: ModelConfig, tokenizer, args, dtype: str, device: s
     forward of the same truncated backbone, and the compute floor (matmul FLOPs at the measured bf16 rate)."""
     import jax.numpy as jnp
 
-    from ..nla.reconstructor import _reconstruct, ar_length_bucket
+    from ..nla.reconstructor import _reconstruct, padded_batch
     from .common import measured_matmul_peak
 
     ar_cfg = cfg.replace(n_layers=NLA_LAYER + 1, layer_types=(), tie_embeddings=True, name="qwen2.5-7b-ar-shaped")
@@ -359,20 +359,9 @@ def bench_reconstructor(cfg: ModelConfig, tokenizer, args, dtype: str, device: s
     prompts = _ar_prompts(tokenizer, args.ar_explanations, args.ar_explanation_tokens, cfg.vocab_size, args.seed)
     graphdef, state = nnx.split(model)
     order = np.argsort([len(p) for p in prompts])
-    batches = []
-    for i in range(0, len(order), args.ar_batch):
-        rows = order[i:i + args.ar_batch]
-        length = ar_length_bucket(max(len(prompts[r]) for r in rows))
-        tokens = np.zeros((args.ar_batch, length), np.int32)
-        valid = np.zeros((args.ar_batch, length), bool)
-        last = np.zeros(args.ar_batch, np.int32)
-        for slot, r in enumerate(rows):
-            tokens[slot, :len(prompts[r])] = prompts[r]
-            valid[slot, :len(prompts[r])] = True
-            last[slot] = len(prompts[r]) - 1
-        valid[len(rows):, 0] = True
-        positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy()
-        batches.append(tuple(jnp.asarray(a) for a in (tokens, positions, valid, last)))
+    batches = [tuple(jnp.asarray(a) for a in padded_batch([prompts[r] for r in order[i:i + args.ar_batch]],
+                                                           args.ar_batch))
+               for i in range(0, len(order), args.ar_batch)]
 
     def score_all():
         return [np.asarray(_reconstruct(state, head, *b, graphdef=graphdef, layer=NLA_LAYER)) for b in batches]

@@ -144,11 +144,12 @@ def explain_to_jsonl(verbalizer: str | os.PathLike, vectors: str | os.PathLike, 
                 if reconstructor else None, "vectors": [str(Path(vectors).name), file_sha256(vectors)],
                 "n_samples": int(n_samples), "max_new_tokens": max_new_tokens, "temperature": temperature,
                 "seed": int(seed), "dtype": dtype}
+    identity = json.loads(json.dumps(identity))  # as it reads back from the run file (tuples become lists)
     run_file = out.with_name(out.name + ".run.json")
     if out.exists() or run_file.exists():
         previous = json.loads(run_file.read_text()) if run_file.exists() else None
-        if previous != json.loads(json.dumps(identity)) and not restart:
-            changed = sorted(k for k in identity if (previous or {}).get(k) != json.loads(json.dumps(identity))[k])
+        if previous != identity and not restart:
+            changed = sorted(k for k in identity if (previous or {}).get(k) != identity[k])
             raise ValueError(f"{out} holds explanations made with other settings or inputs (changed: "
                              f"{', '.join(changed) or 'no record of them'}); pass --restart to start over, or "
                              "choose another --out")

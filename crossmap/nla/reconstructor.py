@@ -80,6 +80,22 @@ def round_trip_mse(cosine: np.ndarray) -> np.ndarray:
     return 2.0 * (1.0 - np.asarray(cosine, np.float64))
 
 
+def padded_batch(prompts: Sequence[Sequence[int]], batch: int) -> tuple[np.ndarray, ...]:
+    """(tokens, positions, valid, last) for up to `batch` prompts, right-padded to `ar_length_bucket`;
+    filler rows hold one real token, so no row attends to nothing."""
+    length = ar_length_bucket(max(len(p) for p in prompts))
+    tokens = np.zeros((batch, length), np.int32)
+    valid = np.zeros((batch, length), bool)
+    last = np.zeros(batch, np.int32)
+    for slot, ids in enumerate(prompts):
+        tokens[slot, :len(ids)] = ids
+        valid[slot, :len(ids)] = True
+        last[slot] = len(ids) - 1
+    valid[len(prompts):, 0] = True
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
+    return tokens, positions, valid, last
+
+
 @partial(jax.jit, static_argnames=("graphdef", "layer"))
 def _reconstruct(state, head, tokens, positions, valid, last, *, graphdef, layer: int):
     model = nnx.merge(graphdef, state)
@@ -145,18 +161,7 @@ class Reconstructor:
         order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a bucket
         chunks = [order[i:i + batch] for i in range(0, len(order), batch)]
         for rows in tqdm(chunks, desc="reconstruct", unit="batch", disable=not progress):
-            length = ar_length_bucket(max(len(prompts[r]) for r in rows))
-            tokens = np.zeros((batch, length), np.int32)
-            valid = np.zeros((batch, length), bool)
-            last = np.zeros(batch, np.int32)
-            for slot, r in enumerate(rows):
-                ids = prompts[r]
-                tokens[slot, :len(ids)] = ids
-                valid[slot, :len(ids)] = True
-                last[slot] = len(ids) - 1
-            valid[len(rows):, 0] = True  # filler rows: one real token, so no row attends to nothing
-            positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
-            args = [tokens, positions, valid, last]
+            args = list(padded_batch([prompts[r] for r in rows], batch))
             if self.mesh is not None:
                 args = [shd.shard_batch(a, self.mesh, self.rules) for a in args]
             values = _reconstruct(self._state, self.head, *args, graphdef=self._graphdef,
