@@ -6,6 +6,7 @@
     crossmap bench forward|ridge|verbalize|top-p|scaling|paper [...]  # benchmarks that write JSON
     crossmap convert model.gguf OUT_DIR                   # GGUF -> HF-layout safetensors directory
     crossmap explain --verbalizer AV_DIR --vectors acts.npy --out explanations.jsonl  # a released NLA, alone
+    crossmap train-nla --config configs/nla_demo.py:qwen  # train an AV and an AR for a model (SFT, GRPO)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ examples:
   crossmap bench forward --model qwen2.5-7b-instruct --layer 20 --batch 32 --seq 1024
   launch/gpu_node.sh bench scaling --out scaling.json   27B-shaped workloads over every GPU of a node
   crossmap convert shipped:gemma-3-270m /tmp/gemma-3-270m
+  crossmap train-nla --config configs/nla_demo.py:gemma   train an NLA pair for the shipped Gemma-3-270M
   crossmap explain --verbalizer /ckpt/nla-qwen2.5-7b-L20-av --reconstructor /ckpt/nla-qwen2.5-7b-L20-ar \
       --vectors acts.parquet --out explanations.jsonl      explain vectors with a released NLA pair
 Run `crossmap COMMAND --help` for a command's options."""
@@ -41,6 +43,8 @@ BENCHES = {
     "top-p": "the nucleus (top-p) filter alone at a decode step's shape: search arities vs sort-and-cumsum",
     "scaling": "forward, ridge statistics and verbalization on one device vs a mesh over all devices "
                "(scaling efficiency, equality with one device)",
+    "train-nla": "NLA training: AV SFT, AR SFT and GRPO step times and MFU, LoRA and full (random weights, real "
+                 "shapes)",
     "paper": "configs/paper.py end to end at the 7B/27B shapes on random checkpoints written to disk "
              "(seconds and peak memory per stage)",
 }
@@ -126,6 +130,20 @@ def _build_parser(argv: list[str]) -> argparse.ArgumentParser:
     explain.add_argument("--restart", action="store_true", help="discard an existing --out and start over")
     explain.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    train = sub.add_parser(
+        "train-nla", help="train an NLA verbalizer (AV) and reconstructor (AR) for a model: SFT, then GRPO",
+        description="Train an AV and an AR for one model and layer from a config (configs/nla_*.py): activations "
+                    "at a few positions per document of a corpus, split by document into AV-SFT, AR-SFT, RL and "
+                    "held-out sets; SFT of both on explanation targets; GRPO of the AV with the AR's round trip as "
+                    "the reward; release-layout checkpoints (config.json, safetensors, tokenizer, nla_meta.yaml) "
+                    "under RUN_DIR/export; held-out round-trip cosines after SFT and after RL, with baselines, in "
+                    "RUN_DIR/eval.json. Override any field as --config.FIELD=VALUE. A killed run resumes at its "
+                    "last checkpoint; a run directory started with other settings is refused unless --restart.")
+    train.add_argument("--config", required=True, help="a config file exposing get_config(), or FILE.py:ARG")
+    train.add_argument("--restart", action="store_true", help="delete the run directory and start afresh")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     conv = sub.add_parser("convert", help="dequantise a GGUF file into a HF-layout checkpoint directory",
                           description="Dequantise a GGUF (llama, qwen2, gemma3) with the gguf package into "
                                       "config.json + model.safetensors + tokenizer files.")
@@ -141,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command != "run" and extra:
+    if args.command not in ("run", "train-nla") and extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
-    if args.command in ("run", "bench"):
+    if args.command in ("run", "bench", "train-nla"):
         from .sharding import enable_compile_cache
 
         enable_compile_cache(getattr(args, "compile_cache", None))
@@ -175,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
               f"already there, of {summary['vectors']}; {summary['truncated']} explanations truncated (no closing "
               "tag)")
         return 0
+    if args.command == "train-nla":
+        return _train_nla(args, extra)
     if args.command == "convert":
         from .models import convert_gguf, resolve_model_path
 
@@ -193,6 +213,32 @@ def main(argv: list[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"crossmap run: {message}", file=sys.stderr)
         return 2
+
+
+def _train_nla(args: argparse.Namespace, extra: list[str]) -> int:
+    from .nla.train import train_nla
+    from .pipeline.config import apply_overrides, load_config
+
+    try:
+        config = apply_overrides(load_config(args.config), extra)
+        if args.print_config:
+            print(config)
+            return 0
+        summary = train_nla(config, restart=args.restart, progress=not args.no_progress)
+    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"crossmap train-nla: {message}", file=sys.stderr)
+        return 2
+    for name in ("after_sft", "after_rl"):
+        if name in summary:
+            r = summary[name]
+            print(f"held-out round-trip cosine {name.replace('_', ' ')}: {r['mean_cosine']:+.3f} "
+                  f"[95% CI {r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] (n={r['n']})")
+    for name, r in summary["baselines"].items():
+        print(f"baseline {name}: {r['mean_cosine']:+.3f} [95% CI {r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]")
+    print(f"checkpoints: {summary['export']['av']} (AV), {summary['export']['ar']} (AR); "
+          f"summary: {summary['run_dir']}/eval.json")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "crossmap"
 
 # crossmap/__init__.py's floors, lowest first (top-level module or subpackage -> floor)
-FLOORS = {"jsonio": 0, "integrity": 0, "failpoints": 0, "sharding": 0, "data": 0, "models": 1, "activations": 2, "ridge": 2, "sae": 2,
+FLOORS = {"jsonio": 0, "integrity": 0, "failpoints": 0, "sharding": 0, "checkpointing": 0, "data": 0, "models": 1, "activations": 2, "ridge": 2, "sae": 2,
           "verbalize": 3, "evaluate": 3, "nla": 4, "report": 4, "pipeline": 5, "benchmarks": 6, "cli": 6}
 
 

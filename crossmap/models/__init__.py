@@ -16,7 +16,8 @@ Modules, lowest first (each imports only those above it):
     synthetic         random weights: on the mesh, as HF arrays, as whole checkpoints on disk; the shipped
                       shape configs of released models (shapes/*.json)
     tiny              tiny random checkpoints with real (small, trained) tokenizers
-    loading           load_model / load_tokenizer / make_hidden_fn: checkpoints onto the mesh
+    loading           load_model / load_tokenizer / make_hidden_fn: checkpoints onto the mesh;
+                      save_checkpoint: parameters back into a HF-layout directory
 This file only re-exports.
 """
 
@@ -30,6 +31,7 @@ from .loading import (
     make_hidden_fn,
     read_model_config,
     resolve_model_path,
+    save_checkpoint,
     shard_model,
 )
 from .registry import ARCHITECTURES, architecture_for, config_from_hf, hf_config
@@ -46,4 +48,4 @@ from .synthetic import (
 __all__ = ["ModelConfig", "Transformer", "LoadedModel", "load_model", "init_random", "tiny_config",
            "make_hidden_fn", "architecture_for", "config_from_hf", "hf_config", "shard_model", "load_tokenizer",
            "resolve_model_path", "read_model_config", "convert_gguf", "shipped_gguf", "SHIPPED", "ARCHITECTURES", "random_hf_arrays",
-           "write_random_checkpoint", "shape_config", "shape_config_names"]
+           "write_random_checkpoint", "shape_config", "shape_config_names", "save_checkpoint"]

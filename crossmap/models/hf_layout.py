@@ -65,3 +65,20 @@ def canonical_hf_name(name: str) -> str | None:
         if name.startswith(old):
             return new + name[len(old):]
     return name
+
+
+def to_hf_tensors(cfg: ModelConfig, norm_names: dict[str, str], params: dict) -> dict[str, object]:
+    """Our parameters (a pure dict, as `nnx.to_pure_dict` gives) under their HF names and layouts:
+    the inverse of `hf_param_table`'s converters (tested to round-trip)."""
+    shapes = hf_shapes(cfg, norm_names)
+    out = {}
+    for name, (path, _) in hf_param_table(cfg, norm_names).items():
+        node = params
+        for part in path:
+            node = node[part]
+        shape = shapes[name]
+        if name == "model.embed_tokens.weight" or len(shape) != 2:
+            out[name] = node.reshape(shape)
+        else:  # HF (out, in); ours (in..., out...)
+            out[name] = node.reshape(shape[::-1]).T
+    return out

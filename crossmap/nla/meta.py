@@ -13,6 +13,11 @@ Schema version 2, as the release writes it: `kind: nla_model`, `role: av | ar` (
 `extraction_layer_index`, `critic.extraction_layer_index` or `ar.num_hidden_layers`; provenance
 (`stage`, `base_checkpoint`, `training`, `trained_on`, `parent_checkpoints`, `created_at`,
 `created_by`) kept as given.
+
+One field is crossmap's own, for AVs trained on base models that have no chat template (the shipped
+Gemma-3-270M): `prompt_templates.av_render: raw` means the AV prompt is the filled template followed by
+`prompt_templates.av_raw_suffix`, tokenised as plain text with the tokenizer's BOS, no chat template.
+Absent (every released sidecar) means `chat`: one user message through the chat template.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ TEMPLATE_ALIASES = {"av": "actor", "ar": "critic"}
 SQRT_D_SENTINEL = "sqrt_d_model"  # a scale the sidecar leaves to sqrt(d_model)
 AV_PLACEHOLDER = "{injection_char}"
 AR_PLACEHOLDER = "{explanation}"
+AV_RENDERS = ("chat", "raw")  # how the AV prompt is tokenised: the chat template, or raw text with BOS
+RAW_AV_SUFFIX = "\n\n"  # what a raw-rendered AV prompt ends with, before the explanation starts
 PROVENANCE_FIELDS = ("stage", "base_checkpoint", "training", "trained_on", "parent_checkpoints", "created_at",
                      "created_by", "git_commit")
 # The release's generation settings: the authors' command line samples at 0.7 with 200 new tokens
@@ -66,14 +73,18 @@ class NLAMeta:
     mse_scale: float | None
     extraction_layer: int | None
     provenance: dict = field(default_factory=dict)
+    av_render: str = "chat"
+    av_raw_suffix: str = ""
 
     @property
     def directory(self) -> Path:
         return self.path.parent
 
     def av_prompt(self) -> str:
-        """The AV's user message: the template with the marker character filled in (str.format, as published)."""
-        return self.av_template.format(injection_char=self.injection_char)
+        """The AV's user message: the template with the marker character filled in (str.format, as published);
+        for a raw-rendered AV, the whole prompt text (the tokenizer adds BOS)."""
+        text = self.av_template.format(injection_char=self.injection_char)
+        return text + self.av_raw_suffix if self.av_render == "raw" else text
 
     def ar_prompt(self, explanation: str) -> str:
         """The AR's raw input for one explanation (no chat template; the tokenizer adds BOS)."""
@@ -208,6 +219,12 @@ def read_nla_meta(checkpoint: str | os.PathLike, role: str | None = None) -> NLA
         raise f.fail("extraction_layer_index", "is missing (nor is critic.extraction_layer_index or "
                                                "ar.num_hidden_layers there): the AR's layer K is unknown")
     char = f.text("tokens.injection_char")
+    render = f.get("prompt_templates.av_render", "chat")
+    if render not in AV_RENDERS:
+        raise f.fail("prompt_templates.av_render", f"is {render!r}; expected one of {AV_RENDERS}")
+    raw_suffix = f.get("prompt_templates.av_raw_suffix", "") if render == "raw" else ""
+    if not isinstance(raw_suffix, str):
+        raise f.fail("prompt_templates.av_raw_suffix", f"must be a string, got {raw_suffix!r}")
     return NLAMeta(
         path=path, role=found, d_model=d_model, schema_version=version, injection_char=char,
         injection_token_id=f.integer("tokens.injection_token_id"),
@@ -220,6 +237,7 @@ def read_nla_meta(checkpoint: str | os.PathLike, role: str | None = None) -> NLA
         mse_scale=f.scale("extraction.mse_scale", d_model) if found == "ar" else None,
         extraction_layer=layer,
         provenance={k: data[k] for k in PROVENANCE_FIELDS if k in data},
+        av_render=render, av_raw_suffix=raw_suffix,
     )
 
 
@@ -254,7 +272,20 @@ RELEASE_AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text>
 MARKER_RANGE = (0x3200, 0x33FF)  # CJK enclosed / compatibility characters: the release's markers live here
 
 
-def pick_marker(tokenizer, av_template: str = RELEASE_AV_TEMPLATE) -> str:
+def canonical_av_ids(tokenizer, user_message: str, render: str = "chat") -> list[int]:
+    """The AV prompt's token ids: one user message through the chat template (the release), or the raw
+    text plus RAW_AV_SUFFIX with the tokenizer's BOS (a base model without a chat template)."""
+    if render == "raw":
+        return [int(t) for t in tokenizer(user_message + RAW_AV_SUFFIX, add_special_tokens=True)["input_ids"]]
+    return chat_token_ids(tokenizer, [{"role": "user", "content": user_message}], "")
+
+
+def default_av_render(tokenizer) -> str:
+    """chat where the tokenizer has a chat template, else raw."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "raw"
+
+
+def pick_marker(tokenizer, av_template: str = RELEASE_AV_TEMPLATE, render: str = "chat") -> str:
     """A marker for a new AV: the first character of U+3200..U+33FF the tokenizer encodes as one token
     (the authors' rule, which gives the release's U+320E for Qwen and U+321C for Gemma), else -- small
     test vocabularies have none -- the first vocabulary entry that is one token on its own; either way
@@ -263,8 +294,7 @@ def pick_marker(tokenizer, av_template: str = RELEASE_AV_TEMPLATE) -> str:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             return False
-        prompt = chat_token_ids(tokenizer, [{"role": "user", "content": av_template.format(injection_char=text)}], "")
-        return prompt.count(ids[0]) == 1
+        return canonical_av_ids(tokenizer, av_template.format(injection_char=text), render).count(ids[0]) == 1
     specials = set(getattr(tokenizer, "all_special_ids", []) or [])
     candidates = (chr(c) for c in range(MARKER_RANGE[0], MARKER_RANGE[1] + 1))
     vocabulary = (tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in specials)
@@ -277,7 +307,8 @@ def pick_marker(tokenizer, av_template: str = RELEASE_AV_TEMPLATE) -> str:
 
 def write_nla_meta(directory: str | os.PathLike, *, role: str, tokenizer, d_model: int, injection_char: str,
                    injection_scale: float | None, extraction_layer: int, av_template: str = RELEASE_AV_TEMPLATE,
-                   ar_template: str = RELEASE_AR_TEMPLATE, provenance: dict | None = None) -> Path:
+                   ar_template: str = RELEASE_AR_TEMPLATE, provenance: dict | None = None,
+                   av_render: str = "chat") -> Path:
     """Write `<directory>/nla_meta.yaml` in the release's schema (version 2), the pinned ids computed from
     `tokenizer` as the authors' datagen does: the marker's neighbours in the canonical chat prompt, and the
     AR template's suffix without its first token (which can merge with the explanation's last character)."""
@@ -286,8 +317,9 @@ def write_nla_meta(directory: str | os.PathLike, *, role: str, tokenizer, d_mode
     if role not in NLA_ROLES:
         raise ValueError(f"write_nla_meta: role must be one of {NLA_ROLES}, got {role!r}")
     (token_id,) = tokenizer(injection_char, add_special_tokens=False)["input_ids"] or [None]
-    ids = chat_token_ids(tokenizer, [{"role": "user", "content": av_template.format(injection_char=injection_char)}],
-                          "")
+    if av_render not in AV_RENDERS:
+        raise ValueError(f"write_nla_meta: av_render must be one of {AV_RENDERS}, got {av_render!r}")
+    ids = canonical_av_ids(tokenizer, av_template.format(injection_char=injection_char), av_render)
     sites = [p for p, t in enumerate(ids) if t == token_id]
     if len(sites) != 1 or not 0 < sites[0] < len(ids) - 1:
         raise ValueError(f"write_nla_meta: marker {injection_char!r} (id {token_id}) occurs at {sites} in the canonical "
@@ -300,7 +332,8 @@ def write_nla_meta(directory: str | os.PathLike, *, role: str, tokenizer, d_mode
                        "injection_left_neighbor_id": int(ids[sites[0] - 1]),
                        "injection_right_neighbor_id": int(ids[sites[0] + 1]),
                        "critic_suffix_ids": [int(t) for t in suffix]},
-            "prompt_templates": {"av": av_template, "ar": ar_template},
+            "prompt_templates": {"av": av_template, "ar": ar_template,
+                                 **({"av_render": "raw", "av_raw_suffix": RAW_AV_SUFFIX} if av_render == "raw" else {})},
             "extraction_layer_index": int(extraction_layer), **(provenance or {})}
     path = Path(directory) / SIDECAR_NAME
     path.write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True), encoding="utf-8")

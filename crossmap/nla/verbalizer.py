@@ -9,7 +9,8 @@ tokenised in one step (no second BOS); the marker found by its token id with bot
 checked; the vector rescaled to the sidecar's `injection_scale` (norm in float32) and written over
 that input-embedding row, after Gemma's sqrt(d) embedding multiply; 200 new tokens at temperature
 0.7, special tokens kept in the text, `<explanation>...</explanation>` parsed, a missing closing tag
-counted as truncation.
+counted as truncation.  An AV crossmap trained on a base model without a chat template says
+`av_render: raw` in its sidecar: the same text, tokenised raw with BOS (see `meta`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def nla_verbalizer_spec(meta: NLAMeta, **overrides) -> VerbalizerSpec:
     spec = VerbalizerSpec(
         injection_token=meta.injection_char, injection_token_id=meta.injection_token_id,
         injection_neighbor_ids=(meta.injection_left_neighbor_id, meta.injection_right_neighbor_id),
-        prompt_template=meta.av_prompt(), use_chat_template=True, d_model=meta.d_model, scale_policy="fixed",
+        prompt_template=meta.av_prompt(), use_chat_template=meta.av_render == "chat",
+        add_special_tokens=True if meta.av_render == "raw" else None, d_model=meta.d_model, scale_policy="fixed",
         injection_scale=meta.injection_scale, injection_mode="replace", injection_layer=0,
         max_new_tokens=RELEASE_MAX_NEW_TOKENS, temperature=RELEASE_TEMPERATURE, top_p=1.0,
         skip_special_tokens=False, source=str(meta.path), extra={"provenance": dict(meta.provenance)})

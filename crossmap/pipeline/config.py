@@ -135,8 +135,12 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def load_config(path: str | Path) -> ml_collections.ConfigDict:
-    """Import a config file and call its get_config()."""
-    path = Path(path)
+    """Import a config file and call its get_config(); `file.py:ARG` calls get_config("ARG")."""
+    text = str(path)
+    arg = None
+    if ":" in Path(text).name:
+        text, arg = text.rsplit(":", 1)
+    path = Path(text)
     if not path.exists():
         raise FileNotFoundError(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location(f"crossmap_config_{path.stem}", path)
@@ -144,7 +148,7 @@ def load_config(path: str | Path) -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise AttributeError(f"{path}: a config file must define get_config()")
-    config = module.get_config()
+    config = module.get_config() if arg is None else module.get_config(arg)
     if not isinstance(config, ml_collections.ConfigDict):
         raise TypeError(f"{path}: get_config() must return an ml_collections.ConfigDict")
     config.lock()

@@ -26,7 +26,6 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -37,6 +36,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from crossmap.checkpointing import checkpoint_manager, restore_state, save_state
 from crossmap.failpoints import failpoint
 from crossmap.sae.core import SAE, make_sae, scatter_topk
 from crossmap.sharding import shard_batch
@@ -233,29 +233,6 @@ def _input_moments(batches: Callable[[int], np.ndarray], data: np.ndarray | None
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _ckpt_manager(ckpt_dir: str | os.PathLike):
-    import orbax.checkpoint as ocp  # imported here: orbax is slow to import and only needed here
-
-    opts = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-    return ocp.CheckpointManager(Path(ckpt_dir).absolute(), options=opts)
-
-
-def _save(mngr, state: TrainState, meta: dict) -> None:
-    import orbax.checkpoint as ocp
-
-    mngr.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       meta=ocp.args.JsonSave(meta)))
-
-
-def _restore(mngr, step: int, like: TrainState) -> tuple[TrainState, dict]:
-    import orbax.checkpoint as ocp
-
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                     meta=ocp.args.JsonRestore()))
-    return out.state, out.meta
-
-
 def _check_resume(saved: dict, cfg: SAETrainConfig, ckpt_dir) -> None:
     now = dataclasses.asdict(cfg)
     diff = {k: (saved.get(k), v) for k, v in now.items() if k != "steps" and saved.get(k) != v}
@@ -353,11 +330,11 @@ def train_sae(batches: BatchSource, d_model: int, n_features: int, k: int, steps
 
     history: list[dict[str, float]] = []
     resumed_from = None
-    mngr = _ckpt_manager(ckpt_dir) if ckpt_dir is not None else None
+    mngr = checkpoint_manager(ckpt_dir) if ckpt_dir is not None else None
     try:
         if mngr is not None and mngr.latest_step() is not None:
             resumed_from = int(mngr.latest_step())
-            state, meta = _restore(mngr, resumed_from, state)
+            state, meta = restore_state(mngr, resumed_from, state)
             _check_resume(meta["config"], cfg, ckpt_dir)
             history = list(meta.get("history", []))
         start = int(state.step)
@@ -380,7 +357,7 @@ def train_sae(batches: BatchSource, d_model: int, n_features: int, k: int, steps
             if mngr is not None and (done % ckpt_every == 0 or done == cfg.steps):
                 _check_finite_step(float(metrics["loss"]), done, mngr)  # a NaN state never overwrites a good one
                 failpoint("sae_checkpoint")
-                _save(mngr, state, meta())
+                save_state(mngr, int(state.step), state, meta())
                 failpoint("sae_checkpoint")
             if done < cfg.steps:
                 # fetched while the device still runs step s (dispatch is asynchronous)
@@ -388,7 +365,7 @@ def train_sae(batches: BatchSource, d_model: int, n_features: int, k: int, steps
             bar.update(1)
         bar.close()
         if mngr is not None and mngr.latest_step() != int(state.step):
-            _save(mngr, state, meta())
+            save_state(mngr, int(state.step), state, meta())
     finally:
         if mngr is not None:
             mngr.wait_until_finished()
