@@ -339,7 +339,7 @@ def test_bad_training_input_is_refused_naming_the_cause(tmp_path, trained):
     base = _raw_base(tmp_path)
     c = _tiny_train_config(base, tmp_path / "a")
     c.model.layer = 9
-    with pytest.raises(ValueError, match=r"model.layer=9 is out of range .* 2 blocks"):
+    with pytest.raises(ValueError, match=r"model.layer=9 is out of range .* which has 7 blocks"):
         train_nla(c, progress=False)
 
     c = _tiny_train_config(base, tmp_path / "b")

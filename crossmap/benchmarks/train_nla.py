@@ -105,7 +105,9 @@ def _bench_mode(cfg, mode: str, args, peak: float) -> dict:
     gen = float(np.median([p[0] for p in parts]))
     upd = float(np.median([p[1] for p in parts]))
     out["grpo"] = {"step_s": gen + upd, "generate_s": gen, "update_s": upd, "rollouts": B,
-                   "update_mfu": _train_flops(cfg, P + R, R, B, mode) * 4 / 3 / upd / 1e12 / peak}
+                   # the update adds the reference's forward to the step: (k + 1) / k of the SFT step's FLOPs
+                   "update_mfu": _train_flops(cfg, P + R, R, B, mode) * (4 / 3 if mode == "full" else 3 / 2)
+                   / upd / 1e12 / peak}
     gc.collect()
 
     # AR SFT on the truncated backbone

@@ -6,6 +6,15 @@ text -> vector), run exactly as their published contract says.
     reconstructor.py  an AR: truncated backbone + value head, batched and jitted (`Reconstructor`),
                       and the release's score (`round_trip_cosine`, MSE = 2 (1 - cos))
     explain.py        explaining vectors from a file into resumable JSONL (`crossmap explain`)
+
+Training a new pair (`crossmap train-nla`; imported on demand, `from crossmap.nla.train import train_nla`):
+
+    train_data.py     activations at positions of a corpus, contexts, the document split, explanation targets
+    objectives.py     the AV and AR SFT losses, GRPO's advantages, KL and loss (pure functions)
+    lora.py           low-rank adapters as a pytree; merging; PEFT-layout adapter files
+    train_config.py   every field of a training config, its default and its checks
+    train.py          the learner (jitted step, accumulation, NaN refusal), the resumable phases, evaluation
+                      on held-out vectors with baselines, and export in the release layout
 """
 
 from .explain import explain_to_jsonl, explain_vectors, read_vectors

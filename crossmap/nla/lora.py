@@ -11,8 +11,8 @@ generation, export) sees the same weights, and the extra work is one [in, r] x [
 projection, small beside a batch's forward.
 
 Adapters are saved as a flat safetensors file (`adapter_model.safetensors`, PEFT's tensor names and
-layouts, so PEFT can read it too) and applied by `crossmap.models.load_model(..., adapter=...)`'s
-caller through `apply_adapter_file`.
+layouts, so PEFT can read it too) and read back by `read_adapter_file`, to be merged into a loaded base
+model's parameters with `merge_adapters`.
 """
 
 from __future__ import annotations
