@@ -230,6 +230,45 @@ def test_hf_export_layout_inverts_the_loader(arch):
         np.testing.assert_array_equal(np.asarray(back[name]), arrays[name])
 
 
+def test_a_step_sharded_over_data_and_fsdp_equals_one_device():
+    from conftest import run_with_devices
+
+    out = run_with_devices("""
+        import json, sys
+        sys.path.insert(0, %r)
+        import jax, numpy as np
+        from pathlib import Path
+        import tempfile
+        from crossmap import sharding as shd
+        from crossmap.nla.train import Learner, _learner_parts, logical_tree, make_optimizer, stack, _pure
+        from crossmap.nla.train_config import base_train_config
+        from crossmap.nla.objectives import av_sft_loss
+        from crossmap.models import load_model
+        from flax import nnx
+        from test_nla_train import _av_setup
+        texts = ['"a b c"\\n"c"', '"d e"\\n"e"', '"f"\\n"g"', '"h i"\\n"i"']
+        _, lm, data, _ = _av_setup("qwen2", Path(tempfile.mkdtemp()), texts)
+        batch = stack([data.batch(np.arange(4))])
+        P, M = len(data.prompt), data.marker
+        losses, specs = [], []
+        for mesh in (None, shd.make_mesh({"data": 2, "fsdp": 2})):
+            for mode in ("full", "lora"):
+                c = base_train_config()
+                c.finetune.mode = mode
+                model = load_model(lm.path, dtype="float32", mesh=mesh).model
+                frozen, trainable, _ = _learner_parts(c, _pure(model), logical_tree(model), mesh, jax.random.key(0))
+                learner = Learner(nnx.split(model)[0], frozen, trainable, alpha=32.0, compute_dtype="float32",
+                                  optimizer=make_optimizer(c.av_sft), loss_fn=lambda m, _t, b: av_sft_loss(m, b, P, M))
+                losses.append([learner.step(batch, "t")["loss"] for _ in range(3)])
+                leaf = jax.tree.leaves(learner.state["trainable"])[0]
+                specs.append(str(leaf.sharding.spec) if mesh is not None else "")
+        print(json.dumps({"losses": losses, "specs": specs}))
+    """ % str(ROOT / "tests"), n_devices=4)
+    one, sharded = out["losses"][:2], out["losses"][2:]
+    np.testing.assert_allclose(sharded, one, rtol=1e-4)
+    assert "fsdp" in out["specs"][2] and "fsdp" in out["specs"][3]  # the embedding (full) and an adapter A (LoRA)
+
+
 # ------------------------------------------------------------------------------------------ whole runs
 def _raw_base(root: Path) -> Path:
     """The tiny Gemma checkpoint without its chat template: a base model the AV renders raw, with BOS."""
@@ -362,10 +401,11 @@ def test_bad_training_input_is_refused_naming_the_cause(tmp_path, trained):
     # a step whose loss is not finite is refused, named, and leaves the last checkpoint as it was
     c = _tiny_train_config(base, tmp_path / "c")
     c.av_sft.lr, c.av_sft.max_grad_norm, c.checkpoint_every = 1e38, 1e38, 1
-    with pytest.raises(NonFiniteStep, match=r"av_sft step \d+"):
+    with pytest.raises(NonFiniteStep, match=r"av_sft step \d+") as err:
         train_nla(c, progress=False)
+    failed = int(str(err.value).split("av_sft step ")[1].split(":")[0])
     steps = sorted(int(p.name) for p in (tmp_path / "c" / "ckpt" / "av_sft").iterdir() if p.name.isdigit())
-    assert steps and not (tmp_path / "c" / "export").exists()
+    assert steps and max(steps) == failed - 1 and not (tmp_path / "c" / "export").exists()
 
     # a run directory started with other settings is not reused
     _, root, _ = trained

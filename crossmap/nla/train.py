@@ -403,10 +403,10 @@ def _learner_parts(c, params: dict, logical: dict, mesh, key) -> tuple[dict | No
         # copies: the step donates its state, and these arrays may also back another model (the AR shares
         # the AV's embeddings and first blocks at load)
         master = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), params)
-        return None, {"model": master}, {"model": logical}
+        return None, {"model": place(master, logical, mesh)}, {"model": logical}
     adapters = lora_lib.init_adapters(params, int(c.finetune.rank), key, tuple(c.finetune.targets))
     adapters = place(adapters, lora_lib.adapter_logical(adapters, logical), mesh)
-    frozen = cast_floats(params, jnp.dtype(c.finetune.compute_dtype))
+    frozen = place(cast_floats(params, jnp.dtype(c.finetune.compute_dtype)), logical, mesh)
     return frozen, {"adapters": adapters}, {"adapters": lora_lib.adapter_logical(adapters, logical)}
 
 
