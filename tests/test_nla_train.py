@@ -235,7 +235,7 @@ def test_a_step_sharded_over_data_and_fsdp_equals_one_device():
 
     out = run_with_devices("""
         import json, sys
-        sys.path.insert(0, %r)
+        sys.path.insert(0, TESTS_DIR)
         import jax, numpy as np
         from pathlib import Path
         import tempfile
@@ -263,7 +263,7 @@ def test_a_step_sharded_over_data_and_fsdp_equals_one_device():
                 leaf = jax.tree.leaves(learner.state["trainable"])[0]
                 specs.append(str(leaf.sharding.spec) if mesh is not None else "")
         print(json.dumps({"losses": losses, "specs": specs}))
-    """ % str(ROOT / "tests"), n_devices=4)
+    """.replace("TESTS_DIR", repr(str(ROOT / "tests"))), n_devices=4)
     one, sharded = out["losses"][:2], out["losses"][2:]
     np.testing.assert_allclose(sharded, one, rtol=1e-4)
     assert "fsdp" in out["specs"][2] and "fsdp" in out["specs"][3]  # the embedding (full) and an adapter A (LoRA)
@@ -413,3 +413,32 @@ def test_bad_training_input_is_refused_naming_the_cause(tmp_path, trained):
     c.av_sft.lr = 1e-3
     with pytest.raises(ValueError, match="av_sft changed"):
         train_nla(c, progress=False)
+
+
+def test_generated_targets_are_the_instruct_models_greedy_answers(tmp_path):
+    """targets.source='generated': the local instruct model's greedy answer to the generator prompt, through
+    crossmap's engine, equals transformers' greedy decoding of the same chat prompt."""
+    import torch
+
+    from crossmap.nla.train_data import GENERATOR_PROMPT, Examples, generated_explanations
+
+    base = tiny_checkpoint("qwen2")
+    lm = load_model(base, dtype="float32")
+    examples = Examples(np.zeros((2, lm.config.d_model), np.float32), np.zeros(2, np.int32), np.zeros(2, np.int32),
+                        np.zeros(2, np.int8), ["the cat sat on the mat", "import os and sys"], ["mat", "sys"])
+    ours = generated_explanations(lm.model, lm.tokenizer, examples, [0, 1], max_new_tokens=6, progress=False)
+    torch_model = _torch_decoder(base)
+    stop = lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for row, context in enumerate(examples.contexts):
+        ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": GENERATOR_PROMPT.format(context=context)}],
+                                               tokenize=True, add_generation_prompt=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        new = []
+        with torch.no_grad():
+            for _ in range(6):
+                tok = int(torch_model(torch.tensor([ids + new])).logits[0, -1].argmax())
+                new.append(tok)
+                if tok in (stop, *lm.config.eos_token_ids):
+                    break
+        want = " ".join(lm.tokenizer.decode(new, skip_special_tokens=True).split()).replace('"', "'")
+        assert ours[row] == want
