@@ -44,7 +44,7 @@ from crossmap.nla.train import (
     scale_to,
     stack,
     train_nla,
-    truncated_for_ar,
+    truncated,
 )
 from crossmap.nla.train_config import base_train_config, validate_train_config
 from crossmap.nla.train_data import collect_examples, wrap_explanation
@@ -109,7 +109,7 @@ def test_sft_losses_at_step_zero_equal_pytorch(arch, tmp_path):
     # the AR: blocks 0..K, no final norm, head on the last token, MSE of sqrt(d)-normalised vectors
     ar_meta = read_nla_meta(tmp_path / "ar", role="ar")
     tokens, valid, last = encode_ar(lm.tokenizer, ar_meta, texts, 64)
-    abstract, params = truncated_for_ar(lm.model, LAYER)
+    abstract, params = truncated(lm.model, LAYER)
     head = np.random.default_rng(1).standard_normal((lm.config.d_model,) * 2).astype(np.float32) / 8
     ours_ar, _ = ar_sft_loss(nnx.merge(nnx.split(abstract)[0], params), jnp.asarray(head),
                              ar_batch(tokens, valid, last, vectors, np.arange(len(texts))))
@@ -342,8 +342,7 @@ def test_a_run_killed_twice_resumes_to_the_same_weights(trained):
     run_dir = root / "killed"
     # The failpoint fires after each step, before that step's checkpoint (every 2 steps and at the end).
     assert _run_in_subprocess(base, run_dir, "nla_train_step:3") == -9  # av_sft step 3; resumes at 2
-    assert _run_in_subprocess(base, run_dir, "nla_train_step:4") == -9  # av 3, 4, ar 1, 2: ar has no checkpoint
-    assert _run_in_subprocess(base, run_dir, "nla_train_step:7") == -9  # ar 1-4, rl 1-3: rl resumes at 2
+    assert _run_in_subprocess(base, run_dir, "nla_train_step:9") == -9  # av 3-4, ar 1-4, rl 1-3: rl resumes at 2
     assert _run_in_subprocess(base, run_dir, None) == 0
     ours, want = _adapter_tensors(run_dir), _adapter_tensors(root / "run")
     assert set(ours) == set(want)

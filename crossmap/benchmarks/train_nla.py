@@ -21,8 +21,9 @@ import numpy as np
 from flax import nnx
 
 from ..models import config_from_hf, init_random, shape_config, tiny_config
+from ..nla.adapted import truncated
 from ..nla.objectives import ARBatch, AVBatch, ar_sft_loss, av_sft_loss, grpo_loss, response_logprobs
-from ..nla.train import Learner, _learner_parts, logical_tree, make_optimizer, stack, truncated_for_ar
+from ..nla.train import Learner, _learner_parts, logical_tree, make_optimizer, stack
 from ..nla.train_config import FINETUNE_MODES, base_train_config
 from ..verbalize.engine import Injection, generate
 from .common import device_info, measured_matmul_peak, median_time, write_json
@@ -112,7 +113,7 @@ def _bench_mode(cfg, mode: str, args, peak: float) -> dict:
 
     # AR SFT on the truncated backbone
     layer = min(args.layer, cfg.n_layers - 1)
-    ar_abstract, ar_params = truncated_for_ar(model, layer)
+    ar_abstract, ar_params = truncated(model, layer)
     ar_frozen, ar_trainable, _ = _learner_parts(c, ar_params, logical_tree(ar_abstract), None, jax.random.key(1))
     ar_trainable["head"] = jnp.eye(cfg.d_model, dtype=jnp.float32)
     T = args.ar_tokens

@@ -35,6 +35,7 @@ from .. import sharding as shd
 from ..models import load_model
 from ..models.checkpoint_files import iter_safetensors_file
 from ..verbalize.engine import batch_bucket
+from .adapted import is_adapted, load_adapted
 from .meta import check_model_width, read_nla_meta
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -111,7 +112,11 @@ class Reconstructor:
                  rules: dict | None = None, batch_size: int = 32):
         self.meta = read_nla_meta(checkpoint, role="ar")  # before any weight is read
         directory = self.meta.directory
-        lm = load_model(directory, dtype=dtype, mesh=mesh, rules=rules, backbone_only=True)
+        if is_adapted(directory):  # LoRA adapters over a base model, hashes checked (see `adapted`)
+            lm = load_adapted(directory, role="ar", layer=self.meta.extraction_layer, dtype=dtype, mesh=mesh,
+                              rules=rules)
+        else:
+            lm = load_model(directory, dtype=dtype, mesh=mesh, rules=rules, backbone_only=True)
         cfg = lm.config
         check_model_width(self.meta, cfg.d_model, f"the backbone in {directory} (config.json hidden_size)")
         k = self.meta.extraction_layer

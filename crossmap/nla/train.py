@@ -46,13 +46,14 @@ from .. import sharding as shd
 from ..activations.corpus import read_corpus
 from ..checkpointing import checkpoint_manager, restore_state, save_state
 from ..failpoints import failpoint
-from ..integrity import path_identity
+from ..integrity import file_sha256, path_identity
 from ..jsonio import load_json, save_json, to_jsonable
 from ..models import Transformer, load_model, make_hidden_fn, resolve_model_path, save_checkpoint
 from ..models.checkpoint_files import write_safetensors
 from ..verbalize.engine import Injection, generate
 from ..verbalize.spec import build_prompt, stop_ids_for
 from . import lora as lora_lib
+from .adapted import MANIFEST, truncated
 from .meta import (
     SIDECAR_NAME,
     check_marker_token,
@@ -109,17 +110,6 @@ def place(tree: Any, logical: Any, mesh, rules=None) -> Any:
 
 def cast_floats(tree: Any, dtype) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-def truncated_for_ar(model: Transformer, layer: int) -> tuple[Transformer, dict]:
-    """(abstract model, params) of blocks 0..layer with the embeddings (no LM head: the AR never runs one)."""
-    cfg = model.config
-    cfg_ar = cfg.replace(n_layers=layer + 1, layer_types=cfg.layer_types[:layer + 1], tie_embeddings=True)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg_ar, dtype=model.embed[...].dtype, rngs=nnx.Rngs(0)))
-    full = nnx.to_pure_dict(nnx.split(model)[1])
-    params = {"embed": full["embed"], "final_norm": full["final_norm"],
-              "layers": {i: full["layers"][i] for i in range(layer + 1)}}
-    return abstract, params
 
 
 # ------------------------------------------------------------------------------------------ optimiser
@@ -473,7 +463,7 @@ def train_nla(c: ml_collections.ConfigDict, *, restart: bool = False, progress: 
                  optimizer=make_optimizer(c.av_sft), loss_fn=av_loss, mesh=mesh)
 
     # -- AR: the backbone truncated to blocks 0..K, a d x d head starting at the identity ----------
-    ar_abstract, ar_params = truncated_for_ar(lm.model, layer)
+    ar_abstract, ar_params = truncated(lm.model, layer)
     ar_logical = logical_tree(ar_abstract)
     ar_frozen, ar_trainable, _ = _learner_parts(c, ar_params, ar_logical, mesh, jax.random.fold_in(key, 2))
     ar_trainable["head"] = place(jnp.eye(cfg.d_model, dtype=jnp.float32), ("embed", None), mesh)
@@ -745,9 +735,15 @@ def export_pair(run: _Run, av: Learner, ar: Learner, *, av_abstract_cfg, ar_abst
     write_safetensors(ar_dir / VALUE_HEAD_FILE, [("weight", head.shape, head.dtype)], lambda _: iter([head]))
     for role, directory in (("av", av_dir), ("ar", ar_dir)):
         shutil.copyfile(run.root / role / SIDECAR_NAME, directory / SIDECAR_NAME)
-    if c.finetune.mode == "lora":
+    if c.finetune.mode == "lora":  # the adapters alone: a directory `nla.adapted` loads over the base model
         for learner, directory in ((av, av_dir), (ar, ar_dir)):
-            lora_lib.save_adapter_file(directory / "adapter", learner.state["trainable"]["adapters"],
-                                       rank=int(c.finetune.rank), alpha=float(c.finetune.alpha))
-        shutil.copyfile(ar_dir / VALUE_HEAD_FILE, ar_dir / "adapter" / VALUE_HEAD_FILE)
+            adapter = directory / "adapter"
+            lora_lib.save_adapter_file(adapter, learner.state["trainable"]["adapters"], rank=int(c.finetune.rank),
+                                       alpha=float(c.finetune.alpha))
+            shutil.copyfile(directory / SIDECAR_NAME, adapter / SIDECAR_NAME)
+            if directory == ar_dir:
+                shutil.copyfile(ar_dir / VALUE_HEAD_FILE, adapter / VALUE_HEAD_FILE)
+            files = sorted(p.name for p in adapter.iterdir() if p.is_file() and p.name != MANIFEST)
+            save_json(adapter / MANIFEST, {"base": str(c.model.path), "sha256": {f: file_sha256(adapter / f) for f in files},
+                                           "trained_by": "crossmap train-nla", "config": c.name})
     return av_dir, ar_dir

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from ..models import LoadedModel, load_model
 from ..verbalize import Verbalizer, VerbalizerSpec
+from .adapted import is_adapted, load_adapted
 from .meta import (
     RELEASE_MAX_NEW_TOKENS,
     RELEASE_TEMPERATURE,
@@ -59,7 +60,10 @@ def load_nla_verbalizer(checkpoint: str | os.PathLike, *, dtype: str = "bfloat16
     """Read and check the sidecar (before any weight is read), load the AV, check the sidecar against the
     live tokenizer and model, and build its prompt (which checks the injection slot)."""
     meta = read_nla_meta(checkpoint, role="av")
-    lm = load_model(checkpoint, dtype=dtype, mesh=mesh, rules=rules)
+    if is_adapted(checkpoint):  # LoRA adapters over a base model, hashes checked (see `adapted`)
+        lm = load_adapted(checkpoint, role="av", layer=None, dtype=dtype, mesh=mesh, rules=rules)
+    else:
+        lm = load_model(checkpoint, dtype=dtype, mesh=mesh, rules=rules)
     check_model_width(meta, lm.config.d_model, f"the model in {checkpoint} (config.json hidden_size)")
     check_marker_token(meta, lm.tokenizer)
     spec = nla_verbalizer_spec(meta, **(spec_overrides or {}))
