@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from ..integrity import file_sha256
 from ..jsonio import load_json
 from ..models import LoadedModel, Transformer, load_model
-from . import lora as lora_lib
+from .lora import ADAPTER_FILE, merge_adapters, read_adapter_file
 
 MANIFEST = "crossmap_nla.json"
 
@@ -44,8 +44,8 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     hashes = manifest.get("sha256")
     if not isinstance(base, str) or not base:
         raise ValueError(f"{path}: field 'base' must name the base model (a directory, a .gguf or shipped:<name>)")
-    if not isinstance(hashes, dict) or lora_lib.ADAPTER_FILE not in hashes:
-        raise ValueError(f"{path}: field 'sha256' must give the hash of each file, {lora_lib.ADAPTER_FILE} included")
+    if not isinstance(hashes, dict) or ADAPTER_FILE not in hashes:
+        raise ValueError(f"{path}: field 'sha256' must give the hash of each file, {ADAPTER_FILE} included")
     for name, want in sorted(hashes.items()):
         file = directory / name
         if not file.is_file():
@@ -74,8 +74,8 @@ def load_adapted(directory: str | os.PathLike, *, role: str, layer: int | None, 
     manifest = read_manifest(directory)
     base = load_model(manifest["base"], dtype="float32", mesh=mesh, rules=rules)
     params = nnx.to_pure_dict(nnx.split(base.model)[1])
-    adapters, alpha = lora_lib.read_adapter_file(directory, params)
-    merged = lora_lib.merge_adapters(params, adapters, alpha)
+    adapters, alpha = read_adapter_file(directory, params)
+    merged = merge_adapters(params, adapters, alpha)
     model = nnx.merge(nnx.split(base.model)[0], jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), merged))
     cfg = base.config
     if role == "ar":
