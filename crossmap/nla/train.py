@@ -76,7 +76,14 @@ from .objectives import (
 )
 from .reconstructor import VALUE_HEAD_FILE
 from .train_config import validate_train_config
-from .train_data import SPLITS, Examples, collect_examples, generated_explanations, snippet_explanations
+from .train_data import (
+    SPLITS,
+    Examples,
+    collect_examples,
+    generated_explanations,
+    snippet_explanations,
+    wrap_explanation,
+)
 from .verbalizer import nla_verbalizer_spec
 
 PHASES = ("av_sft", "ar_sft", "rl")
@@ -439,8 +446,6 @@ def train_nla(c: ml_collections.ConfigDict, *, restart: bool = False, progress: 
     spec = nla_verbalizer_spec(av_meta)
     prompt = build_prompt(tokenizer, spec)
     end_id = assistant_end_id(tokenizer, render)
-    from .train_data import wrap_explanation
-
     texts = [targets.get(i, "") for i in range(len(examples))]
     scaled = scale_to(examples.vectors, injection_scale)
     R = int(c.nla.response_tokens)
@@ -696,8 +701,6 @@ class Evaluator:
         and on the SFT targets themselves (the snippets or generated sentences: what SFT imitates)."""
         constant = [self.c.eval.constant_explanation] * len(self.rows)
         out = {"constant": summarise(self._cosines(ar, constant))}
-        from .train_data import snippet_explanations
-
         snippets = snippet_explanations(self.examples)
         out["snippets"] = summarise(self._cosines(ar, [snippets[r] for r in self.rows]))
         return out
