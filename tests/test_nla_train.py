@@ -256,7 +256,7 @@ def test_a_step_sharded_over_data_and_fsdp_equals_one_device():
                 c = base_train_config()
                 c.finetune.mode = mode
                 model = load_model(lm.path, dtype="float32", mesh=mesh).model
-                frozen, trainable, _ = _learner_parts(c, _pure(model), logical_tree(model), mesh, jax.random.key(0))
+                frozen, trainable = _learner_parts(c, _pure(model), logical_tree(model), mesh, jax.random.key(0))
                 learner = Learner(nnx.split(model)[0], frozen, trainable, alpha=32.0, compute_dtype="float32",
                                   optimizer=make_optimizer(c.av_sft), loss_fn=lambda m, _t, b: av_sft_loss(m, b, P, M))
                 losses.append([learner.step(batch, "t")["loss"] for _ in range(3)])

@@ -67,7 +67,7 @@ def _bench_mode(cfg, mode: str, args, peak: float) -> dict:
     params = nnx.to_pure_dict(nnx.split(model)[1])
     graphdef = nnx.split(model)[0]
     logical = logical_tree(model)
-    frozen, trainable, _ = _learner_parts(c, params, logical, None, jax.random.key(0))
+    frozen, trainable = _learner_parts(c, params, logical, None, jax.random.key(0))
     P, R, B, M = args.prompt, args.response, args.batch, 10
     rng = np.random.default_rng(0)
     av_batch = AVBatch(rng.integers(0, cfg.vocab_size, (B, P + R)).astype(np.int32), np.ones((B, P + R), bool),
@@ -85,7 +85,7 @@ def _bench_mode(cfg, mode: str, args, peak: float) -> dict:
     # GRPO: rollouts by the engine, the reference's log-probs, one update
     reference = av.params()
     ref_logp = jax.jit(lambda p, b: response_logprobs(nnx.merge(graphdef, p), b, P, M))
-    av._step = jax.jit(av._make_step(lambda m, _t, b: grpo_loss(m, b[0], P, M, b[1], b[2], 0.05)), donate_argnums=0)
+    av.retarget(lambda m, _t, b: grpo_loss(m, b[0], P, M, b[1], b[2], 0.05))
     prompts = av_batch.tokens[:, :P]
 
     def grpo_step():
@@ -114,7 +114,7 @@ def _bench_mode(cfg, mode: str, args, peak: float) -> dict:
     # AR SFT on the truncated backbone
     layer = min(args.layer, cfg.n_layers - 1)
     ar_abstract, ar_params = truncated(model, layer)
-    ar_frozen, ar_trainable, _ = _learner_parts(c, ar_params, logical_tree(ar_abstract), None, jax.random.key(1))
+    ar_frozen, ar_trainable = _learner_parts(c, ar_params, logical_tree(ar_abstract), None, jax.random.key(1))
     ar_trainable["head"] = jnp.eye(cfg.d_model, dtype=jnp.float32)
     T = args.ar_tokens
     ar_b = ARBatch(rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32), np.ones((B, T), bool),

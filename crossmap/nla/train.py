@@ -86,8 +86,6 @@ from .train_data import (
 )
 from .verbalizer import nla_verbalizer_spec
 
-PHASES = ("av_sft", "ar_sft", "rl")
-
 
 class NonFiniteStep(RuntimeError):
     """A step's loss or gradient was not finite; it was not applied."""
@@ -152,6 +150,13 @@ class Learner:
         self.state = {"trainable": trainable, "opt": jax.jit(optimizer.init)(trainable),
                       "step": jnp.zeros((), jnp.int32)}
         self._forward = jax.jit(self._forward_params)
+        self.retarget(loss_fn)
+
+    def retarget(self, loss_fn: Callable, optimizer: optax.GradientTransformation | None = None) -> None:
+        """Train the same weights on another loss (GRPO after SFT); a new optimizer starts from a fresh state."""
+        if optimizer is not None:
+            self.optimizer = optimizer
+            self.state["opt"] = jax.jit(optimizer.init)(self.state["trainable"])
         self._step = jax.jit(self._make_step(loss_fn), donate_argnums=0)
 
     def _forward_params(self, trainable: dict, frozen: dict | None) -> dict:
@@ -394,17 +399,17 @@ def _pure(model: Transformer) -> dict:
     return nnx.to_pure_dict(nnx.split(model)[1])
 
 
-def _learner_parts(c, params: dict, logical: dict, mesh, key) -> tuple[dict | None, dict, dict]:
-    """(frozen, trainable, trainable logical names) for full fine-tuning or LoRA."""
+def _learner_parts(c, params: dict, logical: dict, mesh, key) -> tuple[dict | None, dict]:
+    """(frozen, trainable) for full fine-tuning or LoRA, placed on `mesh` by their logical names."""
     if c.finetune.mode == "full":
         # copies: the step donates its state, and these arrays may also back another model (the AR shares
         # the AV's embeddings and first blocks at load)
         master = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), params)
-        return None, {"model": place(master, logical, mesh)}, {"model": logical}
+        return None, {"model": place(master, logical, mesh)}
     adapters = lora_lib.init_adapters(params, int(c.finetune.rank), key, tuple(c.finetune.targets))
     adapters = place(adapters, lora_lib.adapter_logical(adapters, logical), mesh)
     frozen = place(cast_floats(params, jnp.dtype(c.finetune.compute_dtype)), logical, mesh)
-    return frozen, {"adapters": adapters}, {"adapters": lora_lib.adapter_logical(adapters, logical)}
+    return frozen, {"adapters": adapters}
 
 
 def train_nla(c: ml_collections.ConfigDict, *, restart: bool = False, progress: bool = True) -> dict:
@@ -462,7 +467,7 @@ def train_nla(c: ml_collections.ConfigDict, *, restart: bool = False, progress: 
 
     # -- AV -------------------------------------------------------------------------------------
     av_graphdef = nnx.split(lm.model)[0]
-    frozen, trainable, _ = _learner_parts(c, base_params, logical, mesh, jax.random.fold_in(key, 1))
+    frozen, trainable = _learner_parts(c, base_params, logical, mesh, jax.random.fold_in(key, 1))
     av_loss = lambda model, _t, b: av_sft_loss(model, b, P, M)
     av = Learner(av_graphdef, frozen, trainable, alpha=alpha, compute_dtype=compute,
                  optimizer=make_optimizer(c.av_sft), loss_fn=av_loss, mesh=mesh)
@@ -470,7 +475,7 @@ def train_nla(c: ml_collections.ConfigDict, *, restart: bool = False, progress: 
     # -- AR: the backbone truncated to blocks 0..K, a d x d head starting at the identity ----------
     ar_abstract, ar_params = truncated(lm.model, layer)
     ar_logical = logical_tree(ar_abstract)
-    ar_frozen, ar_trainable, _ = _learner_parts(c, ar_params, ar_logical, mesh, jax.random.fold_in(key, 2))
+    ar_frozen, ar_trainable = _learner_parts(c, ar_params, ar_logical, mesh, jax.random.fold_in(key, 2))
     ar_trainable["head"] = place(jnp.eye(cfg.d_model, dtype=jnp.float32), ("embed", None), mesh)
 
     def ar_loss(model, trainable_tree, b):
@@ -621,15 +626,9 @@ class GRPO:
         self.av_data, self.rows, self.ar_meta, self.tokenizer = av_data, rl_rows, ar_meta, tokenizer
         self.spec, self.mesh = evaluator.spec, evaluator.mesh
         P, M, kl = len(av_data.prompt), av_data.marker, float(c.rl.kl_coef)
-        av.optimizer = make_optimizer(c.rl)
-        av.state["opt"] = jax.jit(av.optimizer.init)(av.state["trainable"])
-        av._step = jax.jit(av._make_step(lambda model, _t, b: grpo_loss(model, b[0], P, M, b[1], b[2], kl)),
-                           donate_argnums=0)
+        av.retarget(lambda model, _t, b: grpo_loss(model, b[0], P, M, b[1], b[2], kl), make_optimizer(c.rl))
         if c.rl.train_ar:
-            ar.optimizer = ar_optimizer
-            ar.state["opt"] = jax.jit(ar_optimizer.init)(ar.state["trainable"])
-            ar._step = jax.jit(ar._make_step(lambda model, t, b: ar_sft_loss(model, t["head"].astype(ar.compute), b)),
-                               donate_argnums=0)
+            ar.retarget(lambda model, t, b: ar_sft_loss(model, t["head"].astype(ar.compute), b), ar_optimizer)
         ref_graphdef = av.graphdef
         self._ref_logp = jax.jit(lambda params, batch: response_logprobs(nnx.merge(ref_graphdef, params), batch, P, M))
 
