@@ -349,7 +349,7 @@ def bench_reconstructor(cfg: ModelConfig, tokenizer, args, dtype: str, device: s
     forward of the same truncated backbone, and the compute floor (matmul FLOPs at the measured bf16 rate)."""
     import jax.numpy as jnp
 
-    from ..nla.reconstructor import _reconstruct, padded_batch
+    from ..nla.reconstructor import padded_batch, reconstruct_batch
     from .common import measured_matmul_peak
 
     ar_cfg = cfg.replace(n_layers=NLA_LAYER + 1, layer_types=(), tie_embeddings=True, name="qwen2.5-7b-ar-shaped")
@@ -364,7 +364,7 @@ def bench_reconstructor(cfg: ModelConfig, tokenizer, args, dtype: str, device: s
                for i in range(0, len(order), args.ar_batch)]
 
     def score_all():
-        return [np.asarray(_reconstruct(state, head, *b, graphdef=graphdef, layer=NLA_LAYER)) for b in batches]
+        return [np.asarray(reconstruct_batch(state, head, *b, graphdef=graphdef, layer=NLA_LAYER)) for b in batches]
 
     t0 = time.perf_counter()
     score_all()

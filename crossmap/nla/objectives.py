@@ -76,11 +76,15 @@ def av_sft_loss(model, batch: AVBatch, prompt_len: int, marker: int) -> tuple[Ar
     return loss, {"loss": loss, "tokens": batch.loss_mask.sum()}
 
 
-def ar_vectors(model, head: Array, tokens: Array, valid: Array, last: Array) -> Array:
-    """[B, D] float32: the head applied to the output of the backbone's last block at each row's last
-    token (the AR model holds exactly the K+1 blocks it runs; no final norm)."""
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32)[None], tokens.shape)
-    hidden, _ = model.run(model.embed_tokens(tokens), positions, valid)
+def ar_vectors(model, head: Array, tokens: Array, valid: Array, last: Array, *, positions: Array | None = None,
+               layer: int | None = None) -> Array:
+    """[B, D] float32: the head applied to the output of block `layer` (default: the model's last; an AR
+    holds exactly its K+1 blocks) at each row's last token, no final norm.  The one AR forward: training,
+    `nla.reconstructor` and its benchmark all run this."""
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32)[None], tokens.shape)
+    layer = model.config.n_layers - 1 if layer is None else layer
+    hidden = model.hidden(tokens, positions, valid, layer=layer)
     at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     return jnp.einsum("bd,ed->be", at_last, head.astype(at_last.dtype), preferred_element_type=jnp.float32)
 

@@ -37,6 +37,7 @@ from ..models.checkpoint_files import iter_safetensors_file
 from ..verbalize.engine import batch_bucket
 from .adapted import is_adapted, load_adapted
 from .meta import check_model_width, read_nla_meta
+from .objectives import ar_vectors
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 LENGTH_STEP = 32
@@ -98,11 +99,9 @@ def padded_batch(prompts: Sequence[Sequence[int]], batch: int) -> tuple[np.ndarr
 
 
 @partial(jax.jit, static_argnames=("graphdef", "layer"))
-def _reconstruct(state, head, tokens, positions, valid, last, *, graphdef, layer: int):
-    model = nnx.merge(graphdef, state)
-    hidden = model.hidden(tokens, positions, valid, layer=layer)  # output of block K, no final norm
-    at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    return jnp.einsum("bd,ed->be", at_last, head, preferred_element_type=jnp.float32)
+def reconstruct_batch(state, head, tokens, positions, valid, last, *, graphdef, layer: int):
+    """Jitted `objectives.ar_vectors` of one padded batch (`padded_batch`); `state` an nnx State or pure dict."""
+    return ar_vectors(nnx.merge(graphdef, state), head, tokens, valid, last, positions=positions, layer=layer)
 
 
 class Reconstructor:
@@ -169,7 +168,7 @@ class Reconstructor:
             args = list(padded_batch([prompts[r] for r in rows], batch))
             if self.mesh is not None:
                 args = [shd.shard_batch(a, self.mesh, self.rules) for a in args]
-            values = _reconstruct(self._state, self.head, *args, graphdef=self._graphdef,
+            values = reconstruct_batch(self._state, self.head, *args, graphdef=self._graphdef,
                                   layer=self.config.n_layers - 1)
             out[rows] = shd.to_host(values)[:len(rows)]
         return out

@@ -66,7 +66,6 @@ from .objectives import (
     ARBatch,
     AVBatch,
     ar_sft_loss,
-    ar_vectors,
     av_sft_loss,
     group_advantages,
     grpo_loss,
@@ -74,7 +73,7 @@ from .objectives import (
     response_logprobs,
     rewards_from_mse,
 )
-from .reconstructor import VALUE_HEAD_FILE
+from .reconstructor import VALUE_HEAD_FILE, reconstruct_batch
 from .train_config import validate_train_config
 from .train_data import (
     SPLITS,
@@ -600,10 +599,6 @@ def sample_explanations(model: Transformer, tokenizer, spec, av_data: AVData, ve
     return result.tokens, result.lengths.astype(np.int32), texts
 
 
-_ar_forward = jax.jit(lambda params, head, tokens, valid, last, *, graphdef: ar_vectors(
-    nnx.merge(graphdef, params), head, tokens, valid, last), static_argnames=("graphdef",))
-
-
 def reconstruct(ar: Learner, tokenizer, ar_meta, texts: list[str], length: int, batch: int = 32) -> np.ndarray:
     """The AR's reconstructions [N, D] (float32) of `texts`, from the learner's current weights."""
     params, head = ar.params(), ar.state["trainable"]["head"].astype(ar.compute)
@@ -612,8 +607,11 @@ def reconstruct(ar: Learner, tokenizer, ar_meta, texts: list[str], length: int, 
     for start in range(0, len(texts), batch):
         sl = slice(start, start + batch)
         n = len(tokens[sl])
-        padded = [np.concatenate([x[sl], np.repeat(x[:1], batch - n, axis=0)]) for x in (tokens, valid, last)]
-        out.append(np.asarray(_ar_forward(params, head, *padded, graphdef=ar.graphdef))[:n])
+        b_tokens, b_valid, b_last = (np.concatenate([x[sl], np.repeat(x[:1], batch - n, axis=0)])
+                                     for x in (tokens, valid, last))
+        positions = np.broadcast_to(np.arange(length, dtype=np.int32), b_tokens.shape)
+        out.append(np.asarray(reconstruct_batch(params, head, b_tokens, positions, b_valid, b_last, graphdef=ar.graphdef,
+                                                layer=len(params["layers"]) - 1))[:n])
     return np.concatenate(out) if out else np.zeros((0, head.shape[0]), np.float32)
 
 
