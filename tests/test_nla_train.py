@@ -41,7 +41,6 @@ from crossmap.nla.train import (
     encode_ar,
     encode_responses,
     make_optimizer,
-    scale_to,
     stack,
     train_nla,
     truncated,
@@ -49,6 +48,7 @@ from crossmap.nla.train import (
 from crossmap.nla.train_config import base_train_config, validate_train_config
 from crossmap.nla.train_data import collect_examples, wrap_explanation
 from crossmap.verbalize.spec import build_prompt
+from crossmap.verbalize.verbalizer import rescale_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = 1
@@ -73,7 +73,7 @@ def _av_setup(arch: str, tmp: Path, texts: list[str], seed: int = 0):
     prompt = build_prompt(tok, nla_verbalizer_spec(meta))
     ids, lengths = encode_responses(tok, texts, assistant_end_id(tok, "chat"), 24, wrap_explanation)
     vectors = np.random.default_rng(seed).standard_normal((len(texts), lm.config.d_model)).astype(np.float32)
-    data = AVData(np.asarray(prompt.token_ids, np.int32), prompt.marker_index, ids, lengths, scale_to(vectors, 7.0))
+    data = AVData(np.asarray(prompt.token_ids, np.int32), prompt.marker_index, ids, lengths, rescale_rows(vectors, 7.0))
     return base, lm, data, vectors
 
 

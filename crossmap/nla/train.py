@@ -52,6 +52,7 @@ from ..models import Transformer, load_model, make_hidden_fn, resolve_model_path
 from ..models.checkpoint_files import write_safetensors
 from ..verbalize.engine import Injection, generate
 from ..verbalize.spec import build_prompt, stop_ids_for
+from ..verbalize.verbalizer import rescale_rows
 from . import lora as lora_lib
 from .adapted import MANIFEST, truncated
 from .meta import (
@@ -310,13 +311,6 @@ def stack(batches: list) -> Any:
     return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
 
-def scale_to(vectors: np.ndarray, norm: float) -> np.ndarray:
-    """Rows rescaled to L2 norm `norm`, the norm in float32 (the release's rescale)."""
-    v = np.asarray(vectors, np.float32)
-    norms = np.linalg.norm(v, axis=1, keepdims=True).astype(np.float32)
-    return v / (np.maximum(norms, np.float32(1e-12)) / np.float32(norm))
-
-
 # ------------------------------------------------------------------------------------------ the run
 class _Run:
     """What the phases share: config, directories, tokenizer, sidecars, encoded data, logging."""
@@ -451,7 +445,7 @@ def train_nla(c: ml_collections.ConfigDict, *, restart: bool = False, progress: 
     prompt = build_prompt(tokenizer, spec)
     end_id = assistant_end_id(tokenizer, render)
     texts = [targets.get(i, "") for i in range(len(examples))]
-    scaled = scale_to(examples.vectors, injection_scale)
+    scaled = rescale_rows(examples.vectors, injection_scale)
     R = int(c.nla.response_tokens)
     responses, lengths = encode_responses(tokenizer, texts, end_id, R, wrap_explanation)
     av_data = AVData(np.asarray(prompt.token_ids, np.int32), prompt.marker_index, responses, lengths, scaled)

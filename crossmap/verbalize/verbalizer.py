@@ -119,6 +119,14 @@ def _mean_row_norm(table: jax.Array) -> jax.Array:
     return jnp.mean(jnp.linalg.norm(table.astype(jnp.float32), axis=-1))
 
 
+def rescale_rows(vectors: np.ndarray, norm: float) -> np.ndarray:
+    """Rows rescaled to L2 norm `norm`: the norm in float32 and one division by (norm / target), the
+    released NLAs' rescale (training and inference must agree to the last bit)."""
+    out = np.asarray(vectors, np.float32)
+    norms = np.linalg.norm(out, axis=1, keepdims=True).astype(np.float32)
+    return out / (np.maximum(norms, np.float32(1e-12)) / np.float32(norm))
+
+
 class Verbalizer:
     """A model + tokenizer + VerbalizerSpec that turns vectors into text.
 
@@ -171,9 +179,7 @@ class Verbalizer:
         target = self.target_norm()
         out = np.asarray(vectors, np.float32)
         if target is not None:
-            # the norm in float32 and one division by (norm / target): the released NLAs' rescale
-            norms = np.linalg.norm(out, axis=1, keepdims=True).astype(np.float32)
-            out = out / (np.maximum(norms, np.float32(1e-12)) / np.float32(target))
+            out = rescale_rows(out, target)
         multiplier = np.float32(self.spec.scale_multiplier)
         return out if multiplier == 1 else out * multiplier
 
