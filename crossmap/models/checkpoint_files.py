@@ -117,6 +117,33 @@ def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, tuple[in
     return offset
 
 
+def write_sharded_safetensors(directory: Path, entries: list[tuple[str, tuple[int, ...], str | np.dtype]],
+                              produce: Callable[[str], Iterator[np.ndarray]], shard_bytes: int,
+                              on_shard: Callable[[int], None] | None = None) -> int:
+    """A hub-style sharded checkpoint: model-0000K-of-0000N.safetensors of about `shard_bytes` each, in
+    `entries`' order, and model.safetensors.index.json.  on_shard(bytes) after each file; returns the total."""
+    shards: list[list] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = math.prod(entry[1]) * np.dtype(entry[2]).itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        written = write_safetensors(directory / fname, shard, produce)
+        total += written
+        if on_shard is not None:
+            on_shard(written)
+        weight_map.update({e[0]: fname for e in shard})
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return total
+
+
 # safetensors files that sit beside a model's weights without being part of them: an NLA
 # reconstructor's head (read by crossmap.nla), a LoRA adapter
 NOT_MODEL_WEIGHTS = ("value_head.safetensors", "adapter_model.safetensors")

@@ -218,9 +218,8 @@ def save_checkpoint(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, 
     """Write `params` (a pure dict of a `Transformer` of `cfg`) as a HF-layout directory: config.json,
     model-*.safetensors (+ index), and the tokenizer's files; loadable by crossmap and transformers."""
     import json
-    import math
 
-    from .checkpoint_files import write_safetensors
+    from .checkpoint_files import write_sharded_safetensors
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,23 +227,8 @@ def save_checkpoint(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, 
     dtype = str(check_dtype(dtype))
     tensors = to_hf_tensors(cfg, module.NORM_NAMES, params)
     entries = [(name, tuple(value.shape), dtype) for name, value in tensors.items()]
-    shards: list[list] = [[]]
-    size = 0
-    for entry in entries:
-        nbytes = math.prod(entry[1]) * np.dtype(dtype).itemsize
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += nbytes
-    weight_map = {}
-    for k, shard in enumerate(shards, 1):
-        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(out / fname, shard, lambda name: iter([np.asarray(jax.device_get(tensors[name]))]))
-        weight_map.update({e[0]: fname for e in shard})
-    total = sum(math.prod(e[1]) * np.dtype(dtype).itemsize for e in entries)
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    write_sharded_safetensors(out, entries, lambda name: iter([np.asarray(jax.device_get(tensors[name]))]),
+                              shard_bytes)
     config = hf_config(cfg)
     config["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from .. import sharding as shd
-from .checkpoint_files import write_safetensors
+from .checkpoint_files import write_sharded_safetensors
 from .config import SUPPORTED_DTYPES, ModelConfig
 from .hf_layout import hf_shapes
 from .layers import Transformer
@@ -186,27 +186,10 @@ def write_random_checkpoint(hf_config: dict, out_dir: str | os.PathLike, *, dtyp
             n -= piece.size
             at = 0
 
-    # Group tensors into shards of about shard_bytes, in file order.
-    shards: list[list] = [[]]
-    size = 0
-    itemsize = np.dtype(dtype).itemsize
-    for entry in entries:
-        nbytes = math.prod(entry[1]) * itemsize
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += nbytes
-    total = sum(math.prod(e[1]) * itemsize for e in entries)
-    weight_map = {}
+    total = sum(math.prod(e[1]) * np.dtype(e[2]).itemsize for e in entries)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=not progress)
-    for k, shard in enumerate(shards, 1):
-        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        bar.update(write_safetensors(out / fname, shard, produce))
-        weight_map.update({e[0]: fname for e in shard})
+    write_sharded_safetensors(out, entries, produce, shard_bytes, on_shard=bar.update)
     bar.close()
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     marker.write_text(stamp)
     return out
