@@ -25,6 +25,7 @@ from crossmap.verbalize import (
     build_prompt,
     generate,
     self_verbalizer_spec,
+    shared_prefix_length,
     top_p_filter,
 )
 
@@ -163,6 +164,38 @@ def test_embedding_injection_matches_transformers_inputs_embeds(pair):
     plain = generate(lm.model, [prompt], max_new_tokens=N_NEW, stop_token_ids=[0], use_model_eos=False, pad_id=0,
                      return_logits=True, batch_size_bucket=4)
     assert not np.array_equal(plain.tokens, res.tokens), "injection changed nothing"
+
+
+def test_shared_prompt_prefix_is_prefilled_once_with_the_same_result(pair):
+    """Rows with one prompt and different injected vectors (a verbalizer's batch): the prefix before the
+    marker is prefilled once and broadcast.  Same tokens and logits as prefilling every row, the first
+    row equals transformers with inputs_embeds, and a layer injection (replace) is unchanged too."""
+    import torch
+
+    cfg, hf, lm = pair
+    prompt = _prompts(cfg.vocab_size, lengths=(24,), seed=5)[0]
+    marker = 22  # prompt bucket 32: 8 pad slots, the marker at slot 30; the shared prefix is 16 slots
+    vecs = np.random.default_rng(6).normal(size=(3, cfg.d_model)).astype(np.float32)
+    with torch.no_grad():
+        embeds = hf.get_input_embeddings()(torch.as_tensor([prompt]))
+    vecs *= 2.0 * float(embeds[0].norm(dim=-1).mean()) / np.linalg.norm(vecs, axis=1, keepdims=True)
+    tokens = np.zeros((4, 32), np.int32)
+    tokens[:, 8:] = prompt
+    valid = tokens > -1
+    valid[:, :8] = False
+    assert shared_prefix_length(tokens, valid, np.full(4, 8 + marker)) == 16
+    kw = dict(max_new_tokens=N_NEW, stop_token_ids=[0], use_model_eos=False, pad_id=0, return_logits=True,
+              batch_size_bucket=4)
+    for injection in (Injection(vecs, [marker] * 3), Injection(vecs * 0.2, [marker] * 3, layer=2, mode="replace")):
+        shared = generate(lm.model, [prompt] * 3, injection=injection, **kw)
+        full = generate(lm.model, [prompt] * 3, injection=injection, share_prefix=False, **kw)
+        np.testing.assert_array_equal(shared.tokens, full.tokens)
+        np.testing.assert_allclose(shared.logits, full.logits, rtol=1e-5, atol=1e-5 * np.abs(full.logits).max())
+        assert len({tuple(t) for t in shared.tokens}) > 1, "the injected vectors changed nothing"
+        if injection.layer == 0:
+            embeds[0, marker] = torch.as_tensor(vecs[0])
+            ref = _hf_generate(hf, inputs_embeds=embeds, stop=0)
+            _assert_same_as_hf(shared.tokens[0], int(shared.lengths[0]), ref, f"{cfg.model_type} shared prefix")
 
 
 @pytest.mark.parametrize("mode", ["add", "replace"])
@@ -319,6 +352,9 @@ def test_parse_and_truncate():
     spec = VerbalizerSpec(stop_strings=("\n\n", "</s>"))
     assert spec.parse("x <explanation> a cat\n</explanation> y") == "a cat"
     assert spec.parse("  no tags here ") == "no tags here"
+    # truncated (no closing tag): what follows the opening tag, not the tag itself
+    assert spec.parse("<explanation>\n \"a cat sat on") == '"a cat sat on'
+    assert spec.replace(explanation_regex=r"Meaning: \w+").parse("no meaning") == "no meaning"
     assert spec.truncate("one line\n\nsecond</s>") == "one line"
     assert spec.replace(explanation_regex=None).parse(" <explanation>k</explanation>") == "<explanation>k</explanation>"
     assert spec.replace(explanation_regex=r"Meaning: \w+").parse("so Meaning: cats.") == "Meaning: cats"

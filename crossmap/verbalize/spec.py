@@ -168,11 +168,18 @@ class VerbalizerSpec:
         return dataclasses.replace(self, **changes)
 
     def parse(self, text: str) -> str:
-        """The explanation inside generated text (regex group 1 / whole match), else the text."""
+        """The explanation inside generated text (regex group 1 / whole match).  A truncated one (no
+        closing part) is what follows the opening part, for regexes of the form OPEN(.*?)CLOSE such as
+        the default; otherwise the whole text."""
         if self.explanation_regex:
             m = re.search(self.explanation_regex, text, flags=re.DOTALL)
             if m:
                 return (m.group(1) if m.re.groups else m.group(0)).strip()
+            opening, lazy, _ = self.explanation_regex.partition("(.*?)")
+            if lazy:
+                m = re.search(opening + "(.*)", text, flags=re.DOTALL)
+                if m:
+                    return m.group(1).strip()
         return text.strip()
 
     def is_truncated(self, text: str) -> bool:
