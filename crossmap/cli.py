@@ -7,6 +7,7 @@
     crossmap convert model.gguf OUT_DIR                   # GGUF -> HF-layout safetensors directory
     crossmap explain --verbalizer AV_DIR --vectors acts.npy --out explanations.jsonl  # a released NLA, alone
     crossmap train-nla --config configs/nla_demo.py:qwen  # train an AV and an AR for a model (SFT, GRPO)
+    crossmap compare checkpoints/demo checkpoints/demo-self  # finished runs side by side
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ examples:
   launch/gpu_node.sh bench scaling --out scaling.json   27B-shaped workloads over every GPU of a node
   crossmap convert shipped:gemma-3-270m /tmp/gemma-3-270m
   crossmap train-nla --config configs/nla_demo.py:gemma   train an NLA pair for the shipped Gemma-3-270M
+  crossmap compare checkpoints/demo checkpoints/demo-self  NLAs vs self-verbalizers on the same features
   crossmap explain --verbalizer /ckpt/nla-qwen2.5-7b-L20-av --reconstructor /ckpt/nla-qwen2.5-7b-L20-ar \
       --vectors acts.parquet --out explanations.jsonl      explain vectors with a released NLA pair
 Run `crossmap COMMAND --help` for a command's options."""
@@ -144,6 +146,15 @@ def _build_parser(argv: list[str]) -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    compare = sub.add_parser(
+        "compare", help="finished runs side by side: headline tables, and per-feature explanations and scores",
+        description="Put finished runs side by side (from each run's report/report.json): their cross-model "
+                    "tables in one, and, when they explained the same features, each feature's explanations, "
+                    "lift and cross round trip from every run in one row. Writes markdown and prints the "
+                    "headline table.")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or their report.json)")
+    compare.add_argument("--out", default="compare.md", metavar="FILE.md", help="default: compare.md")
+
     conv = sub.add_parser("convert", help="dequantise a GGUF file into a HF-layout checkpoint directory",
                           description="Dequantise a GGUF (llama, qwen2, gemma3) with the gguf package into "
                                       "config.json + model.safetensors + tokenizer files.")
@@ -195,6 +206,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train-nla":
         return _train_nla(args, extra)
+    if args.command == "compare":
+        from .report.compare import write_comparison
+
+        try:
+            out = write_comparison(args.runs, args.out)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"crossmap compare: {err}", file=sys.stderr)
+            return 2
+        text = out.read_text(encoding="utf-8")
+        print(text.split("## Cross-model result")[1].split("\n- ")[0].strip())
+        print(f"comparison: {out}")
+        return 0
     if args.command == "convert":
         from .models import convert_gguf, resolve_model_path
 

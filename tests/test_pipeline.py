@@ -3,6 +3,7 @@ kill gives the numbers of an uninterrupted run, config overrides and errors, the
 
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 import sys
@@ -40,6 +41,13 @@ def test_full_run_writes_every_stage_and_report(full_run):
     assert set(numbers["summary"]) == {"alpha=0", "alpha=0.5"}  # washout off and on, same features
     n = len(json.loads((run_dir / "features" / "features.json").read_text())["features"])
     assert len(numbers["src"]["alpha=0"]["features"]) == n == len(numbers["tgt"]["alpha=0.5"]["features"])
+    # the headline table has the embedding lift under both settings; the page lists every feature with its
+    # explanations and highlighted top contexts
+    assert "| embedding lift |" in report.split("## Cross-model result")[1].split("\n## ")[0]
+    page = (run_dir / "report" / "report.html").read_text()
+    assert page.count('<tr class="feature"') == n and page.count("<mark>") >= n
+    first = numbers["src"]["alpha=0"]["features"][0][0]
+    assert html.escape(first) in page
     kept = json.loads((run_dir / "map" / "kept_per_document.json").read_text())["kept"]
     summary = json.loads((run_dir / "map" / "summary.json").read_text())
     assert len(kept) == summary["n_documents"] and sum(kept) == summary["n_pairs"]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import matplotlib.image
@@ -179,3 +183,169 @@ def test_washout_with_evaluation_results_and_keyed_overlaps(tmp_path):
 def test_write_report_rejects_non_dict(tmp_path):
     with pytest.raises(TypeError, match="data must be a dict"):
         report.write_report(tmp_path, [1, 2])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the cross-model headline and report.html
+# ---------------------------------------------------------------------------------------------------------------
+
+SETTINGS = ("alpha=0", "alpha=0.5")
+
+
+def cross_model_data(n: int = 6, m: int = 4) -> dict:
+    """synthetic_data with what a run with NLAs adds: two washout settings, round trips, contexts."""
+    data = synthetic_data(n, m, samples=1)
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(n, 12))
+    washout, by_setting = {}, {}
+    for k, key in enumerate(SETTINGS):
+        src = rng.normal(size=(n, 1, 16))
+        washout[key] = ev.evaluate_explanations(src, src + 0.5 * rng.normal(size=src.shape),
+                                                rng.normal(size=(m, 1, 16)), n_permutations=200, n_bootstrap=200,
+                                                seed=k)
+        by_setting[key] = {name: ev.evaluate_round_trip(ref, ref[:, None] + (1 + j) * rng.normal(size=(n, 1, 12)),
+                                                        rng.normal(size=(m, 1, 12)), n_permutations=200,
+                                                        n_bootstrap=200, seed=k)
+                           for j, name in enumerate(("cross", "source_self", "target_self"))}
+    data.update(washout=washout, round_trip_by_setting=by_setting, round_trip=by_setting["alpha=0"],
+                primary_setting="alpha=0", evaluation=washout["alpha=0"],
+                verbalizers={"source": "NLA AV qwen-av; AR qwen-ar", "target": "NLA AV gemma-av; AR gemma-ar"})
+    per = washout["alpha=0"]["per_feature"]
+    for i, f in enumerate(data["features"]):
+        f.update(matched=per["matched"][i], control_mean=per["control_mean"][i], lift=per["lift"][i],
+                 round_trip={name: r["per_feature"]["matched"][i] for name, r in by_setting["alpha=0"].items()},
+                 contexts=[{"act": 3.0 - j, "doc": j, "pos": 4, "text": "", "left": f"...ctx {i}.{j} the",
+                            "token": f" tok{i}x{j}", "right": " <after>\n"} for j in range(3)],
+                 settings={key: {"source_explanation": [f"{key} source {i}"],
+                                 "target_explanation": [f"{key} foreign {i}"],
+                                 "lift": washout[key]["per_feature"]["lift"][i],
+                                 "round_trip": {name: r["per_feature"]["matched"][i]
+                                                for name, r in by_setting[key].items()}}
+                           for key in SETTINGS})
+    return data
+
+
+def test_report_leads_with_the_cross_model_table(tmp_path):
+    data = cross_model_data()
+    text = report.write_report(tmp_path, data).read_text(encoding="utf-8")
+    assert text.index("## Cross-model result") < text.index("## Explanation evaluation")
+    table = text.split("## Cross-model result")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| measure | what it compares | washout alpha=0 (configured) | washout alpha=0.5 |"
+    labels = [row.split(" | ")[0][2:] for row in rows[1:]]
+    assert labels == ["embedding lift", "round trip cross", "round trip source self", "round trip target self"]
+    s = data["round_trip_by_setting"]["alpha=0.5"]["cross"]["summary"]
+    ci, p = s["lift_ci"], s["p_value"]
+    assert rows[2].endswith(f"| {s['mean_lift']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}], p={ev.format_p_value(p)} |")
+    assert "- target verbalizer: NLA AV gemma-av; AR gemma-ar" in table
+    assert_valid_png(tmp_path / "figures" / "round_trip_lifts.png")
+    # the feature table has the top context with its activating token in bold
+    assert "...ctx 0.0 the** tok0x0** &lt;after&gt;<br>" in text.split("## Features")[1]
+
+
+class _Page(HTMLParser):
+    """What a rendered page shows: feature rows (data attributes, cell text), highlighted tokens, <body> marks."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[dict] = []
+        self.body: dict = {}
+        self.marks: list[str] = []
+        self.cross_model: list[str] = []
+        self._in: list[str] = []
+        self._table = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "body":
+            self.body = attrs
+        if tag == "table":
+            self._table = attrs.get("id")
+        if tag == "tr" and attrs.get("class") == "feature":
+            self.rows.append({**attrs, "text": ""})
+        self._in.append(tag)
+
+    def handle_endtag(self, tag):
+        if self._in and self._in[-1] == tag:
+            self._in.pop()
+        if tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        if self._in and self._in[-1] == "mark":
+            self.marks.append(data)
+        if self._table == "features" and self.rows:
+            self.rows[-1]["text"] += data
+        if self._table == "cross-model" and self._in and self._in[-1] == "td":
+            self.cross_model.append(data)
+
+
+def _render_in_chromium(page: Path, fragment: str = "") -> _Page:
+    profile = page.parent / f"chromium-profile{len(fragment)}"
+    out = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", page.as_uri() + fragment],
+        capture_output=True, text=True, timeout=120, check=True)
+    parsed = _Page()
+    parsed.feed(out.stdout)
+    return parsed
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CROSSMAP_REQUIRE_CHROMIUM"),
+                    reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_report_html_shows_the_features_in_headless_chromium(tmp_path):
+    assert CHROMIUM, "CROSSMAP_REQUIRE_CHROMIUM is set but chromium is not on PATH"
+    data = cross_model_data()
+    report.write_report(tmp_path, data)
+    page = tmp_path / "report.html"
+    raw = page.read_text(encoding="utf-8")
+    assert not re.findall(r'(?:src|href)="(?!data:|#)', raw), "the page must load nothing from outside itself"
+
+    shown = _render_in_chromium(page)
+    # opened sorted by embedding lift, best first; every inlined figure decoded
+    by_lift = sorted(data["features"], key=lambda f: -f["lift"])
+    assert [int(float(r["data-id"])) for r in shown.rows] == [f["id"] for f in by_lift]
+    assert shown.body.get("data-sorted-by") == "lift"
+    loaded, total = shown.body.get("data-images-loaded", "0/0").split("/")
+    assert loaded == total and int(total) == 4  # heatmap, lift distribution, round-trip lifts, ridge CV
+    for row, f in zip(shown.rows, by_lift, strict=True):
+        for text in (f["source_explanations"][0], f["target_explanations"][0], "alpha=0.5 foreign",
+                     f"...ctx {f['id'] - 100}.0 the"):
+            assert text in row["text"], (text, row["text"][:200])
+        assert f"{f['round_trip']['cross']:.3f}" in row["text"]
+    assert sorted(shown.marks) == sorted(f" tok{i}x{j}" for i in range(6) for j in range(3))
+    cells = " ".join(shown.cross_model)
+    assert report.lift_cell(data["round_trip_by_setting"]["alpha=0"]["target_self"]["summary"]) in cells
+
+    # another column, ascending, from the address
+    shown = _render_in_chromium(page, "#sort=round_trip_cross-asc")
+    by_cross = sorted(data["features"], key=lambda f: f["round_trip"]["cross"])
+    assert [int(float(r["data-id"])) for r in shown.rows] == [f["id"] for f in by_cross]
+    assert shown.body.get("data-sorted-by") == "round_trip_cross-asc"
+
+
+def test_compare_puts_two_runs_side_by_side(tmp_path, capsys):
+    from crossmap.cli import main
+
+    first, second = cross_model_data(), cross_model_data()
+    second["config"] = {**second["config"], "name": "self"}
+    second["features"][2]["source_explanations"] = ["the self run's own words"]
+    report.write_report(tmp_path / "nla" / "report", first)
+    report.write_report(tmp_path / "self" / "report", second)
+    out = tmp_path / "side.md"
+    assert main(["compare", str(tmp_path / "nla"), str(tmp_path / "self"), "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    header = next(line for line in text.splitlines() if line.startswith("| measure"))
+    assert header.count("alpha=0.5") == 2 and "self: washout alpha=0 (configured)" in header
+    cell = report.lift_cell(first["round_trip_by_setting"]["alpha=0.5"]["cross"]["summary"])
+    assert f"| round trip cross | {report.lift_cell(first['round_trip_by_setting']['alpha=0']['cross']['summary'])} " \
+           f"| {cell} |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 102 |"))
+    assert "the self run's own words" in row and "source 2 sample 0" in row
+    assert "comparison: " in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "nla"), str(tmp_path / "missing")]) == 2
+    assert "no report/report.json" in capsys.readouterr().err

@@ -418,6 +418,11 @@ def test_format_and_feature_contexts():
     assert len(ctx) == min(2, stats.count[f]) and ctx[0]["act"] >= ctx[-1]["act"]
     assert ctx[0]["text"] == format_context(docs[ctx[0]["doc"]], ctx[0]["pos"], 2, 1)
     assert "«" in ctx[0]["text"]
+    for c in ctx:  # the unmarked pieces: the activating token itself, and the window around it
+        tokens = docs[c["doc"]]
+        assert c["token"] == tokens[c["pos"]]
+        window = "".join(tokens[max(0, c["pos"] - 2):c["pos"] + 2])
+        assert (c["left"] + c["token"] + c["right"]).strip(".") == window.strip(".")
 
 
 # ----------------------------------------------------------------------------- selection

@@ -598,3 +598,36 @@ def test_real_self_verbalizer_matches_transformers_inputs_embeds(name, kind, wor
         ref.pop()
     assert e.tokens[0] == ref, f"{name}: {e.raw[0]!r} vs {lm.tokenizer.decode(ref)!r}"
     assert e.raw[0].strip(), f"{name} produced no text"
+
+
+@pytest.mark.parametrize("vocab,filtered", [(7, 0), (50_000, 0), (50_000, 49_990)], ids=["small", "wide", "top-p"])
+def test_sampling_draws_from_the_softmax(vocab, filtered):
+    """Draws of sample_categorical against softmax(logits), by scipy's chi-square test over the likeliest
+    entries (the rest pooled); entries the top-p filter set to -inf are never drawn."""
+    import jax
+    from scipy import stats
+
+    from crossmap.verbalize.engine import sample_categorical
+
+    rng = np.random.default_rng(vocab + filtered)
+    logits = rng.normal(size=vocab).astype(np.float32) * 2.0
+    if filtered:
+        logits[rng.choice(vocab, filtered, replace=False)] = -np.inf
+    rows, calls = 1000, 40  # 40,000 draws, 1000 rows a call (a [40000, 50000] batch would need 8 GB a copy)
+    batch = jnp.broadcast_to(jnp.asarray(logits), (rows, vocab))
+    draw = jax.jit(sample_categorical)
+    draws = np.concatenate([np.asarray(draw(jax.random.key(i), batch)) for i in range(calls)])
+    n = draws.size
+    p = np.exp(logits.astype(np.float64) - logits[np.isfinite(logits)].max())
+    p /= p.sum()
+    assert np.isfinite(logits[draws]).all(), "drew an entry the filter removed"
+    top = [t for t in np.argsort(-p)[:6] if p[t] * n > 5]  # cells expecting at least 5 draws; the rest pooled
+    observed = [(draws == t).sum() for t in top]
+    expected = [p[t] * n for t in top]
+    rest = n - sum(expected)
+    if rest > 5:
+        observed.append(n - sum(observed))
+        expected.append(rest)
+    expected = np.asarray(expected, np.float64) * (sum(observed) / sum(expected))
+    assert len(expected) >= 3
+    assert stats.chisquare(observed, expected).pvalue > 1e-3

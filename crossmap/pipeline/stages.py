@@ -617,6 +617,14 @@ def run_report(ctx: RunContext) -> None:
             "target_explanation": tgt.settings[primary]["features"][i],
             "matched": per["matched"][i], "control_mean": per["control_mean"][i], "lift": per["lift"][i],
             "retrieval_rank": per["retrieval_rank"][i],
+            "contexts": features.contexts.get(str(f), []),
+            # every washout setting's explanations and scores, for the page that browses them
+            "settings": {key: {"source_explanation": src.settings[key]["features"][i],
+                               "target_explanation": tgt.settings[key]["features"][i],
+                               "lift": evaluation.results[key]["per_feature"]["lift"][i],
+                               "round_trip": {name: r["per_feature"]["matched"][i]
+                                              for name, r in evaluation.round_trip.get(key, {}).items()}}
+                         for key in evaluation.results},
             **({"round_trip": {name: r["per_feature"]["matched"][i] for name, r in round_trip.items()}}
                if round_trip else {})})
     # held-out squared error per element: fold SSE [lambdas, folds] / (fold rows x target width)
@@ -640,10 +648,19 @@ def run_report(ctx: RunContext) -> None:
         "context_overlap": evaluation.context_overlap,
         "washout": dict(evaluation.results),
         "round_trip": round_trip,
+        "round_trip_by_setting": dict(evaluation.round_trip),
+        "primary_setting": primary,
+        "verbalizers": {side: _verbalizer_label(c, side) for side in ("source", "target")},
         "timings": timings,
     }
     path = write_report(ctx.stage_dir("report"), data)
     log(f"report: {path}")
+
+
+def _verbalizer_label(c: ml_collections.ConfigDict, side: str) -> str:
+    v, r = c.verbalizers[side], c.reconstructors[side]
+    label = f"NLA AV {Path(v.checkpoint).name}" if v.kind == "nla" else f"self-verbalizer ({v.prompt} prompt)"
+    return label + (f"; AR {Path(r.checkpoint).name}" if r.checkpoint else "")
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -738,8 +755,9 @@ STAGES: tuple[Stage, ...] = (
           "round-trip cosines with the same statistics",
           sections=("evaluate",), inputs=("verbalize_source", "verbalize_target", "round_trip"),
           writes=("evaluation.json", "summary.txt"), external=_embedder_reads),
-    Stage("report", run_report, "report.md, report.json and figures", sections=(), inputs=("evaluate",),
-          writes=("report.md", "report.json", "figures/")),
+    Stage("report", run_report, "report.md (leading with the cross-model table), report.html (to browse the "
+          "features), report.json and figures", sections=(), inputs=("evaluate",),
+          writes=("report.md", "report.html", "report.json", "figures/")),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 

@@ -186,7 +186,9 @@ def format_context(tokens: Sequence[str], position: int, left: int = 12, right: 
 
 def feature_contexts(stats: FeatureStats, feature: int, token_lookup: Callable[[int], Sequence[str]],
                      n: int | None = None, left: int = 12, right: int = 4, **format_kwargs) -> list[dict]:
-    """Top-activating contexts of `feature`, best first, as dicts {act, doc, pos, text}.
+    """Top-activating contexts of `feature`, best first, as dicts {act, doc, pos, text, left, token, right}:
+    `text` the window with the token marked (`format_context`), `left` / `token` / `right` the same window
+    in three unmarked pieces, for a page that highlights the token itself.
 
     token_lookup(doc_id) returns the document's tokens as strings, indexed by position.
     """
@@ -196,8 +198,12 @@ def feature_contexts(stats: FeatureStats, feature: int, token_lookup: Callable[[
     for act, doc, pos in zip(stats.top_acts[feature], stats.top_doc[feature], stats.top_pos[feature], strict=True):
         if doc < 0 or (n is not None and len(out) >= n):
             break
-        text = format_context(token_lookup(int(doc)), int(pos), left, right, **format_kwargs)
-        out.append({"act": float(act), "doc": int(doc), "pos": int(pos), "text": text})
+        tokens = token_lookup(int(doc))
+        text = format_context(tokens, int(pos), left, right, **format_kwargs)
+        lo, hi = max(0, int(pos) - left), min(len(tokens), int(pos) + right + 1)
+        out.append({"act": float(act), "doc": int(doc), "pos": int(pos), "text": text,
+                    "left": ("..." if lo > 0 else "") + "".join(tokens[lo:int(pos)]), "token": tokens[int(pos)],
+                    "right": "".join(tokens[int(pos) + 1:hi]) + ("..." if hi < len(tokens) else "")})
     return out
 
 

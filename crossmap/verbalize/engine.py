@@ -155,6 +155,24 @@ def top_p_filter(logits: Array, top_p: Array, *, arity: int = 4) -> Array:
     return jnp.where((bits >= cut[:, None]) | (top_p >= 1.0), logits, -jnp.inf)
 
 
+def sample_categorical(key: Array, logits: Array) -> Array:
+    """One draw per row of logits [B, V] from softmax(logits), by inverting the row's cumulative
+    distribution at one uniform number per row.
+
+    The same distribution as `jax.random.categorical`, which draws a Gumbel number for every
+    vocabulary entry: at Qwen's 152k and Gemma's 262k entries those draws cost more than the rest of
+    the choice (on a 2-core CPU, 64 rows: 0.49 s against 0.11 s a step).  Entries at -inf (the top-p
+    filter's) have no mass and are never drawn.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(key, (logits.shape[0], 1), jnp.float32) * cdf[:, -1:]
+    chosen = jnp.sum(cdf <= u, axis=-1)
+    # u < cdf[-1] but for rounding (odds about 1e-7): then the last entry with mass, never one without
+    last = logits.shape[1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(chosen, last)
+
+
 def _choose(logits: Array, key: Array, group_weights: Array, temperature: Array, top_p: Array, *,
             group_size: int, greedy: bool, use_top_p: bool) -> tuple[Array, Array]:
     """Combine logits [B, V] over groups and choose one token per group, repeated to [B]."""
@@ -169,7 +187,7 @@ def _choose(logits: Array, key: Array, group_weights: Array, temperature: Array,
         scaled = combined / temperature
         if use_top_p:
             scaled = top_p_filter(scaled, top_p)
-        chosen = jax.random.categorical(key, scaled, axis=-1)
+        chosen = sample_categorical(key, scaled)
     chosen = chosen.astype(jnp.int32)
     if group_size > 1:
         chosen = jnp.repeat(chosen, group_size, axis=0)

@@ -1,24 +1,4 @@
-"""Write a run's report: report.md (human), report.json (machine) and PNG figures.
-
-`write_report(run_dir, data)` takes the dict the pipeline assembles.  Every section is optional; what is missing
-is left out (a figure whose data is absent is not drawn, and a figure that fails to draw is reported in the
-markdown rather than losing the whole report at the end of a long run).  Keys read:
-
-    config       dict                         run configuration (rendered as JSON)
-    map          dict   r2, r2_per_dim (summary dict or list), cosine, lambda, n_pairs, source/target model ids and
-                        layers (source_model/source_layer/... or source: {model, layer}), cv: {lambdas: [L],
-                        cv_error: [L] or [L, folds]  (or cv_r2: same shapes), best_lambda?}
-    sae          dict   fve, l0, dead_fraction, n_features, ..., top_contexts {feature_id: [context strings]}
-    features     list   {id, source_explanation(s), target_explanation(s), matched, control_mean, lift}
-    controls     list   {id?, explanation(s)}
-    evaluation   dict   an `evaluate.evaluate_explanations` result
-    context_overlap     an `evaluate.context_overlap` result, or a dict of them keyed by name
-    washout      dict   e.g. {"on": evaluation-or-summary, "off": ...} or {"lift_on": x, "lift_off": y}
-    timings      dict   stage -> seconds (nesting allowed)
-
-Figures go to run_dir/figures/ and are embedded in report.md by relative path.  report.json is `data` made
-JSON-clean (numpy -> lists, NaN/inf -> null, paths -> strings) plus a "report_meta" entry.
-"""
+"""report.md: the markdown text of a run's report, and the PNG figures it embeds (see `crossmap.report`)."""
 
 from __future__ import annotations
 
@@ -229,6 +209,24 @@ def plot_lift_distribution(matched: Sequence[float], control: Sequence[float], l
     return _save(fig, path)
 
 
+def plot_lift_intervals(rows: Sequence[tuple[str, float, Sequence[float] | None]], path: Path) -> Path:
+    """Each measure's mean lift with its interval (one row per measure and washout setting), zero marked."""
+    fig = Figure(figsize=(8, 0.45 * len(rows) + 1.4))
+    ax = fig.add_subplot()
+    for y, (_, mean, ci) in enumerate(rows):
+        colour = "tab:green" if ci and ci[0] > 0 else ("tab:red" if ci and ci[1] < 0 else "tab:gray")
+        if ci:
+            ax.plot(ci, [y, y], color=colour, linewidth=2.5, solid_capstyle="butt")
+        ax.plot([mean], [y], "o", color=colour)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), [label for label, _, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean lift (matched - control) with 95% bootstrap interval")
+    ax.set_title("cross-model result: embedding and round-trip lifts")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _cv_curve(cv: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, str] | None:
     """(lambdas [L], values [L, folds], y label) from a map's cv dict, or None if it holds no curve."""
     if "lambdas" not in cv:
@@ -283,7 +281,7 @@ def plot_ridge_cv(lambdas: np.ndarray, values: np.ndarray, path: Path, chosen: f
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _feature_rows(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+def feature_rows(data: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Feature entries with metric fields filled from evaluation.per_feature where the entry lacks them."""
     features = [dict(f) for f in data.get("features") or []]
     per = (data.get("evaluation") or {}).get("per_feature") or {}
@@ -338,11 +336,11 @@ def _washout_lines(washout: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _draw_figures(data: Mapping[str, Any], run_dir: Path) -> tuple[dict[str, str], list[str]]:
+def draw_figures(data: Mapping[str, Any], run_dir: Path) -> tuple[dict[str, str], list[str]]:
     """Draw every figure whose data exists; returns ({name: path relative to run_dir}, [failure notes])."""
     fig_dir = run_dir / FIGURE_DIR
     evaluation = data.get("evaluation") or {}
-    features = _feature_rows(data)
+    features = feature_rows(data)
     jobs: dict[str, Callable[[Path], Path]] = {}
 
     if evaluation.get("similarity_matrix") is not None:
@@ -361,6 +359,10 @@ def _draw_figures(data: Mapping[str, Any], run_dir: Path) -> tuple[dict[str, str
         summary = evaluation.get("summary") or {}
         jobs["lift_distribution"] = lambda p: plot_lift_distribution(
             matched, control, lift, p, summary.get("lift_ci"), control_label, summary.get("ci_level", 0.95))
+
+    intervals = lift_intervals(data)
+    if intervals:
+        jobs["round_trip_lifts"] = lambda p: plot_lift_intervals(intervals, p)
 
     ridge_map = data.get("map") or {}
     cv = ridge_map.get("cv")
@@ -409,6 +411,80 @@ def _round_trip_lines(round_trip: Mapping[str, Any]) -> list[str]:
             + _table(["round trip", "what", "cos", "control", "lift", "95% CI", "p", "MSE"], rows) + [""])
 
 
+def lift_cell(summary: Mapping[str, Any]) -> str:
+    """'+0.123 [+0.050, +0.190], p=0.0012' from a lift summary (plain text: markdown and HTML both use it)."""
+    ci = summary.get("lift_ci")
+    p = summary.get("p_value")
+    return (_fmt(summary.get("mean_lift"), signed=True, digits=3)
+            + (f" [{_fmt(ci[0], True, 3)}, {_fmt(ci[1], True, 3)}]" if ci and None not in ci else "")
+            + ("" if p is None else f", p={format_p_value(p)}"))
+
+
+MEASURES = {"embedding": "sentence-embedding cosine of the source AV's explanation of f and the target AV's "
+                         "explanation of M f, minus the same against explanations of the controls"}
+MEASURES.update({f"round trip {name.replace('_', ' ')}": what for name, what in ROUND_TRIPS.items()})
+
+
+def cross_model_table(data: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the headline table: each measure's lift [CI], p under each washout setting, the
+    embedding lift first, then the round trips (cross first).  Empty when the run has no evaluation."""
+    settings = {key: value for key, value in (data.get("washout") or {}).items()
+                if isinstance(value, Mapping) and "summary" in value}
+    if not settings:
+        return [], []
+    by_setting = data.get("round_trip_by_setting") or {}
+    primary = data.get("primary_setting")
+    header = ["measure", "what it compares"] + [f"washout {key}" + (" (configured)" if key == primary else "")
+                                                 for key in settings]
+    rows = [["embedding lift", MEASURES["embedding"]] + [lift_cell(r["summary"]) for r in settings.values()]]
+    for name in ("cross", "source_self", "target_self"):
+        cells = [(by_setting.get(key) or {}).get(name) for key in settings]
+        if any(cells):
+            rows.append([f"round trip {name.replace('_', ' ')}", ROUND_TRIPS[name]]
+                        + [lift_cell(c["summary"]) if c else "not run" for c in cells])
+    return header, rows
+
+
+def lift_intervals(data: Mapping[str, Any]) -> list[tuple[str, float, list[float] | None]]:
+    """(label, mean lift, interval) of every measure and washout setting in the headline table."""
+    out = []
+    settings = {key: value for key, value in (data.get("washout") or {}).items()
+                if isinstance(value, Mapping) and "summary" in value}
+    by_setting = data.get("round_trip_by_setting") or {}
+    for key, result in settings.items():
+        named = [("embedding", result)] + [(f"round trip {n.replace('_', ' ')}", r)
+                                           for n, r in (by_setting.get(key) or {}).items()]
+        for label, r in named:
+            s = r.get("summary") or {}
+            if _is_number(s.get("mean_lift")):
+                out.append((f"{label}, washout {key}", float(s["mean_lift"]), s.get("lift_ci")))
+    return out if by_setting else []
+
+
+def _cross_model_lines(data: Mapping[str, Any]) -> list[str]:
+    header, rows = cross_model_table(data)
+    if not rows:
+        return []
+    verbalizers = data.get("verbalizers") or {}
+    lines = ["## Cross-model result", "",
+             "Each cell: mean lift over the features [95% bootstrap interval], permutation p-value. The lift is how "
+             "much closer the matched pair is than the same feature against random control directions; "
+             "round-trip lifts use the reconstructors' cosine instead of a sentence embedder.", ""]
+    lines += [f"- {side} verbalizer: {md_escape(label)}" for side, label in verbalizers.items()]
+    lines += [""] if verbalizers else []
+    return lines + _table(header, [[md_escape(c) for c in row] for row in rows]) + [""]
+
+
+def _context_cell(contexts: Sequence[Mapping[str, Any]]) -> str:
+    """The top context, its activating token in bold."""
+    if not contexts:
+        return ""
+    c = contexts[0]
+    if "token" not in c:
+        return md_escape(c.get("text"), MAX_CELL_CHARS)
+    return md_escape(c["left"]) + "**" + md_escape(c["token"]) + "**" + md_escape(c["right"])
+
+
 def render_markdown(data: Mapping[str, Any], figures: Mapping[str, str], notes: Sequence[str] = ()) -> str:
     """The report.md text.  The headline (summary line) comes right after the title."""
     evaluation = data.get("evaluation") or {}
@@ -417,7 +493,7 @@ def render_markdown(data: Mapping[str, Any], figures: Mapping[str, str], notes: 
     source, target = _model_side(data, "source"), _model_side(data, "target")
     title = "# crossmap report" + (f": {source} → {target}" if source and target else "")
     headline = summary_line(evaluation) if evaluation.get("summary") else "no explanation evaluation in this run"
-    lines = [title, "", f"**{headline}**", ""]
+    lines = [title, "", f"**{headline}**", ""] + _cross_model_lines(data)
 
     bullets = []
     if evaluation.get("summary"):
@@ -467,17 +543,19 @@ def render_markdown(data: Mapping[str, Any], figures: Mapping[str, str], notes: 
         if perm.get("null"):
             lines += [f"Permutation null: {md_escape(perm['null'])}; statistic: {md_escape(perm.get('statistic'))}.",
                       ""]
-    for name in ("similarity_heatmap", "lift_distribution"):
+    for name in ("similarity_heatmap", "lift_distribution", "round_trip_lifts"):
         if name in figures:
             lines += [f"![{name}]({figures[name]})", ""]
     lines += _round_trip_lines(data.get("round_trip") or {})
 
-    features = _feature_rows(data)
+    features = feature_rows(data)
     if features:
         has_overlap = any("context_overlap" in f for f in features)
         trips = [name for name in ROUND_TRIPS if any(name in (f.get("round_trip") or {}) for f in features)]
+        has_contexts = any(f.get("contexts") for f in features)
         header = ["id", "source explanation", "target explanation", "matched", "control", "lift", "rank"]
         header += ["ctx overlap"] if has_overlap else []
+        header += ["top context"] if has_contexts else []
         header += [f"round trip {name.replace('_', ' ')}" for name in trips]
         rows = []
         for f in features:
@@ -487,6 +565,7 @@ def render_markdown(data: Mapping[str, Any], figures: Mapping[str, str], notes: 
                    _fmt(f.get("control_mean"), digits=3), _fmt(f.get("lift"), signed=True, digits=3),
                    "n/a" if rank is None else str(int(rank) + 1)]
             row += [_fmt(f.get("context_overlap"), digits=3)] if has_overlap else []
+            row += [_context_cell(f.get("contexts") or [])] if has_contexts else []
             rows.append(row + [_fmt((f.get("round_trip") or {}).get(name), digits=3) for name in trips])
         lines += ["## Features", "", "rank: position of the feature's own source explanation when its target "
                   "explanation ranks all source explanations (1 = retrieved first).", ""]
@@ -541,24 +620,3 @@ def render_markdown(data: Mapping[str, Any], figures: Mapping[str, str], notes: 
     if data.get("config") is not None:
         lines += ["## Configuration", "", "```json", json.dumps(_plain(data["config"]), indent=2), "```", ""]
     return "\n".join(lines)
-
-
-def write_report(run_dir: str | Path, data: Mapping[str, Any]) -> Path:
-    """Write run_dir/report.md, run_dir/report.json and run_dir/figures/*.png; returns the report.md path."""
-    if not isinstance(data, Mapping):
-        raise TypeError(f"write_report: data must be a dict, got {type(data).__name__}")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    figures, notes = _draw_figures(data, run_dir)
-    markdown = render_markdown(data, figures, notes)
-    md_path = run_dir / "report.md"
-    md_path.write_text(markdown, encoding="utf-8")
-    evaluation = data.get("evaluation") or {}
-    payload = dict(_plain(data))
-    payload["report_meta"] = {
-        "summary_line": summary_line(evaluation) if evaluation.get("summary") else None,
-        "figures": figures,
-        "notes": list(notes),
-    }
-    (run_dir / "report.json").write_text(json.dumps(payload, indent=1, allow_nan=False), encoding="utf-8")
-    return md_path
