@@ -27,12 +27,13 @@ h1 { font-size: 1.5em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; 
 table { border-collapse: collapse; width: 100%; }
 th, td { border: 1px solid #ddd; padding: .35em .5em; vertical-align: top; text-align: left; }
 th { background: #f0f0f0; position: sticky; top: 0; }
-th.sortable { cursor: pointer; user-select: none; white-space: nowrap; }
+th.sortable { cursor: pointer; user-select: none; width: 1%; min-width: 4.5em; }
 th.sortable::after { content: " \\2195"; color: #999; }
 th.sorted-desc::after { content: " \\2193"; color: #222; } th.sorted-asc::after { content: " \\2191"; color: #222; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; width: 1%; }
+td.text { min-width: 16em; } td.ctx { min-width: 24em; }
 td.pos { color: #16702b; } td.neg { color: #b3261e; }
-.explanation { max-width: 28em; white-space: pre-wrap; }
+.explanation { white-space: pre-wrap; }
 ol.contexts { margin: 0; padding-left: 1.4em; font-family: ui-monospace, monospace; font-size: 12px; }
 ol.contexts li { white-space: pre-wrap; word-break: break-word; }
 mark { background: #ffd54d; padding: 0 1px; border-radius: 2px; }
@@ -123,10 +124,14 @@ def _feature_table(data: Mapping[str, Any]) -> str:
         return '<p class="note">No features in this run.</p>'
     trips = [name for name in ROUND_TRIPS if any(name in (f.get("round_trip") or {}) for f in features)]
     primary = data.get("primary_setting")
-    columns = [("id", "feature"), ("lift", "embedding lift"), ("matched", "matched similarity"),
-               ("control_mean", "control similarity")]
-    columns += [(f"round_trip_{name}", f"round trip {name.replace('_', ' ')} cos") for name in trips]
-    head = "".join(f'<th class="sortable" data-key="{key}">{_e(label)}</th>' for key, label in columns)
+    columns = [("id", "feature", "SAE feature index"),
+               ("lift", "lift", "embedding lift: matched similarity minus control similarity"),
+               ("matched", "matched", "sentence-embedding cosine of the two explanations"),
+               ("control_mean", "control", "mean cosine of the source explanation with the controls' explanations")]
+    columns += [(f"round_trip_{name}", f"{name.replace('_', ' ')} cos", f"round trip {ROUND_TRIPS[name]}: cosine")
+                for name in trips]
+    head = "".join(f'<th class="sortable" data-key="{key}" title="{_e(title)}">{_e(label)}</th>'
+                   for key, label, title in columns)
     head += "<th>source explanation</th><th>foreign explanation (target verbalizer)</th><th>top contexts</th>"
     rows = []
     for f in features:
@@ -147,9 +152,9 @@ def _feature_table(data: Mapping[str, Any]) -> str:
             other += (f"<details><summary>washout {_e(key)}: {_e(scores)}</summary>"
                       f"<b>source</b>{_explanation(setting.get('source_explanation'))}"
                       f"<b>foreign</b>{_explanation(setting.get('target_explanation'))}</details>")
-        cells += (f"<td>{_explanation(_samples(f, 'source_explanation'))}</td>"
-                  f"<td>{_explanation(_samples(f, 'target_explanation'))}{other}</td>"
-                  f"<td>{_contexts(f.get('contexts') or [])}</td>")
+        cells += (f'<td class="text">{_explanation(_samples(f, "source_explanation"))}</td>'
+                  f'<td class="text">{_explanation(_samples(f, "target_explanation"))}{other}</td>'
+                  f'<td class="ctx">{_contexts(f.get("contexts") or [])}</td>')
         rows.append(f'<tr class="feature" {attrs}>{cells}</tr>')
     return f'<table id="features"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
