@@ -37,7 +37,7 @@ def get_config():
     c.ridge.keep_pairs = 150_000
     c.sae.n_features = 2048
     c.sae.k = 32
-    c.sae.steps = 300  # held-out FVE 0.86 at 600 steps; the CPU budget goes to the verbalizers
+    c.sae.steps = 300  # few: the CPU budget goes to the verbalizers and the readers
     c.sae.batch_size = 1024
     c.features.n = 64
     c.features.min_freq = 5e-4

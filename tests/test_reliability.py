@@ -143,7 +143,7 @@ def test_5_a_partial_run_after_a_config_change_prints_no_old_lift(base_run, tmp_
     run.execute(only=("map", "sae"))
     assert closing_lines(run, run.is_done) == []
     same = Run(_config(run_dir))
-    assert closing_lines(same, same.is_done)[-1] == f"report: {run_dir / 'report' / 'report.md'}"
+    assert closing_lines(same, same.is_done)[-1] == f"report: {run_dir / 'report' / 'report.md'} (to browse: report.html beside it)"
 
 
 # -- 6, 7: non-finite activations and outputs -------------------------------------------------------

@@ -575,11 +575,13 @@ def run_evaluate(ctx: RunContext) -> None:
     round_trip = {key: value for key, value in round_trip.items() if value}
     Evaluation(primary=primary, results=results, context_overlap=overlap, round_trip=round_trip).save(out)
     lines = [f"{results[primary]['summary_line']}  [washout {primary}]"]
+    for result in round_trip.get(primary, {}).values():
+        lines.append(f"  round trip, {result['summary_line']}")
     for key, result in results.items():
         if key != primary:
             lines.append(f"  comparison, washout {key}: {result['summary_line']}")
-    for result in round_trip.get(primary, {}).values():
-        lines.append(f"  round trip, {result['summary_line']}")
+            for trip in round_trip.get(key, {}).values():
+                lines.append(f"  comparison, washout {key}, round trip, {trip['summary_line']}")
     lines.append(f"  verbalizer-free: {ev.context_overlap_line(overlap)}")
     for what, attribute in (("blank explanations (empty or special tokens only)", "blank"),
                             ("truncated explanations (no closing tag)", "truncated")):
@@ -776,5 +778,5 @@ def closing_lines(ctx: RunContext, is_done: Callable[[str], bool]) -> list[str]:
     if is_done("evaluate"):
         lines.append((ctx.stage_dir("evaluate") / "summary.txt").read_text().strip())
     if is_done("report"):
-        lines.append(f"report: {ctx.stage_dir('report') / 'report.md'}")
+        lines.append(f"report: {ctx.stage_dir('report') / 'report.md'} (to browse: report.html beside it)")
     return lines
