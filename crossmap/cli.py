@@ -3,7 +3,7 @@
     crossmap run --config configs/demo.py                 # the whole experiment, staged and resumable
     crossmap run --config configs/demo.py --only map      # one stage
     crossmap run --config configs/paper.py --config.models.source.path=/ckpt/Qwen2.5-7B-Instruct
-    crossmap bench forward|ridge|verbalize|top-p|scaling|paper [...]  # benchmarks that write JSON
+    crossmap bench forward|ridge|verbalize|decode-parts|top-p|scaling|paper [...]  # benchmarks that write JSON
     crossmap convert model.gguf OUT_DIR                   # GGUF -> HF-layout safetensors directory
     crossmap explain --verbalizer AV_DIR --vectors acts.npy --out explanations.jsonl  # a released NLA, alone
     crossmap train-nla --config configs/nla_demo.py:qwen  # train an AV and an AR for a model (SFT, GRPO)
@@ -43,6 +43,8 @@ BENCHES = {
     "ridge": "streaming accumulation + closed-form CV ridge solve vs scikit-learn and a PyTorch solve",
     "verbalize": "batched generation with injected vectors: explanations/s and decode step vs bandwidth floor",
     "top-p": "the nucleus (top-p) filter alone at a decode step's shape: search arities vs sort-and-cumsum",
+    "decode-parts": "one decode step taken apart (blocks, head, MLPs, projections, attention), each part against "
+                    "its bytes' time at the measured copy bandwidth",
     "scaling": "forward, ridge statistics and verbalization on one device vs a mesh over all devices "
                "(scaling efficiency, equality with one device)",
     "train-nla": "NLA training: AV SFT, AR SFT and GRPO step times and MFU, LoRA and full (random weights, real "

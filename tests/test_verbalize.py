@@ -514,6 +514,30 @@ def test_benchmark_tiny_preset(tmp_path, sampling):
     assert result["transformers"]["explanations_per_s"] > 0 and result["speedup_vs_transformers"] > 0
 
 
+def test_decode_parts_benchmark_counts_each_parts_bytes(tmp_path):
+    """bench decode-parts on the tiny preset: every part timed, and each part's floor is the bytes it must read
+    (known from the shapes) at the bandwidth the run measured."""
+    from crossmap.benchmarks import decode_parts as bench
+    from crossmap.benchmarks.verbalize import PRESETS, preset_config
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "parts.json"
+    result = bench.run(parser.parse_args(["--preset", "tiny", "--batch", "3", "--cache", "10", "--reps", "2",
+                                         "--out", str(out)]))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    cfg, item = preset_config(PRESETS["tiny"]), 4  # float32
+    parts = result["parts"]
+    assert set(parts) == set(bench.PARTS) and all(p["ms"] > 0 for p in parts.values())
+    assert parts["mlps"]["bytes"] == cfg.n_layers * 3 * cfg.d_model * cfg.d_ff * item
+    assert parts["attention"]["bytes"] == cfg.n_layers * 2 * 3 * cfg.n_kv_heads * 10 * cfg.head_dim * item
+    assert parts["projections"]["bytes"] == cfg.n_layers * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim \
+        * cfg.d_model * item
+    assert parts["head"]["bytes"] == cfg.vocab_size * cfg.d_model * item
+    for p in parts.values():
+        assert p["floor_ms"] == pytest.approx(p["bytes"] / (result["copy_bandwidth_GBps"] * 1e9) * 1e3)
+
+
 @pytest.mark.parametrize("spread", [0.5, 6.0], ids=["flat", "peaked"])
 def test_top_p_benchmark_checks_every_arity_against_sort_and_cumsum(tmp_path, spread):
     from crossmap.benchmarks import top_p as bench

@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="verbalize_bench.json", help="JSON output path")
 
 
-def _config(preset: dict) -> ModelConfig:
+def preset_config(preset: dict) -> ModelConfig:
     if preset["config"] == "tiny-qwen2":
         return tiny_config("qwen2", eos_token_ids=(1,))
     return ModelConfig(**preset["config"])
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.temperature is None:
         args.temperature = 0.7 if args.nla else 0.0
     preset = PRESETS[args.preset]
-    cfg = _config(preset)
+    cfg = preset_config(preset)
     if args.nla and cfg.vocab_size < QWEN25_7B["vocab_size"]:  # the tiny smoke run reads the real tokenizer's ids
         cfg = cfg.replace(vocab_size=QWEN25_7B["vocab_size"])
     batch = args.batch or preset["batch"]

@@ -156,11 +156,11 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=2)
             cache = (k, v)
         mask = attention_mask(q_index, kv_valid, self.window)
-        out = _grouped_attention(q, k, v, mask, self.scale)
+        out = grouped_attention(q, k, v, mask, self.scale)
         return jnp.einsum("btnh,nhd->btd", out, self.o[...]), cache
 
 
-def _grouped_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+def grouped_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
     """Softmax attention with GQA (query heads grouped over KV heads), float32 softmax.
 
     q [B, T, N, H]; k, v [B, K, S, H]; mask [B, 1, T, S].
