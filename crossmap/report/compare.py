@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .markdown import _samples, _table, cross_model_table, md_escape
+from .markdown import _samples, _table, cross_model_table, md_escape, score_text
 
 MAX_CHARS = 240
 
@@ -24,12 +24,6 @@ def read_report(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
             name = (data.get("config") or {}).get("name") or candidate.parent.parent.name
             return str(name), data
     raise FileNotFoundError(f"{path}: no report/report.json (has the run's report stage finished?)")
-
-
-def _score(value: Any, signed: bool = False) -> str:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return "n/a"
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
 def compare_markdown(paths: Sequence[str | os.PathLike]) -> str:
@@ -73,7 +67,7 @@ def compare_markdown(paths: Sequence[str | os.PathLike]) -> str:
             f = data["features"][i]
             row += [md_escape(" / ".join(_samples(f, "source_explanation")), MAX_CHARS),
                     md_escape(" / ".join(_samples(f, "target_explanation")), MAX_CHARS),
-                    _score(f.get("lift"), signed=True), _score((f.get("round_trip") or {}).get("cross"))]
+                    score_text(f.get("lift"), signed=True), score_text((f.get("round_trip") or {}).get("cross"))]
         rows.append(row)
     lines += ["## Features", "", "The configured washout setting of each run.", ""] + _table(header, rows) + [""]
     return "\n".join(lines)

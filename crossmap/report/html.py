@@ -18,7 +18,7 @@ from typing import Any
 
 from crossmap.evaluate import ROUND_TRIPS, summary_line
 
-from .markdown import _model_side, _samples, cross_model_table, feature_rows
+from .markdown import _model_side, _samples, cross_model_table, feature_rows, score_text
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 1500px; padding: 0 1em; color: #222; }
@@ -79,15 +79,9 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _number(value: Any, signed: bool = False) -> str:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
-        return "n/a"
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
-
-
 def _num_cell(value: Any, signed: bool = False) -> str:
     sign = "" if not signed or not isinstance(value, (int, float)) else (" pos" if value > 0 else " neg")
-    return f'<td class="num{sign}">{_number(value, signed)}</td>'
+    return f'<td class="num{sign}">{score_text(value, signed)}</td>'
 
 
 def _data_attr(value: Any) -> str:
@@ -146,8 +140,8 @@ def _feature_table(data: Mapping[str, Any]) -> str:
         for key, setting in (f.get("settings") or {}).items():
             if key == primary:
                 continue
-            scores = ", ".join([f"embedding lift {_number(setting.get('lift'), True)}"]
-                               + [f"{n.replace('_', ' ')} cos {_number(v)}"
+            scores = ", ".join([f"embedding lift {score_text(setting.get('lift'), True)}"]
+                               + [f"{n.replace('_', ' ')} cos {score_text(v)}"
                                   for n, v in (setting.get("round_trip") or {}).items()])
             other += (f"<details><summary>washout {_e(key)}: {_e(scores)}</summary>"
                       f"<b>source</b>{_explanation(setting.get('source_explanation'))}"

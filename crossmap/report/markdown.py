@@ -411,6 +411,11 @@ def _round_trip_lines(round_trip: Mapping[str, Any]) -> list[str]:
             + _table(["round trip", "what", "cos", "control", "lift", "95% CI", "p", "MSE"], rows) + [""])
 
 
+def score_text(value: Any, signed: bool = False) -> str:
+    """A score to 3 decimals, 'n/a' for anything that is not a finite number (markdown, HTML and comparisons)."""
+    return _fmt(float(value), signed=signed, digits=3) if _is_number(value) else "n/a"
+
+
 def lift_cell(summary: Mapping[str, Any]) -> str:
     """'+0.123 [+0.050, +0.190], p=0.0012' from a lift summary (plain text: markdown and HTML both use it)."""
     ci = summary.get("lift_ci")
@@ -420,45 +425,51 @@ def lift_cell(summary: Mapping[str, Any]) -> str:
             + ("" if p is None else f", p={format_p_value(p)}"))
 
 
-MEASURES = {"embedding": "sentence-embedding cosine of the source AV's explanation of f and the target AV's "
-                         "explanation of M f, minus the same against explanations of the controls"}
-MEASURES.update({f"round trip {name.replace('_', ' ')}": what for name, what in ROUND_TRIPS.items()})
+EMBEDDING_MEASURE = ("sentence-embedding cosine of the source AV's explanation of f and the target AV's explanation "
+                     "of M f, minus the same against explanations of the controls")
+
+
+def headline_measures(data: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, str, list[Any]]]]:
+    """(washout settings, [(measure, what it compares, [its result under each setting, or None])]): the embedding
+    lift first, then the round trips the run has (cross first).  No settings when the run has no evaluation."""
+    settings = {key: value for key, value in (data.get("washout") or {}).items()
+                if isinstance(value, Mapping) and "summary" in value}
+    by_setting = data.get("round_trip_by_setting") or {}
+    measures = [("embedding lift", EMBEDDING_MEASURE, list(settings.values()))]
+    for name in ("cross", "source_self", "target_self"):
+        results = [(by_setting.get(key) or {}).get(name) for key in settings]
+        if any(results):
+            measures.append((f"round trip {name.replace('_', ' ')}", ROUND_TRIPS[name], results))
+    return list(settings), measures
 
 
 def cross_model_table(data: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the headline table: each measure's lift [CI], p under each washout setting, the
-    embedding lift first, then the round trips (cross first).  Empty when the run has no evaluation."""
-    settings = {key: value for key, value in (data.get("washout") or {}).items()
-                if isinstance(value, Mapping) and "summary" in value}
+    """(header, rows) of the headline table: each measure's lift [CI], p under each washout setting.  Empty when
+    the run has no evaluation."""
+    settings, measures = headline_measures(data)
     if not settings:
         return [], []
-    by_setting = data.get("round_trip_by_setting") or {}
     primary = data.get("primary_setting")
     header = ["measure", "what it compares"] + [f"washout {key}" + (" (configured)" if key == primary else "")
                                                  for key in settings]
-    rows = [["embedding lift", MEASURES["embedding"]] + [lift_cell(r["summary"]) for r in settings.values()]]
-    for name in ("cross", "source_self", "target_self"):
-        cells = [(by_setting.get(key) or {}).get(name) for key in settings]
-        if any(cells):
-            rows.append([f"round trip {name.replace('_', ' ')}", ROUND_TRIPS[name]]
-                        + [lift_cell(c["summary"]) if c else "not run" for c in cells])
+    rows = [[label, what] + [lift_cell(r["summary"]) if r else "not run" for r in results]
+            for label, what, results in measures]
     return header, rows
 
 
 def lift_intervals(data: Mapping[str, Any]) -> list[tuple[str, float, list[float] | None]]:
-    """(label, mean lift, interval) of every measure and washout setting in the headline table."""
+    """(label, mean lift, interval) of every measure and washout setting in the headline table (drawn only when
+    the run has round trips)."""
+    if not data.get("round_trip_by_setting"):
+        return []
+    settings, measures = headline_measures(data)
     out = []
-    settings = {key: value for key, value in (data.get("washout") or {}).items()
-                if isinstance(value, Mapping) and "summary" in value}
-    by_setting = data.get("round_trip_by_setting") or {}
-    for key, result in settings.items():
-        named = [("embedding", result)] + [(f"round trip {n.replace('_', ' ')}", r)
-                                           for n, r in (by_setting.get(key) or {}).items()]
-        for label, r in named:
-            s = r.get("summary") or {}
+    for i, key in enumerate(settings):
+        for label, _, results in measures:
+            s = (results[i] or {}).get("summary") or {}
             if _is_number(s.get("mean_lift")):
-                out.append((f"{label}, washout {key}", float(s["mean_lift"]), s.get("lift_ci")))
-    return out if by_setting else []
+                out.append((f"{label.removesuffix(' lift')}, washout {key}", float(s["mean_lift"]), s.get("lift_ci")))
+    return out
 
 
 def _cross_model_lines(data: Mapping[str, Any]) -> list[str]:
