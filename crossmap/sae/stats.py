@@ -164,6 +164,16 @@ def feature_stats(sae: SAE, acts_iter: Iterable[Any], top_k: int = 20, chunk_row
 
 
 # ----------------------------------------------------------------------------- rendering
+def context_pieces(tokens: Sequence[str], position: int, left: int = 12, right: int = 4) -> tuple[str, str, str]:
+    """(text before, the token, text after) of the window tokens[position - left : position + right + 1];
+    '...' shows that the document continues beyond the window."""
+    if not 0 <= position < len(tokens):
+        raise IndexError(f"format_context: position {position} outside a document of {len(tokens)} tokens")
+    lo, hi = max(0, position - left), min(len(tokens), position + right + 1)
+    return (("..." if lo > 0 else "") + "".join(tokens[lo:position]), tokens[position],
+            "".join(tokens[position + 1:hi]) + ("..." if hi < len(tokens) else ""))
+
+
 def format_context(tokens: Sequence[str], position: int, left: int = 12, right: int = 4,
                    marks: tuple[str, str] = ("«", "»"), escape_newlines: bool = True) -> str:
     """Render tokens[position - left : position + right + 1] with the token at `position` marked.
@@ -172,16 +182,11 @@ def format_context(tokens: Sequence[str], position: int, left: int = 12, right: 
     the marked token's leading whitespace goes outside the marks: '...the «cat» sat...'.
     '...' shows that the document continues beyond the window.
     """
-    if not 0 <= position < len(tokens):
-        raise IndexError(f"format_context: position {position} outside a document of {len(tokens)} tokens")
-    lo, hi = max(0, position - left), min(len(tokens), position + right + 1)
-    tok = tokens[position]
+    before, tok, after = context_pieces(tokens, position, left, right)
     stripped = tok.lstrip()
     marked = tok[:len(tok) - len(stripped)] + marks[0] + (stripped or tok) + marks[1]
-    text = "".join(tokens[lo:position]) + marked + "".join(tokens[position + 1:hi])
-    if escape_newlines:
-        text = text.replace("\n", "\\n")
-    return ("..." if lo > 0 else "") + text + ("..." if hi < len(tokens) else "")
+    text = before + marked + after
+    return text.replace("\n", "\\n") if escape_newlines else text
 
 
 def feature_contexts(stats: FeatureStats, feature: int, token_lookup: Callable[[int], Sequence[str]],
@@ -199,11 +204,10 @@ def feature_contexts(stats: FeatureStats, feature: int, token_lookup: Callable[[
         if doc < 0 or (n is not None and len(out) >= n):
             break
         tokens = token_lookup(int(doc))
-        text = format_context(tokens, int(pos), left, right, **format_kwargs)
-        lo, hi = max(0, int(pos) - left), min(len(tokens), int(pos) + right + 1)
-        out.append({"act": float(act), "doc": int(doc), "pos": int(pos), "text": text,
-                    "left": ("..." if lo > 0 else "") + "".join(tokens[lo:int(pos)]), "token": tokens[int(pos)],
-                    "right": "".join(tokens[int(pos) + 1:hi]) + ("..." if hi < len(tokens) else "")})
+        before, token, after = context_pieces(tokens, int(pos), left, right)
+        out.append({"act": float(act), "doc": int(doc), "pos": int(pos),
+                    "text": format_context(tokens, int(pos), left, right, **format_kwargs),
+                    "left": before, "token": token, "right": after})
     return out
 
 

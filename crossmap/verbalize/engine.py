@@ -160,9 +160,8 @@ def sample_categorical(key: Array, logits: Array) -> Array:
     distribution at one uniform number per row.
 
     The same distribution as `jax.random.categorical`, which draws a Gumbel number for every
-    vocabulary entry: at Qwen's 152k and Gemma's 262k entries those draws cost more than the rest of
-    the choice (on a 2-core CPU, 64 rows: 0.49 s against 0.11 s a step).  Entries at -inf (the top-p
-    filter's) have no mass and are never drawn.
+    vocabulary entry: at Qwen's 152k and Gemma's 262k entries those draws cost more on a CPU than
+    the rest of the choice.  Entries at -inf (the top-p filter's) have no mass and are never drawn.
     """
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     cdf = jnp.cumsum(probs, axis=-1)
