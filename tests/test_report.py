@@ -349,3 +349,5 @@ def test_compare_puts_two_runs_side_by_side(tmp_path, capsys):
     assert "comparison: " in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "nla"), str(tmp_path / "missing")]) == 2
     assert "no report/report.json" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "nla")]) == 2
+    assert "compare needs at least two runs, got 1" in capsys.readouterr().err

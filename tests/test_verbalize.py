@@ -536,6 +536,10 @@ def test_decode_parts_benchmark_counts_each_parts_bytes(tmp_path):
     assert parts["head"]["bytes"] == cfg.vocab_size * cfg.d_model * item
     for p in parts.values():
         assert p["floor_ms"] == pytest.approx(p["bytes"] / (result["copy_bandwidth_GBps"] * 1e9) * 1e3)
+    with pytest.raises(ValueError, match="need --batch >= 1 and --cache >= 2, got 4 and 1"):
+        bench.run(parser.parse_args(["--preset", "tiny", "--cache", "1", "--out", str(out)]))
+    with pytest.raises(ValueError, match="got 0 and 20"):  # 0 rows is refused, not read as "the default"
+        bench.run(parser.parse_args(["--preset", "tiny", "--batch", "0", "--out", str(out)]))
 
 
 @pytest.mark.parametrize("spread", [0.5, 6.0], ids=["flat", "peaked"])

@@ -143,8 +143,8 @@ def part_programs(model, batch: int, cache_len: int) -> tuple[dict[str, Any], di
 def run(args: argparse.Namespace) -> dict[str, Any]:
     preset = PRESETS[args.preset]
     cfg = preset_config(preset)
-    batch = args.batch or preset["batch"]
-    cache_len = args.cache or preset["prompt_len"] + preset["new_tokens"]
+    batch = preset["batch"] if args.batch is None else args.batch  # 0 is an error below, not the default
+    cache_len = preset["prompt_len"] + preset["new_tokens"] if args.cache is None else args.cache
     if batch < 1 or cache_len < 2:
         raise ValueError(f"need --batch >= 1 and --cache >= 2, got {batch} and {cache_len}")
     model = init_random(cfg, seed=args.seed, dtype=preset["dtype"])
