@@ -43,6 +43,12 @@ BENCHES = {
     "ridge": "streaming accumulation + closed-form CV ridge solve vs scikit-learn and a PyTorch solve",
     "verbalize": "batched generation with injected vectors: explanations/s and decode step vs bandwidth floor",
     "top-p": "the nucleus (top-p) filter alone at a decode step's shape: search arities vs sort-and-cumsum",
+    "int8-matmul": "the weight-only int8 kernel at a decode step's matmul shapes vs bf16 and the XLA int8 path, "
+                   "against the bytes and compute floors",
+    "int8-fidelity": "what weight-only int8 costs the shipped NLAs: greedy token agreement with float32 and the "
+                     "change in round-trip cosine (real small models, any backend)",
+    "features-per-hour": "features explained per GPU-hour at the paper's setting, from measured bench verbalize --nla "
+                         "rates (reads their JSON)",
     "decode-parts": "one decode step taken apart (blocks, head, MLPs, projections, attention), each part against "
                     "its bytes' time at the measured copy bandwidth",
     "scaling": "forward, ridge statistics and verbalization on one device vs a mesh over all devices "

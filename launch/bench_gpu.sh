@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, one after another, JSON into OUT_DIR.
-#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|top-p|scaling|paper ...]
+#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|verbalize-27b|int8|top-p|scaling|paper ...]
 # scaling compares one GPU with all of them: run it on a multi-GPU node (it is not in the default list).
 # paper runs configs/paper.py at the 7B/27B shapes on random checkpoints it writes (~70 GB of disk;
 # two GPUs or more): TOKENIZERS names a directory with qwen2.5/ and gemma3/ tokenizer directories (unpack
@@ -27,6 +27,16 @@ for b in $benches; do
     verbalize-sampled)  # how the paper config's verbalizers decode: temperature 0.7, nucleus 0.95
       python3 -m crossmap.cli bench verbalize --preset 7b --temperature 0.7 --top-p 0.95 \
         --out "$out/verbalize-qwen2.5-7b-sampled.json" ;;
+    verbalize-27b)  # the Gemma-3-27B shape, bf16 and int8 kernels side by side
+      python3 -m crossmap.cli bench verbalize --preset 27b --weights float,int8 \
+        --out "$out/verbalize-gemma-3-27b.json" ;;
+    int8)  # weight-only int8: decode beside bf16 at two batches, and each kernel's product with a tiling sweep
+      for batch in 128 32; do
+        python3 -m crossmap.cli bench verbalize --preset 7b --batch "$batch" --weights float,int8,int8:reference \
+          --out "$out/verbalize-7b-int8-b$batch.json"
+        python3 -m crossmap.cli bench int8-matmul --batch "$batch" --sweep gate_up,down,lm_head \
+          --out "$out/int8-matmul-7b-b$batch.json"
+      done ;;
     top-p)  # the nucleus filter alone at the 7B decode shape, against sort-and-cumsum
       python3 -m crossmap.cli bench top-p --out "$out/top-p-qwen2.5-7b.json" ;;
     paper)

@@ -41,8 +41,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from crossmap.benchmarks.common import device_info, measured_copy_bandwidth, median_time, write_json
-from crossmap.models import ModelConfig, init_random, tiny_config
+from crossmap.benchmarks.common import (
+    device_info,
+    measured_copy_bandwidth,
+    measured_matmul_peak,
+    median_time,
+    write_json,
+)
+from crossmap.models import ModelConfig, config_from_hf, hf_config, init_random, shape_config, tiny_config
+from crossmap.models.int8_matmul import IMPLEMENTATIONS
+from crossmap.models.quantize import WEIGHT_FORMATS, quantized
 from crossmap.sharding import make_mesh
 from crossmap.verbalize import Injection, generate, mean_embedding_norm
 
@@ -52,17 +60,24 @@ QWEN25_7B = dict(model_type="qwen2", vocab_size=152064, d_model=3584, n_layers=2
                  tie_embeddings=False, eos_token_ids=(151645,), name="qwen2.5-7b-shaped")
 PRESETS: dict[str, dict[str, Any]] = {
     "7b": dict(config=QWEN25_7B, batch=128, prompt_len=64, new_tokens=128, dtype="bfloat16", copy_mib=4096),
+    # Gemma-3-27B(-it): the reference target model (its shipped config.json shape); 62 blocks, 5:1 local/global
+    "27b": dict(config="gemma-3-27b-it", batch=128, prompt_len=64, new_tokens=128, dtype="bfloat16", copy_mib=4096),
     "tiny": dict(config="tiny-qwen2", batch=4, prompt_len=12, new_tokens=8, dtype="float32", copy_mib=16),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="7b",
-                        help="7b: Qwen2.5-7B shapes, batch 128, 64+128 tokens, bf16; tiny: a CPU smoke run")
+                        help="7b: Qwen2.5-7B shapes, batch 128, 64+128 tokens, bf16; 27b: Gemma-3-27B shapes, the "
+                             "same workload; tiny: a CPU smoke run")
     parser.add_argument("--batch", type=int, default=None, help="prompts per call (preset default)")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (preset default)")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens per prompt (preset default)")
     parser.add_argument("--dtype", default=None, help="parameter dtype (preset default)")
+    parser.add_argument("--weights", default="float",
+                        help="comma-separated weight formats timed side by side in this run (models.quantize."
+                             "WEIGHT_FORMATS): float (the dtype), int8 (weight-only int8 kernels); int8:IMPL picks "
+                             "how its products run (models.int8_matmul.IMPLEMENTATIONS), e.g. float,int8,int8:reference")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     parser.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth-probe copy")
     parser.add_argument("--torch-device", default="auto", help="auto | cuda | cpu | none")
@@ -89,6 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def preset_config(preset: dict) -> ModelConfig:
     if preset["config"] == "tiny-qwen2":
         return tiny_config("qwen2", eos_token_ids=(1,))
+    if isinstance(preset["config"], str):  # a shipped shape config (models/shapes/*.json)
+        hf, name = shape_config(preset["config"])
+        return config_from_hf(hf).replace(name=f"{name}-shaped")
     return ModelConfig(**preset["config"])
 
 
@@ -101,21 +119,29 @@ def param_bytes(model) -> tuple[int, int]:
 
 
 def _floor(cfg: ModelConfig, model, batch: int, prompt_len: int, new_tokens: int, bandwidth: float,
-           step_s: float) -> dict[str, Any]:
+           step_s: float, matmul_flops_per_s: float | None = None) -> dict[str, Any]:
     """Per-device floor: every device reads the weights it holds (all of them when only the batch is
-    split) and its share of the KV cache, at one device's copy bandwidth."""
+    split) and its share of the KV cache, at one device's copy bandwidth.  With `matmul_flops_per_s`,
+    also the compute floor: a step's matmul FLOPs (2 x batch x kernel entries) at that rate."""
     total, embed = param_bytes(model)
     batch = batch // jax.device_count()  # the batch is split over every device (make_mesh() = data axis)
     itemsize = model.embed[...].dtype.itemsize
-    weights = total - (0 if cfg.tie_embeddings else embed) + batch * cfg.d_model * itemsize
+    # the embedding table is read as a head only when tied and not given its own (int8) head
+    table_is_head = cfg.tie_embeddings and model.lm_head is None
+    weights = total - (0 if table_is_head else embed) + batch * cfg.d_model * itemsize
     per_slot = 2 * cfg.n_layers * batch * cfg.n_kv_heads * cfg.head_dim * itemsize  # K and V, all layers
     kv_avg = per_slot * (prompt_len + new_tokens / 2)
     kv_full = per_slot * (prompt_len + new_tokens)
     floor = (weights + kv_avg) / bandwidth
-    return {"weight_bytes_per_step": weights, "kv_bytes_per_step_avg_valid": kv_avg,
-            "kv_bytes_per_step_full_cache": kv_full, "copy_bandwidth_GBps": bandwidth / 1e9,
-            "step_s": floor, "step_s_full_cache": (weights + kv_full) / bandwidth,
-            "ratio_to_floor": step_s / floor if step_s > 0 else None}
+    result = {"weight_bytes_per_step": weights, "kv_bytes_per_step_avg_valid": kv_avg,
+              "kv_bytes_per_step_full_cache": kv_full, "copy_bandwidth_GBps": bandwidth / 1e9,
+              "step_s": floor, "step_s_full_cache": (weights + kv_full) / bandwidth,
+              "ratio_to_floor": step_s / floor if step_s > 0 else None}
+    if matmul_flops_per_s:
+        entries = cfg.param_count() - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)
+        result["compute_step_s"] = 2 * batch * entries / matmul_flops_per_s
+        result["bf16_matmul_tflops"] = matmul_flops_per_s / 1e12
+    return result
 
 
 def time_generate(model, prompts, inj, new_tokens, mesh, reps, *, temperature: float = 0.0,
@@ -144,6 +170,21 @@ def time_generate(model, prompts, inj, new_tokens, mesh, reps, *, temperature: f
             "distinct_tokens_generated": int(len(np.unique(res.tokens)))}, res
 
 
+def last_token_logits(model, prompts: np.ndarray, inj: Injection) -> np.ndarray:
+    """Next-token logits [B, V] after each prompt with the injection: one generated token's logits."""
+    res = generate(model, prompts, max_new_tokens=1, stop_token_ids=[], use_model_eos=False, pad_id=0,
+                   injection=inj, length_bucket_min=1, return_logits=True)
+    return res.logits[:, 0]
+
+
+def logit_error(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How far `logits` [B, V] are from `reference`: relative errors and top-1 agreement."""
+    diff = logits.astype(np.float64) - reference
+    return {"relative_rms_error": float(np.sqrt((diff ** 2).mean() / (reference.astype(np.float64) ** 2).mean())),
+            "max_abs_error": float(np.abs(diff).max()), "reference_max_abs": float(np.abs(reference).max()),
+            "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean())}
+
+
 def _torch_device(choice: str, preset: str) -> str | None:
     if choice == "none":
         return None
@@ -164,12 +205,9 @@ def _run_transformers(cfg: ModelConfig, prompts: np.ndarray, marker: int, vector
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_cfg = AutoConfig.for_model(
-        "qwen2" if cfg.model_type == "qwen2" else cfg.model_type, vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.d_ff,
-        rms_norm_eps=cfg.rms_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-        max_position_embeddings=cfg.max_position_embeddings, use_sliding_window=False)
+    described = hf_config(cfg)  # the same architecture and shape, as config.json describes it
+    described.pop("architectures", None)
+    hf_cfg = AutoConfig.for_model(described.pop("model_type"), **described)
     hf_cfg._attn_implementation = "sdpa"
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(0)
@@ -214,6 +252,10 @@ def _run_transformers(cfg: ModelConfig, prompts: np.ndarray, marker: int, vector
         dst = torch.empty_like(src)
         seconds = median_time(lambda: (dst.copy_(src), sync()), 5)
         result["torch_copy_bandwidth_GBps"] = 2 * n / seconds / 1e9
+        del src, dst
+    hf = embeds = out = None  # the peer's weights and cache go before JAX needs the memory
+    if device == "cuda":
+        torch.cuda.empty_cache()  # back to the device, for JAX
     return result
 
 
@@ -226,10 +268,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = preset_config(preset)
     if args.nla and cfg.vocab_size < QWEN25_7B["vocab_size"]:  # the tiny smoke run reads the real tokenizer's ids
         cfg = cfg.replace(vocab_size=QWEN25_7B["vocab_size"])
-    batch = args.batch or preset["batch"]
-    prompt_len = args.prompt_len or preset["prompt_len"]
-    new_tokens = args.new_tokens or (NLA_NEW_TOKENS if args.nla else preset["new_tokens"])
+    batch = preset["batch"] if args.batch is None else args.batch
+    prompt_len = preset["prompt_len"] if args.prompt_len is None else args.prompt_len
+    new_tokens = (NLA_NEW_TOKENS if args.nla else preset["new_tokens"]) if args.new_tokens is None else args.new_tokens
+    for flag, value in (("--batch", batch), ("--prompt-len", prompt_len), ("--new-tokens", new_tokens)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     dtype = args.dtype or preset["dtype"]
+    formats = [f.strip() for f in args.weights.split(",") if f.strip()]
+    unknown = [f for f in formats if f.split(":")[0] not in WEIGHT_FORMATS
+               or ":" in f and (f.split(":")[0] == "float" or f.split(":", 1)[1] not in IMPLEMENTATIONS)]
+    if not formats or unknown or len(set(formats)) != len(formats):
+        raise ValueError(f"--weights must list distinct formats of {WEIGHT_FORMATS} (int8 optionally as int8:IMPL, "
+                         f"IMPL one of {IMPLEMENTATIONS}), got {args.weights!r}")
     copy_mib = args.copy_mib or preset["copy_mib"]
     mesh = make_mesh()
     if args.nla:
@@ -258,18 +309,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.top_p < 1.0 and args.temperature <= 0:
         raise ValueError("--top-p < 1 needs --temperature > 0 (greedy decoding ignores the nucleus)")
-    ours, _ = time_generate(model, prompts, inj, new_tokens, mesh, args.reps, temperature=args.temperature,
-                            top_p=args.top_p)
-    print(f"[verbalize bench] crossmap: {ours['total_s']:.3f} s per call, decode step "
-          f"{ours['decode_step_s'] * 1e3:.2f} ms, {ours['explanations_per_s']:.1f} explanations/s", flush=True)
-    ours["init_random_s"] = init_s
+    # transformers first: PyTorch hands its memory back (empty_cache), where JAX's allocator keeps what it freed
+    # for itself, so at the 27B shape the two copies of the weights fit only in this order
+    device = _torch_device(args.torch_device, args.preset)
+    hf = None
+    if device is not None:
+        hf = _run_transformers(cfg, prompts, marker, vectors, new_tokens, dtype, device, args.reps,
+                               args.temperature, args.top_p)
+        print(f"[verbalize bench] transformers on {device}: {hf['total_s']:.3f} s per call, decode step "
+              f"{hf['decode_step_s'] * 1e3:.2f} ms", flush=True)
     bandwidth = measured_copy_bandwidth(copy_mib << 20, repeats=max(args.reps, 5))["gb_per_s"] * 1e9
-    floor = _floor(cfg, model, batch, prompt_len, new_tokens, bandwidth, ours["decode_step_s"])
-    ours["ratio_to_floor"] = ours["decode_step_s"] / floor["step_s"]
-    # a decode step timed at <= 0 (a loaded CPU: the 1-token call took as long as the full one) has no ratio
-    ratio = "n/a" if floor["ratio_to_floor"] is None else f"{floor['ratio_to_floor']:.3f}"
-    print(f"[verbalize bench] floor {floor['step_s'] * 1e3:.3f} ms/step at {floor['copy_bandwidth_GBps']:.0f} GB/s: "
-          f"ratio {ratio}", flush=True)
+    matmul_rate = measured_matmul_peak(dtype)["tflops"] * 1e12
+    per_format: dict[str, Any] = {}
+    reference_logits = None
+    for fmt in formats:
+        weights, _, implementation = fmt.partition(":")
+        variant = quantized(model, weights, implementation=implementation or "auto")
+        ours, _ = time_generate(variant, prompts, inj, new_tokens, mesh, args.reps, temperature=args.temperature,
+                                top_p=args.top_p)
+        floor = _floor(cfg, variant, batch, prompt_len, new_tokens, bandwidth, ours["decode_step_s"], matmul_rate)
+        ours["ratio_to_floor"] = floor["ratio_to_floor"]
+        # a decode step timed at <= 0 (a loaded CPU: the 1-token call took as long as the full one) has no ratio
+        ratio = "n/a" if floor["ratio_to_floor"] is None else f"{floor['ratio_to_floor']:.3f}"
+        print(f"[verbalize bench] crossmap ({fmt} weights): {ours['total_s']:.3f} s per call, decode step "
+              f"{ours['decode_step_s'] * 1e3:.2f} ms, {ours['explanations_per_s']:.1f} explanations/s; floor "
+              f"{floor['step_s'] * 1e3:.3f} ms/step at {floor['copy_bandwidth_GBps']:.0f} GB/s: ratio {ratio}",
+              flush=True)
+        entry = {"crossmap": ours, "floor": floor}
+        logits = last_token_logits(variant, prompts, inj)
+        if reference_logits is None:
+            reference_logits = logits
+        else:
+            entry["logits_vs_" + formats[0]] = logit_error(logits, reference_logits)
+        per_format[fmt] = entry
+        del variant
+    ours, floor = per_format[formats[0]]["crossmap"], per_format[formats[0]]["floor"]
+    ours["init_random_s"] = init_s
+    for fmt in formats[1:]:
+        base = per_format[formats[0]]
+        per_format[fmt]["decode_step_vs_" + formats[0]] = (per_format[fmt]["crossmap"]["decode_step_s"]
+                                                           / base["crossmap"]["decode_step_s"])
+        per_format[fmt]["decode_step_vs_" + formats[0] + "_floor"] = (per_format[fmt]["crossmap"]["decode_step_s"]
+                                                                      / base["floor"]["step_s"])
     del model
     result: dict[str, Any] = {
         "benchmark": "verbalize", "preset": args.preset, "model": cfg.name or cfg.model_type,
@@ -279,27 +360,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sampling": {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else "greedy",
         "injection": {"mode": "replace", "layer": 0, "position": marker},
         "devices": [str(d.device_kind) for d in jax.devices()], "device": device_info(),
-        "crossmap": ours, "floor": floor,
+        # the first of --weights; "weights" holds every format's timings, floor and logit error
+        "crossmap": ours, "floor": floor, "weights": per_format,
     }
-    device = _torch_device(args.torch_device, args.preset)
-    if device is None:
+    if hf is None:
         result["transformers"] = {"skipped": "no torch device (CUDA absent; pass --torch-device cpu to force)"}
     else:
-        hf = _run_transformers(cfg, prompts, marker, vectors, new_tokens, dtype, device, args.reps,
-                               args.temperature, args.top_p)
         result["transformers"] = hf
-        if device == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
         result["speedup_vs_transformers"] = ours["explanations_per_s"] / hf["explanations_per_s"]
         if "torch_copy_bandwidth_GBps" in hf:  # the floor again at torch's copy bandwidth, if higher
             torch_bw = hf["torch_copy_bandwidth_GBps"] * 1e9
             floor["step_s_at_torch_copy_bandwidth"] = floor["step_s"] * bandwidth / torch_bw
             floor["ratio_to_floor_at_torch_copy_bandwidth"] = ours["decode_step_s"] / floor[
                 "step_s_at_torch_copy_bandwidth"]
-        print(f"[verbalize bench] transformers on {device}: {hf['total_s']:.3f} s per call, decode step "
-              f"{hf['decode_step_s'] * 1e3:.2f} ms; speedup {result['speedup_vs_transformers']:.2f}x", flush=True)
+        print(f"[verbalize bench] speedup over transformers {result['speedup_vs_transformers']:.2f}x", flush=True)
     if args.nla:
         result["nla"] = {"prompt_tokens": prompt_len, "marker_slot": marker, "injection_scale": NLA_INJECTION_SCALE}
         result["reconstructor"] = bench_reconstructor(cfg, tokenizer, args, dtype, device)

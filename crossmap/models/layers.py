@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
+from .int8_matmul import int8_matmul
 
 Array = jax.Array
 
@@ -30,6 +31,25 @@ def _param(rngs: nnx.Rngs, shape, logical, dtype, std: float | None = None, zero
         scale = std if std is not None else 1.0 / math.sqrt(fan_in)
         value = (jax.random.normal(rngs.params(), shape, jnp.float32) * scale).astype(dtype)
     return nnx.Param(value, logical=tuple(logical))
+
+
+def project(x: Array, kernel: nnx.Param, scale: nnx.Param | None, equation: str, contract: int,
+            out_dtype=None, implementation: str = "auto") -> Array:
+    """x @ kernel over x's last `contract` axes and kernel's first `contract` axes (`equation` spells it;
+    "" is `x @ kernel`).
+
+    A float kernel is that einsum or matmul.  An int8 kernel (`models.quantize`: `scale` holds one float32 scale per
+    output channel) is one 2-D `int8_matmul`: x and the kernel are reshaped to matrices, which for
+    row-major arrays moves no data.
+    """
+    if scale is None:
+        return jnp.einsum(equation, x, kernel[...]) if equation else x @ kernel[...]
+    w = kernel[...]
+    out_axes = w.shape[contract:]
+    x2 = x.reshape(*x.shape[:x.ndim - contract], -1)
+    y = int8_matmul(x2, w.reshape(-1, math.prod(out_axes)), scale[...].reshape(-1), out_dtype=out_dtype,
+                    implementation=implementation)
+    return y.reshape(*y.shape[:-1], *out_axes)
 
 
 class RMSNorm(nnx.Module):
@@ -113,6 +133,9 @@ class Attention(nnx.Module):
         self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
         self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
         self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dtype, std=1.0 / math.sqrt(n * h))
+        # per-output-channel scales of int8 kernels (models.quantize); None: the kernels are floats
+        self.q_scale = self.k_scale = self.v_scale = self.o_scale = None
+        self.int8_implementation = "auto"  # int8_matmul's implementation (static: part of the program key)
         if cfg.qkv_bias:
             self.q_bias = _param(rngs, (n, h), ("heads", "head_dim"), dtype, std=0.02)
             self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, std=0.02)
@@ -134,9 +157,9 @@ class Attention(nnx.Module):
         new keys and values are written at the slots `q_index` (contiguous per row: q_index[:, 0] +
         arange(T)) and attention reads the whole cache; without one, keys are this call's own.
         """
-        q = jnp.einsum("btd,dnh->btnh", x, self.q[...])
-        k = jnp.einsum("btd,dkh->btkh", x, self.k[...])
-        v = jnp.einsum("btd,dkh->btkh", x, self.v[...])
+        q = project(x, self.q, self.q_scale, "btd,dnh->btnh", 1, implementation=self.int8_implementation)
+        k = project(x, self.k, self.k_scale, "btd,dkh->btkh", 1, implementation=self.int8_implementation)
+        v = project(x, self.v, self.v_scale, "btd,dkh->btkh", 1, implementation=self.int8_implementation)
         if self.q_bias is not None:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.q_norm is not None:
@@ -148,7 +171,7 @@ class Attention(nnx.Module):
                 q, k, v, scale=self.scale, is_causal=True, implementation="cudnn",
                 key_value_seq_lengths=kv_valid.sum(-1).astype(jnp.int32),
                 local_window_size=(self.window - 1, 0) if self.window else None)
-            return jnp.einsum("btnh,nhd->btd", out, self.o[...]), None
+            return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=self.int8_implementation), None
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
         if cache is not None:
             start = q_index[0, 0]  # every row writes the same slots; padding lives in kv_valid
@@ -157,7 +180,7 @@ class Attention(nnx.Module):
             cache = (k, v)
         mask = attention_mask(q_index, kv_valid, self.window)
         out = grouped_attention(q, k, v, mask, self.scale)
-        return jnp.einsum("btnh,nhd->btd", out, self.o[...]), cache
+        return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=self.int8_implementation), cache
 
 
 def grouped_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
@@ -183,11 +206,15 @@ class MLP(nnx.Module):
         self.gate = _param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), dtype)
         self.up = _param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), dtype)
         self.down = _param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), dtype)
+        self.gate_scale = self.up_scale = self.down_scale = None  # int8 kernels' scales (models.quantize)
+        self.int8_implementation = "auto"
 
     def __call__(self, x: Array) -> Array:
-        gate = x @ self.gate[...]
+        impl = self.int8_implementation
+        gate = project(x, self.gate, self.gate_scale, "", 1, implementation=impl)
         act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        return (act * (x @ self.up[...])) @ self.down[...]
+        up = project(x, self.up, self.up_scale, "", 1, implementation=impl)
+        return project(act * up, self.down, self.down_scale, "", 1, implementation=impl)
 
 
 class Block(nnx.Module):
@@ -227,6 +254,9 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.norm_plus_one, dtype, rngs)
         self.lm_head = None if cfg.tie_embeddings else _param(
             rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dtype)
+        # an int8 LM head's scales (models.quantize); a quantized tied model gets its own int8 lm_head
+        self.lm_head_scale = None
+        self.int8_implementation = "auto"
 
     # -- pieces -----------------------------------------------------------------------------
     def embed_tokens(self, tokens: Array) -> Array:
@@ -277,8 +307,12 @@ class Transformer(nnx.Module):
     def head(self, x: Array) -> Array:
         """Final norm and LM head: logits [B, T, V] in float32."""
         x = self.final_norm(x)
-        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
+        if self.lm_head_scale is not None:
+            logits = project(x, self.lm_head, self.lm_head_scale, "", 1, out_dtype=jnp.float32,
+                             implementation=self.int8_implementation)
+        else:
+            w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+            logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
         if self.config.final_logit_softcap:
             cap = self.config.final_logit_softcap
             logits = jnp.tanh(logits / cap) * cap

@@ -21,6 +21,7 @@ import ml_collections
 from ..activations import CORPUS_SPLITS, PAIRINGS
 from ..evaluate import AGGREGATES
 from ..models.config import SUPPORTED_DTYPES
+from ..models.quantize import WEIGHT_FORMATS
 from ..nla import RELEASE_TEMPERATURE
 from ..ridge import COMPUTE_DTYPES, NONFINITE_MODES
 from ..sae import CONTROL_MODES, MAPPING_SCALES, SELECTION_METHODS
@@ -52,6 +53,9 @@ def _verbalizer(kind: str = "self") -> ml_collections.ConfigDict:
         "top_p": 1.0,
         "batch_size": 32,
         "dtype": "",  # "" = the model's dtype
+        # models.quantize.WEIGHT_FORMATS: "float" (the dtype's floats) or "int8" (weight-only int8 kernels, one
+        # scale per output channel; half the bytes a decode step reads; BENCHMARKS.md gives speed and fidelity)
+        "weights": "float",
         # also explain random directions of this side's own space (the controls of the source self round
         # trip, AR_source(AV_source(r)) against r); the target always explains its controls
         "explain_controls": False,
@@ -290,6 +294,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _one_of(problems, f"verbalizers.{side}.injection_mode", v.injection_mode, ("",) + INJECTION_MODES)
         if v.dtype:
             _one_of(problems, f"verbalizers.{side}.dtype", v.dtype, SUPPORTED_DTYPES)
+        _one_of(problems, f"verbalizers.{side}.weights", v.weights, WEIGHT_FORMATS)
         _at_least(problems, f"verbalizers.{side}.n_samples", v.n_samples, 1)
         _at_least(problems, f"verbalizers.{side}.batch_size", v.batch_size, 1)
         _at_least(problems, f"verbalizers.{side}.max_new_tokens", v.max_new_tokens, 0)

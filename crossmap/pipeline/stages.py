@@ -27,6 +27,7 @@ from ..failpoints import failpoint
 from ..integrity import path_identity
 from ..jsonio import load_json, save_json
 from ..models import make_hidden_fn
+from ..models.quantize import quantized
 from ..sharding import to_host
 from .context import RunContext, log
 from .outputs import (
@@ -346,7 +347,10 @@ def build_verbalizer(ctx: RunContext, side: str):
         if v.scale == "activation":  # the typical residual norm at this side's layer, measured in `map`
             changes["injection_scale"] = MapSummary.load(ctx.stage_dir("map")).norms.median(side)
         spec = spec.replace(**changes)
-    return Verbalizer(lm.model, lm.tokenizer, spec, mesh=ctx.mesh), lm
+    # int8 kernels are a new module over the model's arrays: a self-verbalizer's float model still serves
+    # the other stages
+    model = quantized(lm.model, v.weights)
+    return Verbalizer(model, lm.tokenizer, spec, mesh=ctx.mesh), lm
 
 
 def verbalize_chunk(batch_size: int, n_samples: int, n_backgrounds: int) -> int:

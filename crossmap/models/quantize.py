@@ -1,0 +1,94 @@
+"""Weight-only int8: a model's matmul kernels stored as int8 with one float32 scale per output channel.
+
+`quantized(model, "int8")` returns a new `Transformer` over the same float arrays but with every
+attention (q, k, v, o), MLP (gate, up, down) and LM-head kernel replaced by symmetric int8 values
+and their scales; the shared layers then run those products through `int8_matmul` (a Pallas kernel
+on GPU that reads only the int8 bytes).  What stays float: the embedding table (a decode step
+gathers a few of its rows), norms and biases, activations, the KV cache and the logits.  A tied
+model's LM head gets its own int8 copy of the table ([d_model, vocab], as the head reads it), so
+the gather keeps the float rows.
+
+Quantisation is per output channel: scale = max |w| over the input axes / 127, value =
+round(w / scale).  The model is for inference; it is not saved back into a checkpoint.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .int8_matmul import IMPLEMENTATIONS
+from .layers import MLP, Attention, Transformer
+
+Array = jax.Array
+
+# verbalizers.<side>.weights: "float" keeps the model's dtype; "int8" is weight-only int8
+WEIGHT_FORMATS = ("float", "int8")
+
+# (module type, kernel name, leading input axes of the kernel)
+_KERNELS = ((Attention, "q", 1), (Attention, "k", 1), (Attention, "v", 1), (Attention, "o", 2),
+            (MLP, "gate", 1), (MLP, "up", 1), (MLP, "down", 1))
+
+
+@partial(jax.jit, static_argnames=("input_axes",))
+def quantize_int8(w: Array, input_axes: int = 1) -> tuple[Array, Array]:
+    """Symmetric per-output-channel int8 of a kernel w [in..., out...] (its first `input_axes` axes
+    are contracted): (int8 values of w's shape, float32 scales [out...]) with w ~ values * scales."""
+    w32 = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w32), axis=tuple(range(input_axes)))
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)  # an all-zero channel stays zero at any scale
+    values = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
+    return values, scale
+
+
+def dequantize(values: Array, scale: Array, dtype=jnp.float32) -> Array:
+    """values * scale in `dtype`: the float kernel an int8 kernel stands for."""
+    return (values.astype(jnp.float32) * scale).astype(dtype)
+
+
+def _quantize_param(module, name: str, input_axes: int, source: nnx.Param | None = None,
+                    transpose: bool = False) -> None:
+    param = source if source is not None else getattr(module, name)
+    logical = tuple(param.get_metadata().get("logical", ()))
+    w = param[...]
+    if transpose:  # the tied table [vocab, embed] as the head's kernel [embed, vocab]
+        w, logical = w.T, logical[::-1]
+    values, scale = quantize_int8(w, input_axes)
+    setattr(module, name, nnx.data(nnx.Param(values, logical=logical)))
+    # the attribute was None (static) in the float model: marked as data, it joins the state
+    setattr(module, f"{name}_scale", nnx.data(nnx.Param(scale, logical=logical[input_axes:])))
+
+
+def quantized(model: Transformer, weights: str, *, implementation: str = "auto") -> Transformer:
+    """`model` with its matmul kernels in `weights` format (WEIGHT_FORMATS); "float" returns it unchanged.
+
+    The result is a new module: `model` itself keeps its float kernels (a self-verbalizer's model also
+    serves the other stages).  `implementation` is how its int8 products run (int8_matmul.IMPLEMENTATIONS:
+    "auto" is the Pallas kernel on GPU for decode steps, else the XLA reference)."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if weights == "float":
+        return model
+    if model.lm_head_scale is not None:
+        raise ValueError("model is already quantized")
+    copy = nnx.merge(*nnx.split(model))  # a new module tree over the same arrays
+    for _, module in nnx.iter_modules(copy):
+        for kind, name, input_axes in _KERNELS:
+            if isinstance(module, kind):
+                _quantize_param(module, name, input_axes)
+                module.int8_implementation = implementation
+    if copy.lm_head is None:
+        _quantize_param(copy, "lm_head", 1, source=copy.embed, transpose=True)
+    else:
+        _quantize_param(copy, "lm_head", 1)
+    copy.int8_implementation = implementation
+    return copy
+
+
+def is_quantized(model: Transformer) -> bool:
+    return model.lm_head_scale is not None
