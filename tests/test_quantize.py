@@ -257,3 +257,41 @@ def test_features_per_hour_counts_rows_per_washout_setting(tmp_path):
     path.write_text(json.dumps({**measured, "benchmark": "ridge"}))
     with pytest.raises(ValueError, match="bench verbalize --nla"):
         bench.run(_bench_args(bench, ["--verbalize", str(path), "--out", str(tmp_path / "f.json")]))
+
+
+def test_quantized_refuses_a_model_spread_over_devices():
+    from conftest import run_with_devices
+
+    out = run_with_devices("""
+        import json
+        from crossmap.models import init_random, tiny_config
+        from crossmap.models.quantize import quantized
+        from crossmap.sharding import make_mesh
+        model = init_random(tiny_config("qwen2"), seed=0, dtype="float32", mesh=make_mesh({"data": 1, "tensor": 2}))
+        try:
+            quantized(model, "int8")
+            print(json.dumps({"refused": ""}))
+        except NotImplementedError as err:
+            print(json.dumps({"refused": str(err)}))
+    """, n_devices=2)
+    assert "one device" in out["refused"] and "2 devices" in out["refused"]
+
+
+def test_an_int8_verbalizer_on_several_devices_is_refused_before_any_stage():
+    from conftest import run_with_devices
+
+    out = run_with_devices("""
+        import json, tempfile
+        from pathlib import Path
+        from crossmap.pipeline import load_config
+        from crossmap.pipeline.context import RunContext
+        c = load_config(str(Path("configs") / "tiny.py"))
+        c.run_dir = tempfile.mkdtemp()
+        c.verbalizers.target.weights = "int8"
+        try:
+            RunContext(c)
+            print(json.dumps({"refused": ""}))
+        except ValueError as err:
+            print(json.dumps({"refused": str(err)}))
+    """, n_devices=2)
+    assert "verbalizers.target.weights='int8' runs on one device" in out["refused"]

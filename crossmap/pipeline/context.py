@@ -31,6 +31,11 @@ class RunContext:
         self.dir = Path(config.run_dir or Path("checkpoints") / config.name).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mesh = make_mesh(dict(config.mesh))
+        int8_sides = [side for side in ("source", "target") if config.verbalizers[side].weights == "int8"]
+        if int8_sides and self.mesh.size > 1:  # refused before any stage runs, not when the verbalizer loads
+            raise ValueError(f"verbalizers.{int8_sides[0]}.weights='int8' runs on one device so far, but mesh "
+                             f"{dict(config.mesh)} spans {self.mesh.size} devices: run on one device (e.g. "
+                             "CUDA_VISIBLE_DEVICES=0) or set weights='float'")
         self._models: dict[str, LoadedModel] = {}
         self._tokenizers: dict[str, Any] = {}
         self._documents: list[str] | None = None
