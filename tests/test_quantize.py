@@ -33,6 +33,8 @@ def _operands(rng, m, k, n, dtype):
     (128, 256, 128, KernelBlocks(block_n=32, block_k=32, splits=2)),  # split-K: partials summed after
     (20, 512, 64, KernelBlocks(block_n=16, block_k=64, splits=4)),
     (16, 128, 256, KernelBlocks(block_n=64, block_k=128, splits=1)),
+    (200, 64, 32, None),  # more than 128 rows: two row blocks, the second padded
+    (70, 128, 64, KernelBlocks(block_n=32, block_k=64, splits=2, block_m=32)),  # three row blocks, split-K
 ])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pallas_kernel_equals_the_xla_reference(m, k, n, blocks, dtype):

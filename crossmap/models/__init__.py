@@ -5,7 +5,9 @@
 
 Modules, lowest first (each imports only those above it):
     config            ModelConfig, the one description of a decoder the shared layers read
+    int8_matmul       weight-only int8 products: the XLA reference and the Pallas kernel
     layers            the shared stack (attention, MLP, norms, RoPE, the Transformer)
+    quantize          quantized(model, "int8"): int8 kernels with per-channel scales, for inference
     llama, qwen2, gemma3   what each architecture changes: config.json <-> ModelConfig both ways, norm names,
                       GGUF fix-ups
     registry          model_type / GGUF architecture -> architecture file
@@ -34,6 +36,7 @@ from .loading import (
     save_checkpoint,
     shard_model,
 )
+from .quantize import WEIGHT_FORMATS, quantized
 from .registry import ARCHITECTURES, architecture_for, config_from_hf, hf_config
 from .shipped import SHIPPED, shipped_gguf
 from .synthetic import (
@@ -48,4 +51,5 @@ from .synthetic import (
 __all__ = ["ModelConfig", "Transformer", "LoadedModel", "load_model", "init_random", "tiny_config",
            "make_hidden_fn", "architecture_for", "config_from_hf", "hf_config", "shard_model", "load_tokenizer",
            "resolve_model_path", "read_model_config", "convert_gguf", "shipped_gguf", "SHIPPED", "ARCHITECTURES", "random_hf_arrays",
-           "write_random_checkpoint", "shape_config", "shape_config_names", "save_checkpoint"]
+           "write_random_checkpoint", "shape_config", "shape_config_names", "save_checkpoint", "quantized",
+           "WEIGHT_FORMATS"]

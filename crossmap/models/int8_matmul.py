@@ -5,9 +5,10 @@ Two implementations of that one function:
 - `int8_matmul_reference`: XLA; the weights are converted to x's dtype and multiplied, the scale
   applied to the product.  The definition, and what runs on backends without the kernel (CPU).
 - `int8_matmul_pallas`: a Pallas kernel (Triton lowering, GPU) that converts each weight tile
-  after loading it, so only the int8 bytes cross memory.  XLA, given the reference, writes the
-  converted weights out in full before its matmul reads them back, which makes 8-bit weights
-  slower than bf16 ones; a decode step reads every weight once, so the bytes read are its cost.
+  after loading it, so only the int8 bytes cross memory.  XLA, given the reference, mostly writes
+  the converted weights out in full before its matmul reads them back (it fused the conversion for
+  some shapes at few rows); a decode step reads every weight once, so the bytes read are its cost.
+  The kernel does not yet read at the bytes floor, nor beat bf16 (BENCHMARKS.md, "Weight-only int8").
   The grid splits the output columns into blocks and, for wide K and narrow N (the down and output
   projections), K into `splits` slices whose float32 partial products are summed afterwards: enough
   programs to keep every multiprocessor streaming.  With `interpret=True` the same kernel runs on
@@ -107,7 +108,7 @@ def _kernel(x_ref, w_ref, scale_ref, out_ref, *, block_k: int, steps: int, scale
 def int8_matmul_pallas(x: Array, w: Array, scale: Array, *, out_dtype=None, blocks: KernelBlocks | None = None,
                        interpret: bool = False) -> Array:
     """The kernel: x [M, K] @ int8 w [K, N] * scale [N], in `out_dtype` (default x's dtype).  M is
-    padded to a multiple of 16 here; K and N must be multiples of 16 (`default_blocks`)."""
+    padded here to whole row blocks; K and N must be multiples of 16 (`default_blocks`)."""
     from jax.experimental.pallas import triton as pltriton
 
     m, k = x.shape

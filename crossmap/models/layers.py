@@ -38,9 +38,9 @@ def project(x: Array, kernel: nnx.Param, scale: nnx.Param | None, equation: str,
     """x @ kernel over x's last `contract` axes and kernel's first `contract` axes (`equation` spells it;
     "" is `x @ kernel`).
 
-    A float kernel is that einsum or matmul.  An int8 kernel (`models.quantize`: `scale` holds one float32 scale per
-    output channel) is one 2-D `int8_matmul`: x and the kernel are reshaped to matrices, which for
-    row-major arrays moves no data.
+    A float kernel is that einsum or matmul.  An int8 kernel (`models.quantize`: `scale` holds one
+    float32 scale per output channel) is one 2-D `int8_matmul`: x and the kernel are reshaped to
+    matrices, which for row-major arrays moves no data.
     """
     if scale is None:
         return jnp.einsum(equation, x, kernel[...]) if equation else x @ kernel[...]
@@ -157,9 +157,10 @@ class Attention(nnx.Module):
         new keys and values are written at the slots `q_index` (contiguous per row: q_index[:, 0] +
         arange(T)) and attention reads the whole cache; without one, keys are this call's own.
         """
-        q = project(x, self.q, self.q_scale, "btd,dnh->btnh", 1, implementation=self.int8_implementation)
-        k = project(x, self.k, self.k_scale, "btd,dkh->btkh", 1, implementation=self.int8_implementation)
-        v = project(x, self.v, self.v_scale, "btd,dkh->btkh", 1, implementation=self.int8_implementation)
+        impl = self.int8_implementation
+        q = project(x, self.q, self.q_scale, "btd,dnh->btnh", 1, implementation=impl)
+        k = project(x, self.k, self.k_scale, "btd,dkh->btkh", 1, implementation=impl)
+        v = project(x, self.v, self.v_scale, "btd,dkh->btkh", 1, implementation=impl)
         if self.q_bias is not None:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.q_norm is not None:
@@ -171,7 +172,7 @@ class Attention(nnx.Module):
                 q, k, v, scale=self.scale, is_causal=True, implementation="cudnn",
                 key_value_seq_lengths=kv_valid.sum(-1).astype(jnp.int32),
                 local_window_size=(self.window - 1, 0) if self.window else None)
-            return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=self.int8_implementation), None
+            return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl), None
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
         if cache is not None:
             start = q_index[0, 0]  # every row writes the same slots; padding lives in kv_valid
@@ -180,7 +181,7 @@ class Attention(nnx.Module):
             cache = (k, v)
         mask = attention_mask(q_index, kv_valid, self.window)
         out = grouped_attention(q, k, v, mask, self.scale)
-        return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=self.int8_implementation), cache
+        return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl), cache
 
 
 def grouped_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
