@@ -148,9 +148,10 @@ def test_quantized_rejects_unknown_formats_and_double_quantisation():
         quantized(quantized(model, "int8"), "int8")
 
 
-def test_real_shipped_int8_models_equal_their_dequantised_references(shipped_model):
-    """Qwen2.5-Coder-0.5B (tied head) and Gemma-3-270M (tied, (1+w) norms, sliding layers)."""
-    for name in ("qwen2.5-coder-0.5b-instruct", "gemma-3-270m"):
+def test_real_shipped_int8_model_equals_its_dequantised_reference(shipped_model):
+    """Gemma-3-270M: a tied head (its own int8 copy), (1+w) norms, sliding layers, the real vocabulary; the tiny
+    qwen2 and gemma3 models above cover both architectures' other paths."""
+    for name in ("gemma-3-270m",):
         lm, _ = shipped_model(name)
         q = quantized(lm.model, "int8")
         ref = dequantized_reference(q)
