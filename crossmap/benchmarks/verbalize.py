@@ -170,6 +170,25 @@ def time_generate(model, prompts, inj, new_tokens, mesh, reps, *, temperature: f
             "distinct_tokens_generated": int(len(np.unique(res.tokens)))}, res
 
 
+def weight_formats(text: str) -> dict[str, tuple[str, str]]:
+    """--weights: {as written: (weight format, int8 implementation)}, in order; "int8:IMPL" names the
+    implementation, plain "int8" is "auto"."""
+    refusal = (f"--weights must list distinct formats of {WEIGHT_FORMATS} (int8 optionally as int8:IMPL, IMPL one "
+               f"of {IMPLEMENTATIONS}), got {text!r}")
+    formats = {}
+    for item in (f.strip() for f in text.split(",")):
+        if not item:
+            continue
+        weights, colon, implementation = item.partition(":")
+        known = weights in WEIGHT_FORMATS and (not colon or weights == "int8" and implementation in IMPLEMENTATIONS)
+        if not known or item in formats:
+            raise ValueError(refusal)
+        formats[item] = (weights, implementation or "auto")
+    if not formats:
+        raise ValueError(refusal)
+    return formats
+
+
 def last_token_logits(model, prompts: np.ndarray, inj: Injection) -> np.ndarray:
     """Next-token logits [B, V] after each prompt with the injection: one generated token's logits."""
     res = generate(model, prompts, max_new_tokens=1, stop_token_ids=[], use_model_eos=False, pad_id=0,
@@ -275,12 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     dtype = args.dtype or preset["dtype"]
-    formats = [f.strip() for f in args.weights.split(",") if f.strip()]
-    unknown = [f for f in formats if f.split(":")[0] not in WEIGHT_FORMATS
-               or ":" in f and (f.split(":")[0] == "float" or f.split(":", 1)[1] not in IMPLEMENTATIONS)]
-    if not formats or unknown or len(set(formats)) != len(formats):
-        raise ValueError(f"--weights must list distinct formats of {WEIGHT_FORMATS} (int8 optionally as int8:IMPL, "
-                         f"IMPL one of {IMPLEMENTATIONS}), got {args.weights!r}")
+    formats = weight_formats(args.weights)
     copy_mib = args.copy_mib or preset["copy_mib"]
     mesh = make_mesh()
     if args.nla:
@@ -321,10 +335,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bandwidth = measured_copy_bandwidth(copy_mib << 20, repeats=max(args.reps, 5))["gb_per_s"] * 1e9
     matmul_rate = measured_matmul_peak(dtype)["tflops"] * 1e12
     per_format: dict[str, Any] = {}
+    first = next(iter(formats))
     reference_logits = None
-    for fmt in formats:
-        weights, _, implementation = fmt.partition(":")
-        variant = quantized(model, weights, implementation=implementation or "auto")
+    for fmt, (weights, implementation) in formats.items():
+        variant = quantized(model, weights, implementation=implementation)
         ours, _ = time_generate(variant, prompts, inj, new_tokens, mesh, args.reps, temperature=args.temperature,
                                 top_p=args.top_p)
         floor = _floor(cfg, variant, batch, prompt_len, new_tokens, bandwidth, ours["decode_step_s"], matmul_rate)
@@ -339,18 +353,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logits = last_token_logits(variant, prompts, inj)
         if reference_logits is None:
             reference_logits = logits
-        else:
-            entry["logits_vs_" + formats[0]] = logit_error(logits, reference_logits)
+        else:  # against the first format, measured in this run
+            base = per_format[first]
+            entry["logits_vs_" + first] = logit_error(logits, reference_logits)
+            entry["decode_step_vs_" + first] = ours["decode_step_s"] / base["crossmap"]["decode_step_s"]
+            entry["decode_step_vs_" + first + "_floor"] = ours["decode_step_s"] / base["floor"]["step_s"]
         per_format[fmt] = entry
         del variant
-    ours, floor = per_format[formats[0]]["crossmap"], per_format[formats[0]]["floor"]
+    ours, floor = per_format[first]["crossmap"], per_format[first]["floor"]
     ours["init_random_s"] = init_s
-    for fmt in formats[1:]:
-        base = per_format[formats[0]]
-        per_format[fmt]["decode_step_vs_" + formats[0]] = (per_format[fmt]["crossmap"]["decode_step_s"]
-                                                           / base["crossmap"]["decode_step_s"])
-        per_format[fmt]["decode_step_vs_" + formats[0] + "_floor"] = (per_format[fmt]["crossmap"]["decode_step_s"]
-                                                                      / base["floor"]["step_s"])
     del model
     result: dict[str, Any] = {
         "benchmark": "verbalize", "preset": args.preset, "model": cfg.name or cfg.model_type,

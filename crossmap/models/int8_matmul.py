@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 Array = jax.Array
 
@@ -90,6 +89,8 @@ def default_blocks(m: int, k: int, n: int, multiprocessors: int = 132) -> Kernel
 
 
 def _kernel(x_ref, w_ref, scale_ref, out_ref, *, block_k: int, steps: int, scaled: bool):
+    from jax.experimental import pallas as pl
+
     acc = jnp.zeros((x_ref.shape[0], w_ref.shape[1]), jnp.float32)
 
     def step(i, acc):
@@ -109,6 +110,8 @@ def int8_matmul_pallas(x: Array, w: Array, scale: Array, *, out_dtype=None, bloc
                        interpret: bool = False) -> Array:
     """The kernel: x [M, K] @ int8 w [K, N] * scale [N], in `out_dtype` (default x's dtype).  M is
     padded here to whole row blocks; K and N must be multiples of 16 (`default_blocks`)."""
+    # Pallas is imported here, not with crossmap.models: only a run that multiplies int8 weights pays for it
+    from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
     m, k = x.shape

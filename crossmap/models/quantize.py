@@ -76,12 +76,12 @@ def quantized(model: Transformer, weights: str, *, implementation: str = "auto")
         return model
     if model.lm_head_scale is not None:
         raise ValueError("model is already quantized")
-    spread = {len(getattr(leaf, "sharding", None).device_set) for leaf in jax.tree.leaves(nnx.state(model))
-              if getattr(leaf, "sharding", None) is not None}
-    if max(spread, default=1) > 1:
+    devices = max((len(leaf.sharding.device_set) for leaf in jax.tree.leaves(nnx.state(model))
+                   if hasattr(leaf, "sharding")), default=1)
+    if devices > 1:
         # the Pallas kernel has no partitioning rule: XLA would gather every kernel onto every device
         raise NotImplementedError("int8 weights run on one device so far; this model's parameters are placed on "
-                                  f"{max(spread)} devices (use a one-device mesh for an int8 verbalizer)")
+                                  f"{devices} devices (use a one-device mesh for an int8 verbalizer)")
     copy = nnx.merge(*nnx.split(model))  # a new module tree over the same arrays
     for _, module in nnx.iter_modules(copy):
         for kind, name, input_axes in _KERNELS:
