@@ -297,3 +297,18 @@ def test_an_int8_verbalizer_on_several_devices_is_refused_before_any_stage():
             print(json.dumps({"refused": str(err)}))
     """, n_devices=2)
     assert "verbalizers.target.weights='int8' runs on one device" in out["refused"]
+
+
+def test_int8_benches_refuse_bad_arguments_before_any_work(tmp_path):
+    from crossmap.benchmarks import features_per_hour, int8_fidelity, int8_matmul
+
+    with pytest.raises(ValueError, match="--batch must be >= 1"):
+        int8_matmul.run(_bench_args(int8_matmul, ["--preset", "tiny", "--batch", "0"]))
+    with pytest.raises(ValueError, match="are not shipped NLA pairs"):
+        int8_fidelity.run(_bench_args(int8_fidelity, ["--pairs", "llama-70b-L40"]))
+    with pytest.raises(ValueError, match="--vectors, --max-new-tokens and --batch must be >= 1"):
+        int8_fidelity.run(_bench_args(int8_fidelity, ["--vectors", "0"]))
+    with pytest.raises(ValueError, match="fewer than --vectors"):
+        int8_fidelity.run(_bench_args(int8_fidelity, ["--first-document", "5990", "--vectors", "64"]))
+    with pytest.raises(ValueError, match="--samples, --backgrounds and --features must be >= 1"):
+        features_per_hour.run(_bench_args(features_per_hour, ["--verbalize", "x.json", "--samples", "0"]))
