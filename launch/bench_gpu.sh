@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, one after another, JSON into OUT_DIR.
-#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|verbalize-27b|int8|top-p|scaling|paper ...]
+#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|verbalize-27b|scan|int8|top-p|scaling|paper ...]
 # scaling compares one GPU with all of them: run it on a multi-GPU node (it is not in the default list).
 # paper runs configs/paper.py at the 7B/27B shapes on random checkpoints it writes (~70 GB of disk;
 # two GPUs or more): TOKENIZERS names a directory with qwen2.5/ and gemma3/ tokenizer directories (unpack
@@ -30,6 +30,15 @@ for b in $benches; do
     verbalize-27b)  # the Gemma-3-27B shape, bf16 and int8 kernels side by side
       python3 -m crossmap.cli bench verbalize --preset 27b --weights float,int8 \
         --out "$out/verbalize-gemma-3-27b.json" ;;
+    scan)  # compile seconds and run time of unrolled and scanned blocks, side by side in one run each
+      python3 -m crossmap.cli bench verbalize --preset 27b --layers unrolled,scanned --reps 2 \
+        --out "$out/verbalize-27b-scan.json"
+      python3 -m crossmap.cli bench forward --model gemma-3-27b-it --layer 41 --batch 8 --seq 1024 --no-torch \
+        --layers unrolled,scanned --out "$out/forward-27b-scan.json"
+      # cuBLAS reading each layer's weights in place from the stack, instead of a copied slice (BENCHMARKS.md)
+      XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false" \
+        python3 -m crossmap.cli bench verbalize --preset 7b --layers unrolled,scanned --torch-device none \
+        --out "$out/verbalize-7b-scan-slice-fusion.json" ;;
     int8)  # weight-only int8: decode beside bf16 at two batches, and each kernel's product with a tiling sweep
       for batch in 128 32; do
         python3 -m crossmap.cli bench verbalize --preset 7b --batch "$batch" --weights float,int8,int8:reference \

@@ -17,7 +17,15 @@ import time
 import jax
 import numpy as np
 
-from ..models import config_from_hf, init_random, make_hidden_fn, shape_config, tiny_config
+from ..models import (
+    LAYER_LAYOUTS,
+    config_from_hf,
+    init_random,
+    make_hidden_fn,
+    scanned,
+    shape_config,
+    tiny_config,
+)
 from ..sharding import make_mesh
 from .common import device_info, measured_matmul_peak, time_jax, torch_cuda_available, write_json
 
@@ -32,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
                    help="auto: fused cuDNN flash attention on GPU, explicit-mask XLA elsewhere")
+    p.add_argument("--layers", default="unrolled",
+                   help="comma-separated block layouts (models.scan.LAYER_LAYOUTS) timed in this run, e.g. "
+                        "unrolled,scanned: compile seconds and run time of each, and the largest difference of "
+                        "their outputs")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-torch", action="store_true", help="skip the transformers peer")
     p.add_argument("--full-model-peer", action="store_true",
@@ -151,17 +163,40 @@ def run(args: argparse.Namespace) -> dict:
                 result["transformers_full_model"] = {"error": f"{type(err).__name__}: {err}"}
     peak = measured_matmul_peak(args.dtype)
     result["measured_peak_tflops"] = peak["tflops"]
+    layouts = [x.strip() for x in args.layers.split(",") if x.strip()]
+    if not layouts or len(set(layouts)) < len(layouts) or any(x not in LAYER_LAYOUTS for x in layouts):
+        raise ValueError(f"--layers must list distinct layouts of {LAYER_LAYOUTS}, got {args.layers!r}")
     model = init_random(cfg, seed=0, dtype=args.dtype, mesh=mesh)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
     positions = np.broadcast_to(np.arange(args.seq, dtype=np.int32), tokens.shape).copy()
     valid = np.ones(tokens.shape, bool)
-    t, _ = time_forward(model, layer, mesh, (tokens, positions, valid), attention, args.repeats)
+    per_layout, first_out = {}, None
+    for n, layout in enumerate(layouts):
+        # the last layout may take the model's blocks (stacking in place: no second copy of a 27B model)
+        variant = scanned(model, layout, consume=n == len(layouts) - 1)
+        t, out = time_forward(variant, layer, mesh, (tokens, positions, valid), attention, args.repeats)
+        entry = {k: t[k] for k in ("compile_s", "median_s", "min_s", "attention", "attention_errors") if k in t}
+        entry["tokens_per_s"] = n_tokens / t["median_s"]
+        entry["tflops"] = flops / t["median_s"] / 1e12
+        entry["mfu"] = entry["tflops"] / peak["tflops"]
+        if first_out is None:
+            first_out = np.asarray(out, np.float32)
+        else:
+            diff = np.abs(np.asarray(out, np.float32) - first_out)
+            entry[f"vs_{layouts[0]}"] = {"compile": t["compile_s"] / per_layout[layouts[0]]["compile_s"],
+                                         "run": t["median_s"] / per_layout[layouts[0]]["median_s"],
+                                         "max_abs_output_difference": float(diff.max()),
+                                         "output_max_abs": float(np.abs(first_out).max())}
+        print(f"[forward bench] {layout}: compile {t['compile_s']:.1f} s, {t['median_s'] * 1e3:.1f} ms", flush=True)
+        per_layout[layout] = entry
+        del variant, out
+    del model
+    t = per_layout[layouts[0]]
     result.update({k: t[k] for k in ("compile_s", "attention_errors", "attention") if k in t})
-    ours = {"median_s": t["median_s"], "tokens_per_s": n_tokens / t["median_s"],
-            "tflops": flops / t["median_s"] / 1e12}
-    ours["mfu"] = ours["tflops"] / peak["tflops"]
+    ours = {k: t[k] for k in ("median_s", "tokens_per_s", "tflops", "mfu")}
     result["crossmap"] = ours
+    result["layers"] = per_layout
     if ref is not None:
         ref["tokens_per_s"] = n_tokens / ref["median_s"]
         ref["tflops"] = flops / ref["median_s"] / 1e12

@@ -51,6 +51,7 @@ from crossmap.benchmarks.common import (
 from crossmap.models import ModelConfig, config_from_hf, hf_config, init_random, shape_config, tiny_config
 from crossmap.models.int8_matmul import IMPLEMENTATIONS
 from crossmap.models.quantize import WEIGHT_FORMATS, quantized
+from crossmap.models.scan import LAYER_LAYOUTS, scanned
 from crossmap.sharding import make_mesh
 from crossmap.verbalize import Injection, generate, mean_embedding_norm
 
@@ -78,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated weight formats timed side by side in this run (models.quantize."
                              "WEIGHT_FORMATS): float (the dtype), int8 (weight-only int8 kernels); int8:IMPL picks "
                              "how its products run (models.int8_matmul.IMPLEMENTATIONS), e.g. float,int8,int8:reference")
+    parser.add_argument("--layers", default="unrolled",
+                        help="comma-separated block layouts (models.scan.LAYER_LAYOUTS), each timed with every "
+                             "--weights format in this run: unrolled, scanned (one lax.scan over groups of blocks); "
+                             "each variant's compile_s is its first call minus a warm call")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     parser.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth-probe copy")
     parser.add_argument("--torch-device", default="auto", help="auto | cuda | cpu | none")
@@ -189,6 +194,20 @@ def weight_formats(text: str) -> dict[str, tuple[str, str]]:
     return formats
 
 
+def layer_layouts(text: str) -> list[str]:
+    """--layers: the distinct layouts, in order."""
+    layouts = [item.strip() for item in text.split(",") if item.strip()]
+    if not layouts or len(set(layouts)) < len(layouts) or any(x not in LAYER_LAYOUTS for x in layouts):
+        raise ValueError(f"--layers must list distinct layouts of {LAYER_LAYOUTS}, got {text!r}")
+    return layouts
+
+
+def variant_names(formats: dict[str, tuple[str, str]], layouts: list[str]) -> list[tuple[str, str, str]]:
+    """(name, weight format as written, layout) for every format with every layout; a scanned variant's name is
+    "<format>/scanned"."""
+    return [(fmt if layout == "unrolled" else f"{fmt}/{layout}", fmt, layout) for fmt in formats for layout in layouts]
+
+
 def last_token_logits(model, prompts: np.ndarray, inj: Injection) -> np.ndarray:
     """Next-token logits [B, V] after each prompt with the injection: one generated token's logits."""
     res = generate(model, prompts, max_new_tokens=1, stop_token_ids=[], use_model_eos=False, pad_id=0,
@@ -295,6 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     dtype = args.dtype or preset["dtype"]
     formats = weight_formats(args.weights)
+    variants = variant_names(formats, layer_layouts(args.layers))
     copy_mib = args.copy_mib or preset["copy_mib"]
     mesh = make_mesh()
     if args.nla:
@@ -335,30 +355,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bandwidth = measured_copy_bandwidth(copy_mib << 20, repeats=max(args.reps, 5))["gb_per_s"] * 1e9
     matmul_rate = measured_matmul_peak(dtype)["tflops"] * 1e12
     per_format: dict[str, Any] = {}
-    first = next(iter(formats))
+    first = variants[0][0]
     reference_logits = None
-    for fmt, (weights, implementation) in formats.items():
+    for n, (name, fmt, layout) in enumerate(variants):
+        weights, implementation = formats[fmt]
         variant = quantized(model, weights, implementation=implementation)
+        # the last variant may take the float model's blocks (stacking in place: no second copy at the 27B shape)
+        last_use = n == len(variants) - 1 and weights == "float"
+        variant = scanned(variant, layout, consume=last_use)
         ours, _ = time_generate(variant, prompts, inj, new_tokens, mesh, args.reps, temperature=args.temperature,
                                 top_p=args.top_p)
+        ours["layers"] = layout
+        ours["compile_s"] = ours["first_call_s"] - ours["total_s"]
         floor = _floor(cfg, variant, batch, prompt_len, new_tokens, bandwidth, ours["decode_step_s"], matmul_rate)
         ours["ratio_to_floor"] = floor["ratio_to_floor"]
         # a decode step timed at <= 0 (a loaded CPU: the 1-token call took as long as the full one) has no ratio
         ratio = "n/a" if floor["ratio_to_floor"] is None else f"{floor['ratio_to_floor']:.3f}"
-        print(f"[verbalize bench] crossmap ({fmt} weights): {ours['total_s']:.3f} s per call, decode step "
-              f"{ours['decode_step_s'] * 1e3:.2f} ms, {ours['explanations_per_s']:.1f} explanations/s; floor "
-              f"{floor['step_s'] * 1e3:.3f} ms/step at {floor['copy_bandwidth_GBps']:.0f} GB/s: ratio {ratio}",
-              flush=True)
+        print(f"[verbalize bench] crossmap ({name}): compile {ours['compile_s']:.1f} s, {ours['total_s']:.3f} s "
+              f"per call, decode step {ours['decode_step_s'] * 1e3:.2f} ms, {ours['explanations_per_s']:.1f} "
+              f"explanations/s; floor {floor['step_s'] * 1e3:.3f} ms/step at {floor['copy_bandwidth_GBps']:.0f} "
+              f"GB/s: ratio {ratio}", flush=True)
         entry = {"crossmap": ours, "floor": floor}
         logits = last_token_logits(variant, prompts, inj)
         if reference_logits is None:
             reference_logits = logits
-        else:  # against the first format, measured in this run
+        else:  # against the first variant, measured in this run
             base = per_format[first]
             entry["logits_vs_" + first] = logit_error(logits, reference_logits)
             entry["decode_step_vs_" + first] = ours["decode_step_s"] / base["crossmap"]["decode_step_s"]
             entry["decode_step_vs_" + first + "_floor"] = ours["decode_step_s"] / base["floor"]["step_s"]
-        per_format[fmt] = entry
+            entry["compile_vs_" + first] = ours["compile_s"] / base["crossmap"]["compile_s"]
+        per_format[name] = entry
         del variant
     ours, floor = per_format[first]["crossmap"], per_format[first]["floor"]
     ours["init_random_s"] = init_s
@@ -371,7 +398,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sampling": {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else "greedy",
         "injection": {"mode": "replace", "layer": 0, "position": marker},
         "devices": [str(d.device_kind) for d in jax.devices()], "device": device_info(),
-        # the first of --weights; "weights" holds every format's timings, floor and logit error
+        # the first variant; "weights" holds every variant's (format, layout) timings, floor and logit error
         "crossmap": ours, "floor": floor, "weights": per_format,
     }
     if hf is None:

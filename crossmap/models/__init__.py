@@ -8,6 +8,7 @@ Modules, lowest first (each imports only those above it):
     int8_matmul       weight-only int8 products: the XLA reference and the Pallas kernel
     layers            the shared stack (attention, MLP, norms, RoPE, the Transformer)
     quantize          quantized(model, "int8"): int8 kernels with per-channel scales, for inference
+    scan              scanned(): blocks stacked by group of the layer pattern, run by one lax.scan
     llama, qwen2, gemma3   what each architecture changes: config.json <-> ModelConfig both ways, norm names,
                       GGUF fix-ups
     registry          model_type / GGUF architecture -> architecture file
@@ -36,8 +37,9 @@ from .loading import (
     save_checkpoint,
     shard_model,
 )
-from .quantize import WEIGHT_FORMATS, quantized
+from .quantize import WEIGHT_FORMATS, is_quantized, quantized
 from .registry import ARCHITECTURES, architecture_for, config_from_hf, hf_config
+from .scan import LAYER_LAYOUTS, is_scanned, scanned
 from .shipped import SHIPPED, shipped_gguf
 from .synthetic import (
     init_random,
@@ -52,4 +54,4 @@ __all__ = ["ModelConfig", "Transformer", "LoadedModel", "load_model", "init_rand
            "make_hidden_fn", "architecture_for", "config_from_hf", "hf_config", "shard_model", "load_tokenizer",
            "resolve_model_path", "read_model_config", "convert_gguf", "shipped_gguf", "SHIPPED", "ARCHITECTURES", "random_hf_arrays",
            "write_random_checkpoint", "shape_config", "shape_config_names", "save_checkpoint", "quantized",
-           "WEIGHT_FORMATS"]
+           "WEIGHT_FORMATS", "is_quantized", "scanned", "is_scanned", "LAYER_LAYOUTS"]

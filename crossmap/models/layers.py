@@ -149,13 +149,18 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x: Array, cos: Array, sin: Array, q_index: Array, kv_valid: Array,
-                 cache: tuple[Array, Array] | None = None, implementation: str | None = None):
+                 cache: tuple[Array, Array] | None = None, implementation: str | None = None,
+                 cache_index: Array | int | None = None):
         """x [B, T, D] -> ([B, T, D], new cache).
 
         With a cache (k, v each [B, K, S, H]: kv-heads before slots, so a decode step's two
         attention products are plain batched matmuls with no per-step transpose of the cache) the
         new keys and values are written at the slots `q_index` (contiguous per row: q_index[:, 0] +
         arange(T)) and attention reads the whole cache; without one, keys are this call's own.
+
+        `cache_index` set: the cache is a stack over layers (k, v each [G, B, K, S, H], a scanned
+        model's) and this layer's entry is `cache_index`.  Only the new slots are written into the
+        stack, so a decode step carried through a scan writes T slots, not the layer's whole cache.
         """
         impl = self.int8_implementation
         q = project(x, self.q, self.q_scale, "btd,dnh->btnh", 1, implementation=impl)
@@ -174,7 +179,15 @@ class Attention(nnx.Module):
                 local_window_size=(self.window - 1, 0) if self.window else None)
             return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl), None
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-        if cache is not None:
+        if cache is not None and cache_index is not None:
+            start = q_index[0, 0]
+            at = (cache_index, 0, 0, start, 0)
+            stack_k = jax.lax.dynamic_update_slice(cache[0], k[None].astype(cache[0].dtype), at)
+            stack_v = jax.lax.dynamic_update_slice(cache[1], v[None].astype(cache[1].dtype), at)
+            cache = (stack_k, stack_v)
+            k = jax.lax.dynamic_index_in_dim(stack_k, cache_index, 0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(stack_v, cache_index, 0, keepdims=False)
+        elif cache is not None:
             start = q_index[0, 0]  # every row writes the same slots; padding lives in kv_valid
             k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=2)
@@ -231,8 +244,8 @@ class Block(nnx.Module):
         self.post_attn_norm = norm() if cfg.sandwich_norms else None
         self.post_mlp_norm = norm() if cfg.sandwich_norms else None
 
-    def __call__(self, x, cos, sin, q_index, kv_valid, cache=None, implementation=None):
-        h, cache = self.attn(self.input_norm(x), cos, sin, q_index, kv_valid, cache, implementation)
+    def __call__(self, x, cos, sin, q_index, kv_valid, cache=None, implementation=None, cache_index=None):
+        h, cache = self.attn(self.input_norm(x), cos, sin, q_index, kv_valid, cache, implementation, cache_index)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -252,6 +265,12 @@ class Transformer(nnx.Module):
         self.attention_impl: str | None = None  # None: explicit-mask XLA attention; "cudnn": fused
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, std=1.0)
         self.layers = nnx.List([Block(cfg, t, dtype, rngs) for t in cfg.layer_types])
+        # A scanned model (models.scan) holds its first scan_groups * scan_period blocks as scan_period
+        # stacked Blocks (leading axis: the group) and runs them with one lax.scan over the groups;
+        # `layers` then holds only the blocks after the last whole group.  None: every block unrolled.
+        self.layer_stacks: nnx.List | None = None
+        self.scan_period = 0
+        self.scan_groups = 0
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.norm_plus_one, dtype, rngs)
         self.lm_head = None if cfg.tie_embeddings else _param(
             rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dtype)
@@ -294,16 +313,72 @@ class Transformer(nnx.Module):
             q_index = jnp.broadcast_to(jnp.arange(x.shape[1])[None], x.shape[:2])
         last = self.config.n_layers - 1 if stop_after is None else stop_after
         tables = self._rope(positions)
+        if self.layer_stacks is not None:
+            return self._run_scanned(x, tables, q_index, kv_valid, cache, last, residual_add)
         new_cache = []
         for i in range(last + 1):
-            block = self.layers[i]
-            cos, sin = tables[block.layer_type]
-            x, c = block(x, cos, sin, q_index, kv_valid, None if cache is None else cache[i],
-                         self.attention_impl)
+            x, c = self._block(self.layers[i], i, x, tables, q_index, kv_valid,
+                               None if cache is None else cache[i], residual_add)
             new_cache.append(c)
-            if residual_add is not None and residual_add[0] == i:
-                x = x + residual_add[1].astype(x.dtype)
         return x, new_cache
+
+    def _block(self, block, index, x, tables, q_index, kv_valid, cache, residual_add, cache_index=None):
+        """One block, then the injection if it is due after block `index` (an int, or traced in a scan)."""
+        cos, sin = tables[block.layer_type]
+        x, cache = block(x, cos, sin, q_index, kv_valid, cache, self.attention_impl, cache_index)
+        if residual_add is not None:
+            delta = residual_add[1].astype(x.dtype)
+            if isinstance(index, int):
+                x = x + delta if index == residual_add[0] else x
+            else:
+                x = jnp.where(index == residual_add[0], x + delta, x)
+        return x, cache
+
+    def _run_scanned(self, x, tables, q_index, kv_valid, cache, last, residual_add):
+        """`run` for a scanned model: one lax.scan over the whole groups needed, then any blocks of a
+        partial group (a truncated forward) and the tail, unrolled.
+
+        The stacked weights are closed over, not scanned as xs, and indexed by the group inside the body,
+        so a forward that stops early never slices (copies) a prefix of the stack.  The stacked caches ride
+        in the scan's carry and each block writes only its new slots into them (Attention's cache_index).
+        """
+        period, groups = self.scan_period, self.scan_groups
+        stacks = [nnx.split(stack) for stack in self.layer_stacks]
+        caches = None if cache is None else list(cache)
+        n_scanned = min((last + 1) // period, groups)
+
+        def group(carry, g):
+            x, stack_caches = carry
+            updated = []
+            for j, (graphdef, state) in enumerate(stacks):
+                params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, g, 0, keepdims=False), state)
+                c = None if stack_caches is None else stack_caches[j]
+                x, c = self._block(nnx.merge(graphdef, params), g * period + j, x, tables, q_index, kv_valid, c,
+                                   residual_add, cache_index=None if c is None else g)
+                updated.append(c)
+            return (x, None if stack_caches is None else updated), None
+
+        if n_scanned:
+            carry = (x, None if caches is None else caches[:period])
+            (x, stack_caches), _ = jax.lax.scan(group, carry, jnp.arange(n_scanned, dtype=jnp.int32))
+            if caches is not None:
+                caches[:period] = stack_caches
+        for i in range(n_scanned * period, min(last + 1, groups * period)):  # a partial group
+            g, j = divmod(i, period)
+            graphdef, state = stacks[j]
+            block = nnx.merge(graphdef, jax.tree.map(lambda a, g=g: a[g], state))
+            c = None if caches is None else caches[j]
+            x, c = self._block(block, i, x, tables, q_index, kv_valid, c, residual_add,
+                               cache_index=None if c is None else g)
+            if caches is not None:
+                caches[j] = c
+        for i in range(groups * period, last + 1):  # the tail
+            t = i - groups * period
+            x, c = self._block(self.layers[t], i, x, tables, q_index, kv_valid,
+                               None if caches is None else caches[period + t], residual_add)
+            if caches is not None:
+                caches[period + t] = c
+        return x, caches
 
     def head(self, x: Array) -> Array:
         """Final norm and LM head: logits [B, T, V] in float32."""
@@ -336,8 +411,16 @@ class Transformer(nnx.Module):
         return self.head(x)
 
     def init_cache(self, batch: int, length: int, dtype=None) -> list[tuple[Array, Array]]:
-        """Zeroed KV cache, one (k, v) pair of [batch, n_kv_heads, length, head_dim] per layer."""
+        """Zeroed KV cache, one (k, v) pair of [batch, n_kv_heads, length, head_dim] per layer.
+
+        A scanned model's: one pair per position in its period, stacked [scan_groups, batch, ...], then one
+        per tail block.  Either way the batch is axis -4 of every array.
+        """
         cfg = self.config
         dtype = dtype or self.embed[...].dtype
         shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
-        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)]
+        if self.layer_stacks is None:
+            return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)]
+        stacked = (self.scan_groups,) + shape
+        return ([(jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype)) for _ in range(self.scan_period)]
+                + [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers])

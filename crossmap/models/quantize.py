@@ -76,6 +76,8 @@ def quantized(model: Transformer, weights: str, *, implementation: str = "auto")
         return model
     if model.lm_head_scale is not None:
         raise ValueError("model is already quantized")
+    if model.layer_stacks is not None:  # a stacked kernel's leading group axis would count as an input axis
+        raise ValueError("model is scanned: quantize before scanning (scanned(quantized(model, 'int8')))")
     devices = max((len(leaf.sharding.device_set) for leaf in jax.tree.leaves(nnx.state(model))
                    if hasattr(leaf, "sharding")), default=1)
     if devices > 1:

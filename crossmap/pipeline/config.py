@@ -22,6 +22,7 @@ from ..activations import CORPUS_SPLITS, PAIRINGS
 from ..evaluate import AGGREGATES
 from ..models.config import SUPPORTED_DTYPES
 from ..models.quantize import WEIGHT_FORMATS
+from ..models.scan import LAYER_LAYOUTS
 from ..nla import RELEASE_TEMPERATURE
 from ..ridge import COMPUTE_DTYPES, NONFINITE_MODES
 from ..sae import CONTROL_MODES, MAPPING_SCALES, SELECTION_METHODS
@@ -56,6 +57,10 @@ def _verbalizer(kind: str = "self") -> ml_collections.ConfigDict:
         # models.quantize.WEIGHT_FORMATS: "float" (the dtype's floats) or "int8" (weight-only int8 kernels, one
         # scale per output channel; half the bytes a decode step reads; BENCHMARKS.md gives speed and fidelity)
         "weights": "float",
+        # models.scan.LAYER_LAYOUTS: "unrolled" (one copy of every block in the compiled program) or "scanned"
+        # (one lax.scan over groups of blocks: far shorter first compiles; BENCHMARKS.md gives both speeds). A
+        # scanned self-verbalizer holds its own stacked copy of the blocks beside the model the other stages use
+        "layers": "unrolled",
         # also explain random directions of this side's own space (the controls of the source self round
         # trip, AR_source(AV_source(r)) against r); the target always explains its controls
         "explain_controls": False,
@@ -295,6 +300,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if v.dtype:
             _one_of(problems, f"verbalizers.{side}.dtype", v.dtype, SUPPORTED_DTYPES)
         _one_of(problems, f"verbalizers.{side}.weights", v.weights, WEIGHT_FORMATS)
+        _one_of(problems, f"verbalizers.{side}.layers", v.layers, LAYER_LAYOUTS)
         _at_least(problems, f"verbalizers.{side}.n_samples", v.n_samples, 1)
         _at_least(problems, f"verbalizers.{side}.batch_size", v.batch_size, 1)
         _at_least(problems, f"verbalizers.{side}.max_new_tokens", v.max_new_tokens, 0)

@@ -28,6 +28,7 @@ from ..integrity import path_identity
 from ..jsonio import load_json, save_json
 from ..models import make_hidden_fn
 from ..models.quantize import quantized
+from ..models.scan import scanned
 from ..sharding import to_host
 from .context import RunContext, log
 from .outputs import (
@@ -347,9 +348,9 @@ def build_verbalizer(ctx: RunContext, side: str):
         if v.scale == "activation":  # the typical residual norm at this side's layer, measured in `map`
             changes["injection_scale"] = MapSummary.load(ctx.stage_dir("map")).norms.median(side)
         spec = spec.replace(**changes)
-    # int8 kernels are a new module over the model's arrays: a self-verbalizer's float model still serves
-    # the other stages
-    model = quantized(lm.model, v.weights)
+    # int8 kernels and stacked blocks are a new module over the model's arrays: a self-verbalizer's float model
+    # still serves the other stages, so only an NLA's own model is consumed by stacking
+    model = scanned(quantized(lm.model, v.weights), v.layers, consume=v.kind == "nla")
     return Verbalizer(model, lm.tokenizer, spec, mesh=ctx.mesh), lm
 
 

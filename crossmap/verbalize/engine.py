@@ -238,12 +238,12 @@ def _generate_program(state, tokens, valid, active, inj_vectors, inj_slots, grou
     n = shared_prefix
     if n:
         _, one = model.run(x[:1, :n], positions[:1, :n], kv_valid[:1], cache=model.init_cache(1, cache_len))
-        cache = [(jnp.broadcast_to(k, (batch,) + k.shape[1:]), jnp.broadcast_to(v, (batch,) + v.shape[1:]))
-                 for k, v in one]
+        cache = jax.tree.map(lambda a: jnp.broadcast_to(a, a.shape[:-4] + (batch,) + a.shape[-3:]), one)
     else:
         cache = model.init_cache(batch, cache_len)
-    cache = [(shd.constrain(k, ("batch", "kv_heads", "length", "head_dim"), mesh, rules),
-              shd.constrain(v, ("batch", "kv_heads", "length", "head_dim"), mesh, rules)) for k, v in cache]
+    # the batch is axis -4 of every cache array; a scanned model's are stacked over its groups in front
+    cache = jax.tree.map(lambda a: shd.constrain(a, ("layers",) * (a.ndim - 4) + ("batch", "kv_heads", "length",
+                                                                                  "head_dim"), mesh, rules), cache)
     if residual_add is not None:
         residual_add = (residual_add[0], residual_add[1][:, n:])
     q_index = jnp.broadcast_to(jnp.arange(n, prompt_len, dtype=jnp.int32)[None], (batch, prompt_len - n))

@@ -1,0 +1,180 @@
+"""Scanned layers (models.scan): a lax.scan over groups of blocks computes what the unrolled blocks compute.
+
+Oracle: the same model unrolled.  Both run jitted, so each side is one XLA program; XLA fuses a loop body
+differently from straight-line code, so hidden states agree to float32 rounding (the bound below), and the
+tokens chosen from them are identical.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from crossmap.models import init_random, is_quantized, quantized
+from crossmap.models.scan import LAYER_LAYOUTS, is_scanned, layer_period, scanned
+from crossmap.models.synthetic import tiny_config
+from crossmap.verbalize import Injection, generate
+
+# float32 rounding after a few dozen blocks, relative to the largest entry
+RELATIVE_BOUND = 2e-5
+
+
+def gemma_with_groups(n_layers: int = 13):
+    """A tiny Gemma 3 with the 5:1 pattern over 13 blocks: two whole groups of six and a tail of one."""
+    types = tuple("sliding" if (i + 1) % 6 else "full" for i in range(n_layers))
+    return tiny_config("gemma3", n_layers=n_layers, layer_types=types, eos_token_ids=(1,))
+
+
+def close(a, b) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
+
+
+def test_layer_period_is_the_shortest_repeat_of_the_pattern():
+    assert layer_period(("full",) * 28) == 1
+    gemma_27b = tuple("sliding" if (i + 1) % 6 else "full" for i in range(62))
+    assert layer_period(gemma_27b) == 6
+    assert layer_period(("sliding", "full") * 3) == 2
+    assert layer_period(("full", "sliding", "sliding")) == 3  # no repeat: one group of every block
+    assert layer_period(("full",)) == 1
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_config("qwen2", eos_token_ids=(1,)), gemma_with_groups],
+                         ids=["qwen2-period-1", "gemma3-two-groups-and-a-tail"])
+def test_scanned_hidden_states_and_logits_equal_the_unrolled_model(make):
+    cfg = make()
+    model = init_random(cfg, seed=1, dtype="float32")
+    scan = scanned(model)
+    period = layer_period(cfg.layer_types)
+    assert is_scanned(scan) and not is_scanned(model)
+    assert (scan.scan_period, scan.scan_groups, len(scan.layers)) == (period, cfg.n_layers // period,
+                                                                      cfg.n_layers % period)
+    # the unrolled model keeps its own blocks: the stacks are new arrays
+    assert model.layers[0].attn.q[...].shape == (cfg.d_model, cfg.n_heads, cfg.head_dim)
+    assert scan.layer_stacks[0].attn.q[...].shape == (cfg.n_layers // period, cfg.d_model, cfg.n_heads, cfg.head_dim)
+    assert scan.layer_stacks[0].attn.q.get_metadata()["logical"][0] == "layers"
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(2, cfg.vocab_size, (3, 12)))
+    valid = jnp.asarray(np.arange(12)[None] >= np.array([[0], [3], [5]]))  # left padding, as generate pads
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    # inside the first group; the first block of the second (a whole group scanned, then a partial one); the last
+    for layer in sorted({min(3, cfg.n_layers - 1), min(6, cfg.n_layers - 1), cfg.n_layers - 1}):
+        f = jax.jit(lambda t, p, v, m, layer=layer: m.hidden(t, p, v, layer=layer))
+        want = f(tokens, positions, valid, model)
+        got = f(tokens, positions, valid, scan)
+        assert close(got, want) < RELATIVE_BOUND, layer
+    logits = jax.jit(lambda m: m.logits(tokens, positions, valid))
+    want, got = logits(model), logits(scan)
+    assert close(got, want) < RELATIVE_BOUND
+    np.testing.assert_array_equal(np.asarray(got.argmax(-1)), np.asarray(want.argmax(-1)))
+
+
+@pytest.mark.parametrize("layer,mode,choice", [
+    (4, "replace", {"group_size": 2, "group_weights": [1.0, -0.5]}),  # inside the first group; washout-style groups
+    (8, "add", {"temperature": 0.8, "top_p": 0.9, "key": 7}),  # inside the second group; nucleus sampling
+    (13, "replace", {}),  # after the tail block; greedy
+], ids=["group-washout", "sampled", "greedy-after-tail"])
+def test_scanned_generation_chooses_the_unrolled_tokens_with_an_injection(layer, mode, choice):
+    """The prompts share a prefix (prefilled once and broadcast) and differ in length (left padding)."""
+    cfg = gemma_with_groups()
+    model = init_random(cfg, seed=2, dtype="float32")
+    scan = scanned(model)
+    prefix = list(range(20, 40))
+    prompts = [prefix + [3, 4, 5, 6], prefix + [7, 8, 9], prefix + [10, 11, 12, 13, 14], prefix + [15, 16]]
+    vectors = np.random.default_rng(3).normal(size=(4, cfg.d_model)).astype(np.float32)
+    injection = Injection(vectors, [21, 20, 22, 21], layer=layer, mode=mode)
+    a = generate(model, prompts, max_new_tokens=8, injection=injection, return_logits=True, **choice)
+    b = generate(scan, prompts, max_new_tokens=8, injection=injection, return_logits=True, **choice)
+    np.testing.assert_array_equal(b.tokens, a.tokens)
+    np.testing.assert_array_equal(b.lengths, a.lengths)
+    assert close(b.logits, a.logits) < RELATIVE_BOUND
+
+
+def test_scanned_int8_model_equals_the_unrolled_int8_model():
+    """Quantize, then scan: the stacks hold the int8 kernels and their scales."""
+    cfg = gemma_with_groups()
+    model = quantized(init_random(cfg, seed=4, dtype="float32"), "int8")
+    scan = scanned(model)
+    assert is_quantized(scan) and scan.layer_stacks[0].mlp.up[...].dtype == jnp.int8
+    prompts = [[3, 4, 5, 6, 7], [8, 9, 10]]
+    a = generate(model, prompts, max_new_tokens=8, return_logits=True)
+    b = generate(scan, prompts, max_new_tokens=8, return_logits=True)
+    np.testing.assert_array_equal(b.tokens, a.tokens)
+    assert close(b.logits, a.logits) < RELATIVE_BOUND
+
+
+def test_scanned_refuses_unknown_layouts_rescanning_and_quantizing_after():
+    model = init_random(tiny_config("qwen2"), seed=0, dtype="float32")
+    assert scanned(model, "unrolled") is model
+    assert LAYER_LAYOUTS == ("unrolled", "scanned")
+    with pytest.raises(ValueError, match="layers must be one of"):
+        scanned(model, "stacked")
+    scan = scanned(model)
+    with pytest.raises(ValueError, match="already scanned"):
+        scanned(scan)
+    with pytest.raises(ValueError, match="quantize before scanning"):
+        quantized(scan, "int8")
+
+
+def test_a_scanned_cache_is_stacked_by_group_with_the_batch_at_axis_minus_4():
+    cfg = gemma_with_groups()
+    cache = jax.eval_shape(lambda: scanned(init_random(cfg, seed=0, dtype="float32")).init_cache(3, 40))
+    shapes = [k.shape for k, _ in cache]
+    assert shapes == [(2, 3, cfg.n_kv_heads, 40, cfg.head_dim)] * 6 + [(3, cfg.n_kv_heads, 40, cfg.head_dim)]
+
+
+@pytest.mark.parametrize("name", ["gemma-3-270m", "qwen2.5-coder-0.5b-instruct"])
+def test_real_shipped_models_scanned_equal_unrolled(shipped_model, name):
+    """Gemma-3-270M (18 blocks: three groups of 5 sliding + 1 global) and Qwen2.5-Coder-0.5B (24 blocks, period 1),
+    real weights and tokenizers: hidden states at the middle layer (for Gemma a whole group and a partial one) and
+    greedy tokens (every block)."""
+    lm, _ = shipped_model(name)
+    scan = scanned(lm.model)
+    cfg = lm.model.config
+    ids = lm.tokenizer("The river ran past the mill and into the town, where the")["input_ids"]
+    tokens = jnp.asarray([ids])
+    positions = jnp.arange(len(ids))[None]
+    valid = jnp.ones_like(tokens, bool)
+    f = jax.jit(lambda m: m.hidden(tokens, positions, valid, layer=cfg.n_layers // 2))
+    assert close(f(scan), f(lm.model)) < RELATIVE_BOUND
+    a = generate(lm.model, [ids], max_new_tokens=8, use_model_eos=False)
+    b = generate(scan, [ids], max_new_tokens=8, use_model_eos=False)
+    np.testing.assert_array_equal(b.tokens, a.tokens)
+
+
+def test_consume_stacks_in_place_and_frees_the_unrolled_blocks():
+    cfg = gemma_with_groups()
+    kept = scanned(init_random(cfg, seed=6, dtype="float32"))
+    owned = init_random(cfg, seed=6, dtype="float32")
+    consumed = scanned(owned, consume=True)
+    assert owned.layers[0].attn.q[...].is_deleted() and owned.layers[11].mlp.down[...].is_deleted()
+    assert not owned.layers[12].attn.q[...].is_deleted()  # the tail block is the scanned model's own, unchanged
+    for a, b in zip(jax.tree.leaves(nnx.state(kept)), jax.tree.leaves(nnx.state(consumed)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_config_selects_scanned_layers_per_verbalizer(tmp_path):
+    """verbalizers.<side>.layers: the side's verbalizer is scanned, the shared model stays unrolled (and usable), and
+    a layout models.scan does not know is refused naming the field."""
+    from pathlib import Path
+
+    from crossmap.pipeline import load_config, validate
+    from crossmap.pipeline.context import RunContext
+    from crossmap.pipeline.stages import build_verbalizer
+
+    c = load_config(Path(__file__).parent.parent / "configs" / "tiny.py")
+    c.run_dir = str(tmp_path / "run")
+    c.verbalizers.source.layers = "scanned"
+    c.verbalizers.source.weights = "int8"
+    ctx = RunContext(c)
+    verbalizer, lm = build_verbalizer(ctx, "source")
+    assert is_scanned(verbalizer.model) and is_quantized(verbalizer.model)
+    assert not is_scanned(lm.model) and not lm.model.layers[0].attn.q[...].is_deleted()
+    target, _ = build_verbalizer(ctx, "target")
+    assert not is_scanned(target.model)
+    c.verbalizers.target.layers = "stacked"
+    with pytest.raises(ValueError, match="verbalizers.target.layers must be one of 'unrolled', 'scanned'"):
+        validate(c)
