@@ -35,10 +35,13 @@ for b in $benches; do
         --out "$out/verbalize-27b-scan.json"
       python3 -m crossmap.cli bench forward --model gemma-3-27b-it --layer 41 --batch 8 --seq 1024 --no-torch \
         --layers unrolled,scanned --out "$out/forward-27b-scan.json"
-      # cuBLAS reading each layer's weights in place from the stack, instead of a copied slice (BENCHMARKS.md)
-      XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false" \
-        python3 -m crossmap.cli bench verbalize --preset 7b --layers unrolled,scanned --torch-device none \
-        --out "$out/verbalize-7b-scan-slice-fusion.json" ;;
+      # the flags a scanned decode wants (models.scan.SCANNED_GPU_XLA_FLAGS): weights read in place from the stack
+      flags="--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false"
+      flags="$flags --xla_gpu_dot_merger_threshold_mb=0"
+      for preset in 7b 27b; do
+        XLA_FLAGS="$flags" python3 -m crossmap.cli bench verbalize --preset $preset --layers unrolled,scanned \
+          --reps 2 --torch-device none --out "$out/verbalize-$preset-scan-xla-flags.json"
+      done ;;
     int8)  # weight-only int8: decode beside bf16 at two batches, and each kernel's product with a tiling sweep
       for batch in 128 32; do
         python3 -m crossmap.cli bench verbalize --preset 7b --batch "$batch" --weights float,int8,int8:reference \

@@ -178,3 +178,44 @@ def test_config_selects_scanned_layers_per_verbalizer(tmp_path):
     c.verbalizers.target.layers = "stacked"
     with pytest.raises(ValueError, match="verbalizers.target.layers must be one of 'unrolled', 'scanned'"):
         validate(c)
+
+
+def test_missing_gpu_xla_flags_names_each_flag_not_given():
+    from crossmap.models.scan import SCANNED_GPU_XLA_FLAGS, missing_gpu_xla_flags
+
+    assert missing_gpu_xla_flags("") == list(SCANNED_GPU_XLA_FLAGS)
+    assert missing_gpu_xla_flags(" ".join(SCANNED_GPU_XLA_FLAGS) + " --xla_dump_to=/tmp/x") == []
+    assert missing_gpu_xla_flags(SCANNED_GPU_XLA_FLAGS[0]) == list(SCANNED_GPU_XLA_FLAGS[1:])
+
+
+def test_benches_time_both_layouts_in_one_run_and_refuse_unknown_ones(tmp_path):
+    import argparse
+
+    from crossmap.benchmarks import forward, verbalize
+
+    def args(module, argv):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        return parser.parse_args(argv)
+
+    assert verbalize.variant_names({"float": ("float", "auto"), "int8": ("int8", "auto")}, ["unrolled", "scanned"]) \
+        == [("float", "float", "unrolled"), ("float/scanned", "float", "scanned"), ("int8", "int8", "unrolled"),
+            ("int8/scanned", "int8", "scanned")]
+    for bad in ("", "scanned,scanned", "stacked"):
+        with pytest.raises(ValueError, match="--layers must list distinct layouts"):
+            verbalize.layer_layouts(bad)
+    result = verbalize.run(args(verbalize, ["--preset", "tiny", "--layers", "unrolled,scanned", "--torch-device",
+                                            "none", "--new-tokens", "4", "--reps", "1",
+                                            "--out", str(tmp_path / "v.json")]))
+    scanned_entry = result["weights"]["float/scanned"]
+    assert scanned_entry["crossmap"]["layers"] == "scanned" and scanned_entry["compile_vs_float"] > 0
+    assert scanned_entry["logits_vs_float"]["max_abs_error"] <= RELATIVE_BOUND * \
+        scanned_entry["logits_vs_float"]["reference_max_abs"]
+    out = forward.run(args(forward, ["--model", "tiny-gemma3", "--layer", "5", "--batch", "2", "--seq", "32",
+                                     "--layers", "unrolled,scanned", "--repeats", "1", "--no-torch",
+                                     "--out", str(tmp_path / "f.json")]))
+    compared = out["layers"]["scanned"]["vs_unrolled"]
+    assert compared["max_abs_output_difference"] <= RELATIVE_BOUND * compared["output_max_abs"]
+    with pytest.raises(ValueError, match="--layers must list distinct layouts"):
+        forward.run(args(forward, ["--model", "tiny-gemma3", "--layers", "scan", "--no-torch",
+                                   "--out", str(tmp_path / "g.json")]))

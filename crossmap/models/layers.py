@@ -335,7 +335,7 @@ class Transformer(nnx.Module):
         return x, cache
 
     def _run_scanned(self, x, tables, q_index, kv_valid, cache, last, residual_add):
-        """`run` for a scanned model: one lax.scan over the whole groups needed, then any blocks of a
+        """`run` for a scanned model: one loop over the whole groups needed, then any blocks of a
         partial group (a truncated forward) and the tail, unrolled.
 
         The stacked weights are closed over, not scanned as xs, and indexed by the group inside the body,
@@ -347,7 +347,7 @@ class Transformer(nnx.Module):
         caches = None if cache is None else list(cache)
         n_scanned = min((last + 1) // period, groups)
 
-        def group(carry, g):
+        def group(g, carry):
             x, stack_caches = carry
             updated = []
             for j, (graphdef, state) in enumerate(stacks):
@@ -356,11 +356,14 @@ class Transformer(nnx.Module):
                 x, c = self._block(nnx.merge(graphdef, params), g * period + j, x, tables, q_index, kv_valid, c,
                                    residual_add, cache_index=None if c is None else g)
                 updated.append(c)
-            return (x, None if stack_caches is None else updated), None
+            return x, None if stack_caches is None else updated
 
         if n_scanned:
             carry = (x, None if caches is None else caches[:period])
-            (x, stack_caches), _ = jax.lax.scan(group, carry, jnp.arange(n_scanned, dtype=jnp.int32))
+            # fori_loop (a scan with the group index in its carry): every slice's offset is the loop's induction
+            # variable, which XLA's dynamic-slice fusion can read in place; an index read from a scanned
+            # arange is a load it cannot follow
+            x, stack_caches = jax.lax.fori_loop(0, n_scanned, group, carry)
             if caches is not None:
                 caches[:period] = stack_caches
         for i in range(n_scanned * period, min(last + 1, groups * period)):  # a partial group

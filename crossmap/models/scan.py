@@ -13,6 +13,7 @@ model's own arrays; the stacks are new arrays, so until the unrolled model is dr
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import jax
@@ -23,6 +24,19 @@ from .layers import Transformer
 
 # verbalizers.<side>.layers: how the blocks run
 LAYER_LAYOUTS = ("unrolled", "scanned")
+
+# On GPU a scanned decode step reads each block's weights as a slice of its stack.  Without these XLA flags
+# the slices are copied before every matmul (2-3x slower steps); with them cuBLAS reads them in place, and
+# q/k/v are not merged into one product whose concatenated kernel would be rebuilt every step (BENCHMARKS.md,
+# "Scanned layers").  XLA reads its flags once, when the backend starts: set them in XLA_FLAGS beforehand.
+SCANNED_GPU_XLA_FLAGS = ("--xla_gpu_enable_dynamic_slice_fusion=true", "--xla_gpu_enable_triton_gemm=false",
+                         "--xla_gpu_dot_merger_threshold_mb=0")
+
+
+def missing_gpu_xla_flags(xla_flags: str | None = None) -> list[str]:
+    """SCANNED_GPU_XLA_FLAGS not in `xla_flags` (default: the XLA_FLAGS environment variable)."""
+    given = set((os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags).split())
+    return [flag for flag in SCANNED_GPU_XLA_FLAGS if flag not in given]
 
 
 def layer_period(layer_types: tuple[str, ...]) -> int:

@@ -28,7 +28,7 @@ from ..integrity import path_identity
 from ..jsonio import load_json, save_json
 from ..models import make_hidden_fn
 from ..models.quantize import quantized
-from ..models.scan import scanned
+from ..models.scan import missing_gpu_xla_flags, scanned
 from ..sharding import to_host
 from .context import RunContext, log
 from .outputs import (
@@ -351,6 +351,10 @@ def build_verbalizer(ctx: RunContext, side: str):
     # int8 kernels and stacked blocks are a new module over the model's arrays: a self-verbalizer's float model
     # still serves the other stages, so only an NLA's own model is consumed by stacking
     model = scanned(quantized(lm.model, v.weights), v.layers, consume=v.kind == "nla")
+    missing = missing_gpu_xla_flags()
+    if v.layers == "scanned" and missing and jax.default_backend() == "gpu":
+        log(f"warning: verbalizers.{side}.layers='scanned' on GPU without XLA_FLAGS {' '.join(missing)}: each decode "
+            "step copies every block's weights out of its stack (2-3x slower; BENCHMARKS.md, 'Scanned layers')")
     return Verbalizer(model, lm.tokenizer, spec, mesh=ctx.mesh), lm
 
 
