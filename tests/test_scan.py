@@ -192,6 +192,7 @@ def test_benches_time_both_layouts_in_one_run_and_refuse_unknown_ones(tmp_path):
     import argparse
 
     from crossmap.benchmarks import forward, verbalize
+    from crossmap.benchmarks.common import layer_layouts
 
     def args(module, argv):
         parser = argparse.ArgumentParser()
@@ -203,7 +204,7 @@ def test_benches_time_both_layouts_in_one_run_and_refuse_unknown_ones(tmp_path):
             ("int8/scanned", "int8", "scanned")]
     for bad in ("", "scanned,scanned", "stacked"):
         with pytest.raises(ValueError, match="--layers must list distinct layouts"):
-            verbalize.layer_layouts(bad)
+            layer_layouts(bad)
     result = verbalize.run(args(verbalize, ["--preset", "tiny", "--layers", "unrolled,scanned", "--torch-device",
                                             "none", "--new-tokens", "4", "--reps", "1",
                                             "--out", str(tmp_path / "v.json")]))

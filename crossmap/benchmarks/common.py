@@ -97,3 +97,13 @@ def torch_cuda_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+def layer_layouts(text: str) -> list[str]:
+    """--layers: the distinct block layouts (models.scan.LAYER_LAYOUTS) as written, in order."""
+    from ..models.scan import LAYER_LAYOUTS
+
+    layouts = [item.strip() for item in text.split(",") if item.strip()]
+    if not layouts or len(set(layouts)) < len(layouts) or any(x not in LAYER_LAYOUTS for x in layouts):
+        raise ValueError(f"--layers must list distinct layouts of {LAYER_LAYOUTS}, got {text!r}")
+    return layouts

@@ -18,7 +18,6 @@ import jax
 import numpy as np
 
 from ..models import (
-    LAYER_LAYOUTS,
     config_from_hf,
     init_random,
     make_hidden_fn,
@@ -27,7 +26,14 @@ from ..models import (
     tiny_config,
 )
 from ..sharding import make_mesh
-from .common import device_info, measured_matmul_peak, time_jax, torch_cuda_available, write_json
+from .common import (
+    device_info,
+    layer_layouts,
+    measured_matmul_peak,
+    time_jax,
+    torch_cuda_available,
+    write_json,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -163,9 +169,7 @@ def run(args: argparse.Namespace) -> dict:
                 result["transformers_full_model"] = {"error": f"{type(err).__name__}: {err}"}
     peak = measured_matmul_peak(args.dtype)
     result["measured_peak_tflops"] = peak["tflops"]
-    layouts = [x.strip() for x in args.layers.split(",") if x.strip()]
-    if not layouts or len(set(layouts)) < len(layouts) or any(x not in LAYER_LAYOUTS for x in layouts):
-        raise ValueError(f"--layers must list distinct layouts of {LAYER_LAYOUTS}, got {args.layers!r}")
+    layouts = layer_layouts(args.layers)
     model = init_random(cfg, seed=0, dtype=args.dtype, mesh=mesh)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)

@@ -43,6 +43,7 @@ from flax import nnx
 
 from crossmap.benchmarks.common import (
     device_info,
+    layer_layouts,
     measured_copy_bandwidth,
     measured_matmul_peak,
     median_time,
@@ -51,7 +52,7 @@ from crossmap.benchmarks.common import (
 from crossmap.models import ModelConfig, config_from_hf, hf_config, init_random, shape_config, tiny_config
 from crossmap.models.int8_matmul import IMPLEMENTATIONS
 from crossmap.models.quantize import WEIGHT_FORMATS, quantized
-from crossmap.models.scan import LAYER_LAYOUTS, scanned
+from crossmap.models.scan import scanned
 from crossmap.sharding import make_mesh
 from crossmap.verbalize import Injection, generate, mean_embedding_norm
 
@@ -192,14 +193,6 @@ def weight_formats(text: str) -> dict[str, tuple[str, str]]:
     if not formats:
         raise ValueError(refusal)
     return formats
-
-
-def layer_layouts(text: str) -> list[str]:
-    """--layers: the distinct layouts, in order."""
-    layouts = [item.strip() for item in text.split(",") if item.strip()]
-    if not layouts or len(set(layouts)) < len(layouts) or any(x not in LAYER_LAYOUTS for x in layouts):
-        raise ValueError(f"--layers must list distinct layouts of {LAYER_LAYOUTS}, got {text!r}")
-    return layouts
 
 
 def variant_names(formats: dict[str, tuple[str, str]], layouts: list[str]) -> list[tuple[str, str, str]]:
