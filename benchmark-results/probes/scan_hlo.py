@@ -15,7 +15,7 @@ def spy(*a, **k):
 engine._generate_program = spy
 B = 128
 prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, 64)).astype(np.int32)
-engine.generate(m, prompts, max_new_tokens=4, stop_token_ids=[], use_model_eos=False, pad_id=0, length_bucket_min=1)
+engine.generate(m, prompts, max_new_tokens=int(os.environ.get("NEW_TOKENS", 4)), stop_token_ids=[], use_model_eos=False, pad_id=0, length_bucket_min=1)
 txt = cap["c"].as_text()
 out = os.environ["OUT"]
 with gzip.open(f"{out}/hlo-{preset}.txt.gz", "wt") as f:
@@ -33,3 +33,9 @@ for line in txt.splitlines():
         big[(kind, name.split(".")[0][:40], dt, shape)] += 1
 for k, v in sorted(big.items(), key=lambda kv: -kv[1])[:60]:
     print(v, k)
+# computations that copy: concatenations (merged dots) and pads (cuBLAS alignment) of stacked arrays
+for kind in ("fused_concatenate", "fused_pad", "dynamic-slice-fusion"):
+    heads = [l[:200] for l in txt.splitlines() if l.startswith("%" + kind)]
+    print(kind, len(heads))
+    for h in heads[:4]:
+        print("   ", h)
