@@ -271,6 +271,7 @@ class Transformer(nnx.Module):
         self.layer_stacks: nnx.List | None = None
         self.scan_period = 0
         self.scan_groups = 0
+        self.scan_unroll = 1  # groups per loop iteration (fori_loop unroll; 2 was no faster at 27B, BENCHMARKS.md)
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.norm_plus_one, dtype, rngs)
         self.lm_head = None if cfg.tie_embeddings else _param(
             rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dtype)
@@ -363,7 +364,7 @@ class Transformer(nnx.Module):
             # fori_loop (a scan with the group index in its carry): every slice's offset is the loop's induction
             # variable, which XLA's dynamic-slice fusion can read in place; an index read from a scanned
             # arange is a load it cannot follow
-            x, stack_caches = jax.lax.fori_loop(0, n_scanned, group, carry)
+            x, stack_caches = jax.lax.fori_loop(0, n_scanned, group, carry, unroll=self.scan_unroll)
             if caches is not None:
                 caches[:period] = stack_caches
         for i in range(n_scanned * period, min(last + 1, groups * period)):  # a partial group
