@@ -7,6 +7,8 @@ tokens chosen from them are identical.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,19 +96,29 @@ def test_scanned_generation_chooses_the_unrolled_tokens_with_an_injection(layer,
 
 
 def test_scanned_int8_model_equals_the_unrolled_int8_model():
-    """Quantize, then scan: the stacks hold the int8 kernels and their scales."""
+    """Quantize then scan, or scan then quantize: the same int8 values and scales per block, the same tokens as the
+    unrolled int8 model."""
     cfg = gemma_with_groups()
-    model = quantized(init_random(cfg, seed=4, dtype="float32"), "int8")
+    float_model = init_random(cfg, seed=4, dtype="float32")
+    model = quantized(float_model, "int8")
     scan = scanned(model)
+    scan_first = quantized(scanned(float_model), "int8")
     assert is_quantized(scan) and scan.layer_stacks[0].mlp.up[...].dtype == jnp.int8
+    for stack, other in zip(scan.layer_stacks, scan_first.layer_stacks, strict=True):
+        for name in ("q", "o", "q_scale", "o_scale"):
+            np.testing.assert_array_equal(np.asarray(getattr(stack.attn, name)[...]),
+                                          np.asarray(getattr(other.attn, name)[...]))
+        assert other.mlp.down_scale[...].shape == (cfg.n_layers // 6, cfg.d_model)  # [group, out]
     prompts = [[3, 4, 5, 6, 7], [8, 9, 10]]
     a = generate(model, prompts, max_new_tokens=8, return_logits=True)
     b = generate(scan, prompts, max_new_tokens=8, return_logits=True)
+    c = generate(scan_first, prompts, max_new_tokens=8, return_logits=True)
     np.testing.assert_array_equal(b.tokens, a.tokens)
-    assert close(b.logits, a.logits) < RELATIVE_BOUND
+    np.testing.assert_array_equal(c.tokens, a.tokens)
+    assert close(b.logits, a.logits) < RELATIVE_BOUND and close(c.logits, a.logits) < RELATIVE_BOUND
 
 
-def test_scanned_refuses_unknown_layouts_rescanning_and_quantizing_after():
+def test_scanned_refuses_unknown_layouts_and_rescanning():
     model = init_random(tiny_config("qwen2"), seed=0, dtype="float32")
     assert scanned(model, "unrolled") is model
     assert LAYER_LAYOUTS == ("unrolled", "scanned")
@@ -115,8 +127,6 @@ def test_scanned_refuses_unknown_layouts_rescanning_and_quantizing_after():
     scan = scanned(model)
     with pytest.raises(ValueError, match="already scanned"):
         scanned(scan)
-    with pytest.raises(ValueError, match="quantize before scanning"):
-        quantized(scan, "int8")
 
 
 def test_a_scanned_cache_is_stacked_by_group_with_the_batch_at_axis_minus_4():
@@ -157,10 +167,8 @@ def test_consume_stacks_in_place_and_frees_the_unrolled_blocks():
 
 
 def test_config_selects_scanned_layers_per_verbalizer(tmp_path):
-    """verbalizers.<side>.layers: the side's verbalizer is scanned, the shared model stays unrolled (and usable), and
-    a layout models.scan does not know is refused naming the field."""
-    from pathlib import Path
-
+    """verbalizers.<side>.layers='scanned' over an unrolled model: the side's verbalizer is scanned, the shared model
+    stays unrolled (and usable); a layout models.scan does not know is refused naming the field."""
     from crossmap.pipeline import load_config, validate
     from crossmap.pipeline.context import RunContext
     from crossmap.pipeline.stages import build_verbalizer
@@ -176,7 +184,41 @@ def test_config_selects_scanned_layers_per_verbalizer(tmp_path):
     target, _ = build_verbalizer(ctx, "target")
     assert not is_scanned(target.model)
     c.verbalizers.target.layers = "stacked"
-    with pytest.raises(ValueError, match="verbalizers.target.layers must be one of 'unrolled', 'scanned'"):
+    with pytest.raises(ValueError, match="verbalizers.target.layers must be one of '', 'unrolled', 'scanned'"):
+        validate(c)
+
+
+def test_config_scans_a_base_model_for_the_forward_and_its_self_verbalizer(tmp_path):
+    """models.<side>.layers='scanned': the model is stacked as it loads; the activation forward (make_hidden_fn, what
+    the collection runs) equals the unrolled model's, and the self-verbalizer runs the scanned model (int8 on top);
+    asking that self-verbalizer for unrolled blocks is refused before any model loads."""
+    from crossmap.models import load_model, make_hidden_fn
+    from crossmap.pipeline import load_config, validate
+    from crossmap.pipeline.context import RunContext
+    from crossmap.pipeline.stages import build_verbalizer
+
+    c = load_config(Path(__file__).parent.parent / "configs" / "tiny.py")
+    c.run_dir = str(tmp_path / "run")
+    c.models.target.layers = "scanned"
+    c.verbalizers.target.weights = "int8"
+    ctx = RunContext(c)
+    lm = ctx.model("target")
+    assert is_scanned(lm.model) and not is_scanned(ctx.model("source").model)
+    reference = load_model(c.models.target.path, dtype=c.models.target.dtype).model
+    tokens = np.asarray([[5, 6, 7, 8, 9, 10, 11, 12]], np.int32)
+    positions, valid = np.arange(8, dtype=np.int32)[None], np.ones((1, 8), bool)
+    layer = c.models.target.layer
+    got = make_hidden_fn(lm.model, layer)(tokens, positions, valid)
+    want = make_hidden_fn(reference, layer)(tokens, positions, valid)
+    assert close(got, want) < RELATIVE_BOUND
+    verbalizer, _ = build_verbalizer(ctx, "target")
+    assert is_scanned(verbalizer.model) and is_quantized(verbalizer.model)
+    c.verbalizers.target.layers = "unrolled"
+    with pytest.raises(ValueError, match="verbalizers.target.layers='unrolled', but a self-verbalizer runs"):
+        validate(c)
+    c.verbalizers.target.layers = ""
+    c.models.source.layers = "stack"
+    with pytest.raises(ValueError, match="models.source.layers must be one of 'unrolled', 'scanned'"):
         validate(c)
 
 

@@ -9,7 +9,7 @@ model's LM head gets its own int8 copy of the table ([d_model, vocab], as the he
 the gather keeps the float rows.
 
 Quantisation is per output channel: scale = max |w| over the input axes / 127, value =
-round(w / scale).  The model is for inference; it is not saved back into a checkpoint.
+round(w / scale).  A scanned model (models.scan) quantizes the same way, per block of each stack.  The model is for inference; it is not saved back into a checkpoint.
 """
 
 from __future__ import annotations
@@ -33,15 +33,17 @@ _KERNELS = ((Attention, "q", 1), (Attention, "k", 1), (Attention, "v", 1), (Atte
             (MLP, "gate", 1), (MLP, "up", 1), (MLP, "down", 1))
 
 
-@partial(jax.jit, static_argnames=("input_axes",))
-def quantize_int8(w: Array, input_axes: int = 1) -> tuple[Array, Array]:
-    """Symmetric per-output-channel int8 of a kernel w [in..., out...] (its first `input_axes` axes
-    are contracted): (int8 values of w's shape, float32 scales [out...]) with w ~ values * scales."""
+@partial(jax.jit, static_argnames=("input_axes", "leading"))
+def quantize_int8(w: Array, input_axes: int = 1, leading: int = 0) -> tuple[Array, Array]:
+    """Symmetric per-output-channel int8 of a kernel w [lead..., in..., out...] (its `input_axes` axes after
+    the first `leading` are contracted; a scanned model's kernels lead with their group axis): (int8 values of
+    w's shape, float32 scales [lead..., out...]) with w ~ values * scales."""
     w32 = w.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(w32), axis=tuple(range(input_axes)))
+    axes = tuple(range(leading, leading + input_axes))
+    amax = jnp.max(jnp.abs(w32), axis=axes, keepdims=True)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)  # an all-zero channel stays zero at any scale
     values = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
-    return values, scale
+    return values, jnp.squeeze(scale, axes)
 
 
 def dequantize(values: Array, scale: Array, dtype=jnp.float32) -> Array:
@@ -56,10 +58,12 @@ def _quantize_param(module, name: str, input_axes: int, source: nnx.Param | None
     w = param[...]
     if transpose:  # the tied table [vocab, embed] as the head's kernel [embed, vocab]
         w, logical = w.T, logical[::-1]
-    values, scale = quantize_int8(w, input_axes)
+    leading = 1 if logical[:1] == ("layers",) else 0  # a scanned model's stacked kernel
+    values, scale = quantize_int8(w, input_axes, leading)
     setattr(module, name, nnx.data(nnx.Param(values, logical=logical)))
     # the attribute was None (static) in the float model: marked as data, it joins the state
-    setattr(module, f"{name}_scale", nnx.data(nnx.Param(scale, logical=logical[input_axes:])))
+    scale_logical = logical[:leading] + logical[leading + input_axes:]
+    setattr(module, f"{name}_scale", nnx.data(nnx.Param(scale, logical=scale_logical)))
 
 
 def quantized(model: Transformer, weights: str, *, implementation: str = "auto") -> Transformer:
@@ -76,8 +80,6 @@ def quantized(model: Transformer, weights: str, *, implementation: str = "auto")
         return model
     if model.lm_head_scale is not None:
         raise ValueError("model is already quantized")
-    if model.layer_stacks is not None:  # a stacked kernel's leading group axis would count as an input axis
-        raise ValueError("model is scanned: quantize before scanning (scanned(quantized(model, 'int8')))")
     devices = max((len(leaf.sharding.device_set) for leaf in jax.tree.leaves(nnx.state(model))
                    if hasattr(leaf, "sharding")), default=1)
     if devices > 1:

@@ -76,8 +76,8 @@ def scanned(model: Transformer, layers: str = "scanned", *, consume: bool = Fals
     The result computes what `model` computes (the same operations per block, `tests/test_scan.py`)
     and is a new module: `model` keeps its unrolled blocks, unless `consume`, which deletes each block
     array as it is stacked (for a model nothing else uses: `model`'s blocks are then unusable, and the
-    peak memory is the model plus one block array, not two copies of every block).  Quantize first
-    (`quantized(model, "int8")`, then `scanned`): int8 kernels are found per block.
+    peak memory is the model plus one block array, not two copies of every block).  Quantizing before or
+    after scanning gives the same int8 model.
     """
     if layers not in LAYER_LAYOUTS:
         raise ValueError(f"layers must be one of {LAYER_LAYOUTS}, got {layers!r}")

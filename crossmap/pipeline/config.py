@@ -35,6 +35,10 @@ def _model(path: str = "", layer: int = 0, chat: bool = False) -> ml_collections
         "dtype": "float32",  # models.config.SUPPORTED_DTYPES
         "layer": layer,  # residual stream at the output of this block (0-based)
         "chat": chat,  # format corpus documents through the model's chat template
+        # models.scan.LAYER_LAYOUTS: how this model's blocks run everywhere it runs (the activation forward and a
+        # self-verbalizer): "unrolled", or "scanned" (one loop over groups of blocks, stacked as the model loads:
+        # far shorter first compiles; on GPU set models.scan.SCANNED_GPU_XLA_FLAGS; BENCHMARKS.md, "Scanned layers")
+        "layers": "unrolled",
     })
 
 
@@ -57,10 +61,9 @@ def _verbalizer(kind: str = "self") -> ml_collections.ConfigDict:
         # models.quantize.WEIGHT_FORMATS: "float" (the dtype's floats) or "int8" (weight-only int8 kernels, one
         # scale per output channel; half the bytes a decode step reads; BENCHMARKS.md gives speed and fidelity)
         "weights": "float",
-        # models.scan.LAYER_LAYOUTS: "unrolled" (one copy of every block in the compiled program) or "scanned"
-        # (one lax.scan over groups of blocks: far shorter first compiles; BENCHMARKS.md gives both speeds). A
-        # scanned self-verbalizer holds its own stacked copy of the blocks beside the model the other stages use
-        "layers": "unrolled",
+        # "" = the model's layout (self: models.<side>.layers; nla: "unrolled"), or one of models.scan.LAYER_LAYOUTS.
+        # "scanned" over an unrolled self model holds a stacked copy of its blocks beside the one the other stages use
+        "layers": "",
         # also explain random directions of this side's own space (the controls of the source self round
         # trip, AR_source(AV_source(r)) against r); the target always explains its controls
         "explain_controls": False,
@@ -289,6 +292,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if isinstance(m.layer, bool) or not isinstance(m.layer, int) or m.layer < 0:
             problems.append(f"models.{side}.layer must be a block index, an int >= 0 (got {m.layer!r})")
         _one_of(problems, f"models.{side}.dtype", m.dtype, SUPPORTED_DTYPES)
+        _one_of(problems, f"models.{side}.layers", m.layers, LAYER_LAYOUTS)
         v = c.verbalizers[side]
         _one_of(problems, f"verbalizers.{side}.kind", v.kind, VERBALIZER_KINDS)
         if v.kind == "nla" and not v.checkpoint:
@@ -300,7 +304,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if v.dtype:
             _one_of(problems, f"verbalizers.{side}.dtype", v.dtype, SUPPORTED_DTYPES)
         _one_of(problems, f"verbalizers.{side}.weights", v.weights, WEIGHT_FORMATS)
-        _one_of(problems, f"verbalizers.{side}.layers", v.layers, LAYER_LAYOUTS)
+        _one_of(problems, f"verbalizers.{side}.layers", v.layers, ("",) + LAYER_LAYOUTS)
+        if v.kind == "self" and v.layers == "unrolled" and m.layers == "scanned":
+            problems.append(f"verbalizers.{side}.layers='unrolled', but a self-verbalizer runs the side's model, which "
+                            f"models.{side}.layers='scanned' stacks as it loads: leave verbalizers.{side}.layers ''")
         _at_least(problems, f"verbalizers.{side}.n_samples", v.n_samples, 1)
         _at_least(problems, f"verbalizers.{side}.batch_size", v.batch_size, 1)
         _at_least(problems, f"verbalizers.{side}.max_new_tokens", v.max_new_tokens, 0)

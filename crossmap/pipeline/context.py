@@ -13,7 +13,7 @@ import ml_collections
 
 from .. import activations
 from ..integrity import path_identity
-from ..models import LoadedModel, load_model, load_tokenizer, resolve_model_path
+from ..models import LoadedModel, load_model, load_tokenizer, resolve_model_path, scanned
 from ..sharding import make_mesh
 from .config import fingerprint, validate
 
@@ -49,8 +49,11 @@ class RunContext:
             m = self.config.models[side]
             t0 = time.perf_counter()
             log(f"loading {side} model {m.path} ({m.dtype})")
-            self._models[side] = load_model(m.path, dtype=m.dtype, mesh=self.mesh)
-            log(f"loaded {self._models[side].model_id} in {time.perf_counter() - t0:.1f}s")
+            lm = load_model(m.path, dtype=m.dtype, mesh=self.mesh)
+            # stacked in place: the freshly loaded blocks are this context's alone
+            lm.model = scanned(lm.model, m.layers, consume=True)
+            self._models[side] = lm
+            log(f"loaded {lm.model_id} ({m.layers} blocks) in {time.perf_counter() - t0:.1f}s")
         return self._models[side]
 
     def tokenizer(self, side: str):

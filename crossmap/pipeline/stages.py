@@ -28,7 +28,7 @@ from ..integrity import path_identity
 from ..jsonio import load_json, save_json
 from ..models import make_hidden_fn
 from ..models.quantize import quantized
-from ..models.scan import missing_gpu_xla_flags, scanned
+from ..models.scan import is_scanned, missing_gpu_xla_flags, scanned
 from ..sharding import to_host
 from .context import RunContext, log
 from .outputs import (
@@ -348,12 +348,14 @@ def build_verbalizer(ctx: RunContext, side: str):
         if v.scale == "activation":  # the typical residual norm at this side's layer, measured in `map`
             changes["injection_scale"] = MapSummary.load(ctx.stage_dir("map")).norms.median(side)
         spec = spec.replace(**changes)
-    # int8 kernels and stacked blocks are a new module over the model's arrays: a self-verbalizer's float model
-    # still serves the other stages, so only an NLA's own model is consumed by stacking
-    model = scanned(quantized(lm.model, v.weights), v.layers, consume=v.kind == "nla")
+    # int8 kernels and stacked blocks are a new module over the model's arrays: a self-verbalizer's model still
+    # serves the other stages, so only an NLA's own model is consumed by stacking
+    model = quantized(lm.model, v.weights)
+    if v.layers == "scanned" and not is_scanned(model):  # "" and "unrolled" keep the model's layout (validate)
+        model = scanned(model, consume=v.kind == "nla")
     missing = missing_gpu_xla_flags()
-    if v.layers == "scanned" and missing and jax.default_backend() == "gpu":
-        log(f"warning: verbalizers.{side}.layers='scanned' on GPU without XLA_FLAGS {' '.join(missing)}: each decode "
+    if is_scanned(model) and missing and jax.default_backend() == "gpu":
+        log(f"warning: the {side} verbalizer runs scanned blocks on GPU without XLA_FLAGS {' '.join(missing)}: each decode "
             "step copies every block's weights out of its stack (2-3x slower; BENCHMARKS.md, 'Scanned layers')")
     return Verbalizer(model, lm.tokenizer, spec, mesh=ctx.mesh), lm
 
