@@ -262,3 +262,40 @@ def test_benches_time_both_layouts_in_one_run_and_refuse_unknown_ones(tmp_path):
     with pytest.raises(ValueError, match="--layers must list distinct layouts"):
         forward.run(args(forward, ["--model", "tiny-gemma3", "--layers", "scan", "--no-torch",
                                    "--out", str(tmp_path / "g.json")]))
+
+
+def test_a_model_sharded_over_a_mesh_scans_in_place_and_keeps_its_layout():
+    """On 4 CPU devices (fsdp 2 x tensor 2): each stack keeps its blocks' sharding with the group axis whole, the
+    consumed blocks are freed, and the scanned forward and generation equal the unrolled ones."""
+    from conftest import run_with_devices
+
+    result = run_with_devices("""
+        import json
+        import jax, jax.numpy as jnp, numpy as np
+        from crossmap.models import init_random, scanned
+        from crossmap.models.synthetic import tiny_config
+        from crossmap.sharding import make_mesh
+        from crossmap.verbalize import generate
+        types = tuple("sliding" if (i + 1) % 6 else "full" for i in range(13))
+        cfg = tiny_config("gemma3", n_layers=13, layer_types=types, eos_token_ids=(1,))
+        mesh = make_mesh({"fsdp": 2, "tensor": 2})
+        reference = init_random(cfg, seed=3, dtype="float32", mesh=mesh)
+        owned = init_random(cfg, seed=3, dtype="float32", mesh=mesh)
+        spec = str(owned.layers[0].mlp.up[...].sharding.spec)
+        scan = scanned(owned, consume=True)
+        tokens = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (4, 10)))
+        positions = jnp.broadcast_to(jnp.arange(10), (4, 10))
+        valid = jnp.ones((4, 10), bool)
+        f = jax.jit(lambda m: m.hidden(tokens, positions, valid, layer=12))
+        a, b = np.asarray(f(reference)), np.asarray(f(scan))
+        prompts = [[3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14], [15, 16]]
+        ga = generate(reference, prompts, max_new_tokens=6, mesh=mesh)
+        gb = generate(scan, prompts, max_new_tokens=6, mesh=mesh)
+        print(json.dumps({"unrolled_spec": spec, "stacked_spec": str(scan.layer_stacks[0].mlp.up[...].sharding.spec),
+                          "freed": bool(owned.layers[0].mlp.up[...].is_deleted()),
+                          "relative": float(np.abs(a - b).max() / np.abs(a).max()),
+                          "tokens_equal": bool((ga.tokens == gb.tokens).all())}))
+    """, n_devices=4)
+    assert result["stacked_spec"] == result["unrolled_spec"].replace("P(", "P(None, ", 1)
+    assert "fsdp" in result["unrolled_spec"] and result["freed"]
+    assert result["relative"] < RELATIVE_BOUND and result["tokens_equal"]
