@@ -160,7 +160,7 @@ class Attention(nnx.Module):
 
         `cache_index` set: the cache is a stack over layers (k, v each [G, B, K, S, H], a scanned
         model's) and this layer's entry is `cache_index`.  Only the new slots are written into the
-        stack, so a decode step carried through a scan writes T slots, not the layer's whole cache.
+        stack, so a decode step looping over the layers writes T slots, not the layer's whole cache.
         """
         impl = self.int8_implementation
         q = project(x, self.q, self.q_scale, "btd,dnh->btnh", 1, implementation=impl)
@@ -266,7 +266,7 @@ class Transformer(nnx.Module):
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, std=1.0)
         self.layers = nnx.List([Block(cfg, t, dtype, rngs) for t in cfg.layer_types])
         # A scanned model (models.scan) holds its first scan_groups * scan_period blocks as scan_period
-        # stacked Blocks (leading axis: the group) and runs them with one lax.scan over the groups;
+        # stacked Blocks (leading axis: the group) and runs them with one loop over the groups;
         # `layers` then holds only the blocks after the last whole group.  None: every block unrolled.
         self.layer_stacks: nnx.List | None = None
         self.scan_period = 0
@@ -341,7 +341,8 @@ class Transformer(nnx.Module):
 
         The stacked weights are closed over, not scanned as xs, and indexed by the group inside the body,
         so a forward that stops early never slices (copies) a prefix of the stack.  The stacked caches ride
-        in the scan's carry and each block writes only its new slots into them (Attention's cache_index).
+        in the loop's carry and each block writes only its new slots into them (Attention's cache_index).
+        Without a cache the second result is None (an unrolled model returns a list of Nones).
         """
         period, groups = self.scan_period, self.scan_groups
         stacks = [nnx.split(stack) for stack in self.layer_stacks]
