@@ -299,3 +299,23 @@ def test_a_model_sharded_over_a_mesh_scans_in_place_and_keeps_its_layout():
     assert result["stacked_spec"] == result["unrolled_spec"].replace("P(", "P(None, ", 1)
     assert "fsdp" in result["unrolled_spec"] and result["freed"]
     assert result["relative"] < RELATIVE_BOUND and result["tokens_equal"]
+
+
+def test_a_scanned_reconstructor_scores_as_the_unrolled_one(tmp_path):
+    """reconstructors.<side>.layers: an AR (a truncated backbone with the real Qwen tokenizer, K=3, so four blocks)
+    reconstructs the same vectors scanned as unrolled; an unknown layout is refused naming the field."""
+    from nla_release import write_release_pair
+
+    from crossmap.nla import Reconstructor
+    from crossmap.pipeline import load_config, validate
+
+    _, ar_dir = write_release_pair(tmp_path, "qwen2", layer=3)
+    explanations = ["a river past a mill", "the town at night, with its lights", "numbers"]
+    unrolled = Reconstructor(ar_dir, dtype="float32").reconstruct(explanations)
+    ar = Reconstructor(ar_dir, dtype="float32", layers="scanned")
+    assert is_scanned(ar.model) and ar.model.scan_groups == 4
+    assert close(ar.reconstruct(explanations), unrolled) < RELATIVE_BOUND
+    c = load_config(Path(__file__).parent.parent / "configs" / "tiny.py")
+    c.reconstructors.source.layers = "scan"
+    with pytest.raises(ValueError, match="reconstructors.source.layers must be one of 'unrolled', 'scanned'"):
+        validate(c)

@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from .. import sharding as shd
-from ..models import load_model
+from ..models import load_model, scanned
 from ..models.checkpoint_files import iter_safetensors_file
 from ..verbalize.engine import batch_bucket
 from .adapted import is_adapted, load_adapted
@@ -108,7 +108,7 @@ class Reconstructor:
     """A loaded AR: `token_ids`, `reconstruct`, `score`."""
 
     def __init__(self, checkpoint: str | os.PathLike, *, dtype: str = "bfloat16", mesh: Mesh | None = None,
-                 rules: dict | None = None, batch_size: int = 32):
+                 rules: dict | None = None, batch_size: int = 32, layers: str = "unrolled"):
         self.meta = read_nla_meta(checkpoint, role="ar")  # before any weight is read
         directory = self.meta.directory
         if is_adapted(directory):  # LoRA adapters over a base model, hashes checked (see `adapted`)
@@ -126,6 +126,8 @@ class Reconstructor:
         self.head = jnp.asarray(head.astype(lm.model.embed[...].dtype))
         if mesh is not None:
             self.head = jax.device_put(self.head, shd.named_sharding(mesh, (None, None), rules))
+        # models.scan.LAYER_LAYOUTS; the AR's blocks are its own, so they are stacked in place
+        lm.model = scanned(lm.model, layers, consume=True)
         self.model, self.tokenizer, self.config = lm.model, lm.tokenizer, cfg
         self.model_id = lm.model_id
         self.mesh, self.rules = mesh, rules

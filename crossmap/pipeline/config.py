@@ -75,6 +75,7 @@ def _reconstructor() -> ml_collections.ConfigDict:
         "checkpoint": "",  # a released NLA reconstructor (AR) directory; "" = no round trip on this side
         "dtype": "",  # "" = the side's model dtype
         "batch_size": 32,  # explanations per forward
+        "layers": "unrolled",  # models.scan.LAYER_LAYOUTS: "scanned" stacks the AR's blocks as it loads
     })
 
 
@@ -322,6 +323,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if r.dtype:
             _one_of(problems, f"reconstructors.{side}.dtype", r.dtype, SUPPORTED_DTYPES)
         _at_least(problems, f"reconstructors.{side}.batch_size", r.batch_size, 1)
+        _one_of(problems, f"reconstructors.{side}.layers", r.layers, LAYER_LAYOUTS)
     if c.reconstructors.source.checkpoint and not c.verbalizers.source.explain_controls:
         problems.append("reconstructors.source.checkpoint is set, so the source self round trip is scored against "
                         "random-direction controls explained by the source verbalizer: set "

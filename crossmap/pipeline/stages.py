@@ -512,7 +512,7 @@ def run_round_trip(ctx: RunContext) -> None:
             continue
         t_load = time.perf_counter()
         ar = Reconstructor(r.checkpoint, dtype=r.dtype or c.models[ar_side].dtype, mesh=ctx.mesh,
-                           batch_size=r.batch_size)
+                           batch_size=r.batch_size, layers=r.layers)
         log(f"round_trip: reconstructor {ar.model_id} ready in {time.perf_counter() - t_load:.1f}s")
         reconstructors[ar_side] = {"model": ar.model_id, "checkpoint": r.checkpoint,
                                    "extraction_layer": ar.meta.extraction_layer}
