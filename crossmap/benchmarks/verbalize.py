@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "how its products run (models.int8_matmul.IMPLEMENTATIONS), e.g. float,int8,int8:reference")
     parser.add_argument("--layers", default="unrolled",
                         help="comma-separated block layouts (models.scan.LAYER_LAYOUTS), each timed with every "
-                             "--weights format in this run: unrolled, scanned (one lax.scan over groups of blocks); "
+                             "--weights format in this run: unrolled, scanned (one loop over groups of blocks); "
                              "each variant's compile_s is its first call minus a warm call")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     parser.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth-probe copy")

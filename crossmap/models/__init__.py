@@ -8,7 +8,7 @@ Modules, lowest first (each imports only those above it):
     int8_matmul       weight-only int8 products: the XLA reference and the Pallas kernel
     layers            the shared stack (attention, MLP, norms, RoPE, the Transformer)
     quantize          quantized(model, "int8"): int8 kernels with per-channel scales, for inference
-    scan              scanned(): blocks stacked by group of the layer pattern, run by one lax.scan
+    scan              scanned(): blocks stacked by group of the layer pattern, run by one loop over groups
     llama, qwen2, gemma3   what each architecture changes: config.json <-> ModelConfig both ways, norm names,
                       GGUF fix-ups
     registry          model_type / GGUF architecture -> architecture file

@@ -368,21 +368,19 @@ class Transformer(nnx.Module):
             x, stack_caches = jax.lax.fori_loop(0, n_scanned, group, carry, unroll=self.scan_unroll)
             if caches is not None:
                 caches[:period] = stack_caches
-        for i in range(n_scanned * period, min(last + 1, groups * period)):  # a partial group
-            g, j = divmod(i, period)
-            graphdef, state = stacks[j]
-            block = nnx.merge(graphdef, jax.tree.map(lambda a, g=g: a[g], state))
-            c = None if caches is None else caches[j]
+        for i in range(n_scanned * period, last + 1):  # a partial group's blocks, then the tail's
+            if i < groups * period:  # block i is entry g of stack j, and of its stacked cache
+                g, j = divmod(i, period)
+                graphdef, state = stacks[j]
+                block, slot, index = nnx.merge(graphdef, jax.tree.map(lambda a, g=g: a[g], state)), j, g
+            else:
+                t = i - groups * period
+                block, slot, index = self.layers[t], period + t, None
+            c = None if caches is None else caches[slot]
             x, c = self._block(block, i, x, tables, q_index, kv_valid, c, residual_add,
-                               cache_index=None if c is None else g)
+                               cache_index=None if c is None else index)
             if caches is not None:
-                caches[j] = c
-        for i in range(groups * period, last + 1):  # the tail
-            t = i - groups * period
-            x, c = self._block(self.layers[t], i, x, tables, q_index, kv_valid,
-                               None if caches is None else caches[period + t], residual_add)
-            if caches is not None:
-                caches[period + t] = c
+                caches[slot] = c
         return x, caches
 
     def head(self, x: Array) -> Array:

@@ -9,7 +9,8 @@ model's LM head gets its own int8 copy of the table ([d_model, vocab], as the he
 the gather keeps the float rows.
 
 Quantisation is per output channel: scale = max |w| over the input axes / 127, value =
-round(w / scale).  A scanned model (models.scan) quantizes the same way, per block of each stack.  The model is for inference; it is not saved back into a checkpoint.
+round(w / scale).  A scanned model (models.scan) quantizes the same way, per block of each stack.
+The model is for inference; it is not saved back into a checkpoint.
 """
 
 from __future__ import annotations

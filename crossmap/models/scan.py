@@ -1,7 +1,7 @@
-"""Scanned layers: a model's blocks run by one `lax.scan` over groups of identical blocks.
+"""Scanned layers: a model's blocks run by one loop (`lax.fori_loop`) over groups of identical blocks.
 
-An unrolled program holds one copy of every block, so what XLA compiles grows with the depth; a scan
-holds one group's and loops over the groups.  A group is one period of the layer pattern: a single
+An unrolled program holds one copy of every block, so what XLA compiles grows with the depth; a scanned
+one holds one group's and loops over the groups.  A group is one period of the layer pattern: a single
 block for Qwen and Llama, Gemma 3's five sliding-window blocks and one global block.  Blocks after the
 last whole group (Gemma-3-27B's 62 = 10 x 6 + 2) stay unrolled.
 
@@ -22,7 +22,7 @@ from flax import nnx
 
 from .layers import Transformer
 
-# verbalizers.<side>.layers: how the blocks run
+# models, verbalizers and reconstructors.<side>.layers: how the blocks run
 LAYER_LAYOUTS = ("unrolled", "scanned")
 
 # On GPU a scanned decode step reads each block's weights as a slice of its stack.  Without these XLA flags
@@ -83,7 +83,7 @@ def scanned(model: Transformer, layers: str = "scanned", *, consume: bool = Fals
         raise ValueError(f"layers must be one of {LAYER_LAYOUTS}, got {layers!r}")
     if layers == "unrolled":
         return model
-    if model.layer_stacks is not None:
+    if is_scanned(model):
         raise ValueError("model is already scanned")
     cfg = model.config
     period = layer_period(cfg.layer_types)
