@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -148,3 +149,25 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
     plain = load_model(tmp_path, with_tokenizer=False, config_overrides={"rope_llama3": None})
     unscaled = np.asarray(plain.model.logits(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid)))
     assert _rel(unscaled[valid], logits[valid]) > 1e-2  # the scaling is not a no-op at these positions
+
+
+def test_gelu_gate_rounds_once_like_transformers_in_bf16():
+    """Gemma's GELU on a bf16 gate product: computed in float32 and rounded once, as PyTorch computes
+    transformers' gelu_pytorch_tanh on bf16. Both use their own tanh, so a few entries land one bf16 step apart
+    (more in the far negative tail, where 1 + tanh cancels and GELU is below 1e-5); GELU written in bf16 (the form
+    XLA folds into a cuBLASLt epilogue) differs on about 40% of them, by up to 0.016."""
+    import torch
+
+    from crossmap.models.layers import gate_activation
+
+    gate = np.random.default_rng(0).normal(size=(64, 512)).astype(np.float32) * 3
+    ref = torch.nn.functional.gelu(torch.tensor(gate).bfloat16(), approximate="tanh").float().numpy()
+    bf16 = jnp.asarray(gate, jnp.bfloat16)
+    ours = np.asarray(jax.jit(gate_activation, static_argnums=1)(bf16, "gelu_tanh"))
+    assert ours.dtype == jnp.bfloat16
+    ours = ours.astype(np.float32)
+    apart = ours != ref
+    assert apart.mean() < 0.05, apart.mean()
+    step = np.abs(ref) * 2.0 ** -7  # at least one bf16 step at |ref| (8 significant bits)
+    assert np.all(np.abs(ours - ref) <= np.maximum(step, 1e-5))
+    np.testing.assert_array_equal(np.asarray(gate_activation(bf16, "silu")), np.asarray(jax.nn.silu(bf16)))

@@ -661,3 +661,47 @@ def test_sampling_draws_from_the_softmax(vocab, filtered):
     expected = np.asarray(expected, np.float64) * (sum(observed) / sum(expected))
     assert len(expected) >= 3
     assert stats.chisquare(observed, expected).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("name, marker_id, render", [("qwen2.5-coder-0.5b-instruct", 149705, "chat"),
+                                                     ("gemma-3-270m", 246566, "raw")])
+def test_nla_bench_prompt_through_real_tokenizers(name, marker_id, render):
+    """bench verbalize --nla builds the release's AV prompt through the base model's real tokenizer: the release's
+    marker (notes/nla-release.md: Qwen U+320E = 149705, Gemma 3 U+321C = 246566) once, at the slot it names; a
+    chat turn where the tokenizer has a template (the shipped Gemma-3-270M has none: raw, the release's rule)."""
+    from crossmap.benchmarks.verbalize import nla_prompt
+    from crossmap.models import shipped_gguf
+    from crossmap.models.gguf_files import convert_gguf
+
+    ids, slot, tokenizer = nla_prompt(str(convert_gguf(shipped_gguf(name))))
+    assert ids[slot] == marker_id and ids.count(marker_id) == 1
+    assert bool(getattr(tokenizer, "chat_template", None)) == (render == "chat")
+    text = tokenizer.decode(ids)
+    assert ("<|im_start|>user" in text) == (render == "chat") and text.count(chr(0x320E if render == "chat"
+                                                                                   else 0x321C)) == 1
+
+
+def test_nla_bench_tiny_runs_both_sides_and_the_presets_carry_the_release(tmp_path):
+    """--nla on the tiny preset: generation and the AR, each beside transformers, in one run. The presets hold
+    the release's extraction layer and injection norm for each AV (notes/nla-release.md)."""
+    from crossmap.benchmarks import verbalize as bench
+    from crossmap.models import shipped_gguf
+    from crossmap.models.gguf_files import convert_gguf
+
+    assert bench.PRESETS["7b"]["nla"] == {"layer": 20, "injection_scale": 150.0}
+    assert bench.PRESETS["27b"]["nla"] == {"layer": 41, "injection_scale": 60000.0}
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "nla.json"
+    tokenizer = str(convert_gguf(shipped_gguf("qwen2.5-coder-0.5b-instruct")))
+    result = bench.run(parser.parse_args(["--preset", "tiny", "--nla", "--tokenizer", tokenizer, "--reps", "1",
+                                         "--new-tokens", "8", "--ar-explanations", "8", "--ar-batch", "4",
+                                         "--out", str(out)]))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["nla"] == {"prompt_tokens": 125, "marker_slot": 111, "injection_scale": 150.0,
+                             "prompt_render": "chat"}
+    assert result["prompt_len"] == 125 and result["sampling"]["temperature"] == 0.7
+    ar = result["reconstructor"]
+    assert ar["layers"] == bench.PRESETS["tiny"]["nla"]["layer"] + 1 and ar["explanations"] == 8
+    assert ar["crossmap"]["explanations_per_s"] > 0 and ar["transformers"]["explanations_per_s"] > 0
+    assert ar["speedup_vs_transformers"] == pytest.approx(ar["transformers"]["total_s"] / ar["crossmap"]["total_s"])

@@ -53,6 +53,7 @@ from crossmap.models import ModelConfig, config_from_hf, hf_config, init_random,
 from crossmap.models.int8_matmul import IMPLEMENTATIONS
 from crossmap.models.quantize import WEIGHT_FORMATS, quantized
 from crossmap.models.scan import scanned
+from crossmap.nla.meta import default_av_render
 from crossmap.sharding import make_mesh
 from crossmap.verbalize import Injection, generate, mean_embedding_norm
 
@@ -60,11 +61,17 @@ from crossmap.verbalize import Injection, generate, mean_embedding_norm
 QWEN25_7B = dict(model_type="qwen2", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
                  head_dim=128, d_ff=18944, qkv_bias=True, rope_theta=1_000_000.0, rms_eps=1e-6,
                  tie_embeddings=False, eos_token_ids=(151645,), name="qwen2.5-7b-shaped")
+# nla: the released AV/AR pair of that base model (notes/nla-release.md): the extraction layer K (the AR keeps
+# blocks 0..K) and the norm every injected vector is rescaled to
+QWEN25_7B_NLA = dict(layer=20, injection_scale=150.0)
 PRESETS: dict[str, dict[str, Any]] = {
-    "7b": dict(config=QWEN25_7B, batch=128, prompt_len=64, new_tokens=128, dtype="bfloat16", copy_mib=4096),
+    "7b": dict(config=QWEN25_7B, batch=128, prompt_len=64, new_tokens=128, dtype="bfloat16", copy_mib=4096,
+               nla=QWEN25_7B_NLA),
     # Gemma-3-27B(-it): the reference target model (its shipped config.json shape); 62 blocks, 5:1 local/global
-    "27b": dict(config="gemma-3-27b-it", batch=128, prompt_len=64, new_tokens=128, dtype="bfloat16", copy_mib=4096),
-    "tiny": dict(config="tiny-qwen2", batch=4, prompt_len=12, new_tokens=8, dtype="float32", copy_mib=16),
+    "27b": dict(config="gemma-3-27b-it", batch=128, prompt_len=64, new_tokens=128, dtype="bfloat16", copy_mib=4096,
+                nla=dict(layer=41, injection_scale=60000.0)),
+    "tiny": dict(config="tiny-qwen2", batch=4, prompt_len=12, new_tokens=8, dtype="float32", copy_mib=16,
+                 nla=dict(QWEN25_7B_NLA, layer=2)),
 }
 
 
@@ -94,10 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="nucleus sampling when < 1 (with --temperature > 0), e.g. the paper config's 0.95")
     parser.add_argument("--nla", action="store_true",
-                        help="the released NLA workload: the real AV prompt (from --tokenizer, a Qwen2.5 tokenizer "
-                             "directory) with the vector at its marker slot rescaled to the release's norm, 200 new "
-                             "tokens at the release's temperature 0.7, then the AR (the first K+1=21 blocks + value "
-                             "head) scoring --ar-explanations explanations; both side by side with transformers")
+                        help="the released NLA workload: the real AV prompt (from --tokenizer, the base model's tokenizer "
+                             "directory) with the vector at its marker slot rescaled to the release's norm (7b: 150, "
+                             "27b: 60000), 200 new tokens at the release's temperature 0.7, then the AR (the first "
+                             "K+1 blocks + value head; 7b: K=20, 27b: K=41) scoring --ar-explanations explanations; "
+                             "both side by side with transformers")
     parser.add_argument("--tokenizer", default=None, help="--nla: the tokenizer directory whose chat template and "
                                                           "marker give the real prompt")
     parser.add_argument("--ar-explanations", type=int, default=1024, help="--nla: explanations the AR scores")
@@ -297,6 +305,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.temperature = 0.7 if args.nla else 0.0
     preset = PRESETS[args.preset]
     cfg = preset_config(preset)
+    nla = preset["nla"]
     if args.nla and cfg.vocab_size < QWEN25_7B["vocab_size"]:  # the tiny smoke run reads the real tokenizer's ids
         cfg = cfg.replace(vocab_size=QWEN25_7B["vocab_size"])
     batch = preset["batch"] if args.batch is None else args.batch
@@ -312,7 +321,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mesh = make_mesh()
     if args.nla:
         print(f"[verbalize bench] --nla: the release's prompt through {args.tokenizer}", flush=True)
-    print(f"[verbalize bench] {cfg.name or cfg.model_type}: batch {batch}, prompt {prompt_len}, "
+    print(f"[verbalize bench] {cfg.name or cfg.model_type}: batch {batch}, prompt "
+          f"{'(the release AV prompt)' if args.nla else prompt_len}, "
           f"{new_tokens} new tokens, {dtype}, {len(jax.devices())} x {jax.devices()[0].device_kind}", flush=True)
 
     t0 = time.perf_counter()
@@ -326,8 +336,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.nla:
         prompt, marker, tokenizer = nla_prompt(args.tokenizer)
         prompt_len = len(prompt)
+        print(f"[verbalize bench] --nla: the AV prompt is {prompt_len} tokens ({default_av_render(tokenizer)} "
+              f"render), the marker at slot {marker}", flush=True)
         prompts = np.asarray([prompt] * batch, np.int32)
-        vectors *= NLA_INJECTION_SCALE / np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors *= nla["injection_scale"] / np.linalg.norm(vectors, axis=1, keepdims=True)
     else:
         prompts = rng.integers(0, cfg.vocab_size, size=(batch, prompt_len)).astype(np.int32)
         marker = prompt_len // 2
@@ -345,6 +357,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                args.temperature, args.top_p)
         print(f"[verbalize bench] transformers on {device}: {hf['total_s']:.3f} s per call, decode step "
               f"{hf['decode_step_s'] * 1e3:.2f} ms", flush=True)
+    if args.nla:
+        ar_cfg, ar_prompts, ar_batches = ar_workload(cfg, tokenizer, args, nla["layer"])
+        ar_peer = None if device is None else ar_transformers(ar_cfg, ar_batches, dtype, device, args.reps)
     bandwidth = measured_copy_bandwidth(copy_mib << 20, repeats=max(args.reps, 5))["gb_per_s"] * 1e9
     matmul_rate = measured_matmul_peak(dtype)["tflops"] * 1e12
     per_format: dict[str, Any] = {}
@@ -406,32 +421,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "step_s_at_torch_copy_bandwidth"]
         print(f"[verbalize bench] speedup over transformers {result['speedup_vs_transformers']:.2f}x", flush=True)
     if args.nla:
-        result["nla"] = {"prompt_tokens": prompt_len, "marker_slot": marker, "injection_scale": NLA_INJECTION_SCALE}
-        result["reconstructor"] = bench_reconstructor(cfg, tokenizer, args, dtype, device)
+        result["nla"] = {"prompt_tokens": prompt_len, "marker_slot": marker, "injection_scale": nla["injection_scale"],
+                         "prompt_render": default_av_render(tokenizer)}
+        result["reconstructor"] = bench_reconstructor(ar_cfg, ar_prompts, ar_batches, args, dtype, ar_peer)
     write_json(result, args.out, echo=False)
     return result
 
 
-# The released Qwen2.5-7B AV's norm; its AR keeps blocks 0..20.
-NLA_INJECTION_SCALE = 150.0
-NLA_LAYER = 20
 NLA_NEW_TOKENS = 200  # the release's generation length
 
 
 def nla_prompt(tokenizer_dir: str | None) -> tuple[list[int], int, object]:
-    """The release's AV prompt through a real Qwen2.5 tokenizer: (token ids, marker slot, tokenizer)."""
+    """The release's AV prompt through a real tokenizer of the base model: (token ids, marker slot, tokenizer).
+    Rendered as a chat turn where the tokenizer has a chat template, else raw (the release's rule, nla.meta)."""
     from ..models import load_tokenizer
-    from ..nla.meta import RELEASE_AV_TEMPLATE, pick_marker
+    from ..nla.meta import RELEASE_AV_TEMPLATE, default_av_render, pick_marker
     from ..verbalize import VerbalizerSpec, build_prompt
 
     if not tokenizer_dir:
-        raise ValueError("--nla needs --tokenizer: a Qwen2.5 tokenizer directory (its chat template and marker "
-                         "make the real prompt)")
+        raise ValueError("--nla needs --tokenizer: the base model's tokenizer directory (its chat template and "
+                         "marker make the real prompt)")
     tokenizer = load_tokenizer(tokenizer_dir)
-    marker = pick_marker(tokenizer)
+    render = default_av_render(tokenizer)
+    marker = pick_marker(tokenizer, render=render)
     token_id = tokenizer(marker, add_special_tokens=False)["input_ids"][0]
     spec = VerbalizerSpec(injection_token=marker, injection_token_id=token_id,
-                          prompt_template=RELEASE_AV_TEMPLATE.format(injection_char=marker))
+                          prompt_template=RELEASE_AV_TEMPLATE.format(injection_char=marker),
+                          use_chat_template=render == "chat")
     built = build_prompt(tokenizer, spec)
     return list(built.token_ids), built.marker_index, tokenizer
 
@@ -449,68 +465,37 @@ def _ar_prompts(tokenizer, n: int, tokens: int, vocab: int, seed: int) -> list[l
             for k in lengths]
 
 
-def bench_reconstructor(cfg: ModelConfig, tokenizer, args, dtype: str, device: str | None) -> dict[str, Any]:
-    """AR scoring: explanations/s of crossmap's jitted, bucketed reconstructor forward vs a transformers
-    forward of the same truncated backbone, and the compute floor (matmul FLOPs at the measured bf16 rate)."""
-    import jax.numpy as jnp
+def ar_workload(cfg: ModelConfig, tokenizer, args, layer: int) -> tuple[ModelConfig, list, list]:
+    """The AR bench's truncated config, its prompts of the release's form and their padded batches (numpy)."""
+    from ..nla.reconstructor import padded_batch
 
-    from ..nla.reconstructor import padded_batch, reconstruct_batch
-    from .common import measured_matmul_peak
-
-    ar_cfg = cfg.replace(n_layers=NLA_LAYER + 1, layer_types=(), tie_embeddings=True, name="qwen2.5-7b-ar-shaped")
-    model = init_random(ar_cfg, seed=args.seed + 1, dtype=dtype)
-    head = jnp.asarray(np.random.default_rng(1).standard_normal((cfg.d_model, cfg.d_model)) / np.sqrt(cfg.d_model),
-                       dtype=dtype)
+    ar_cfg = cfg.replace(n_layers=layer + 1, layer_types=cfg.layer_types[:layer + 1], tie_embeddings=True,
+                         name=f"{cfg.name or cfg.model_type}-ar-shaped")
     prompts = _ar_prompts(tokenizer, args.ar_explanations, args.ar_explanation_tokens, cfg.vocab_size, args.seed)
-    graphdef, state = nnx.split(model)
     order = np.argsort([len(p) for p in prompts])
-    batches = [tuple(jnp.asarray(a) for a in padded_batch([prompts[r] for r in order[i:i + args.ar_batch]],
-                                                           args.ar_batch))
+    batches = [padded_batch([prompts[r] for r in order[i:i + args.ar_batch]], args.ar_batch)
                for i in range(0, len(order), args.ar_batch)]
+    return ar_cfg, prompts, batches
 
-    def score_all():
-        return [np.asarray(reconstruct_batch(state, head, *b, graphdef=graphdef, layer=NLA_LAYER)) for b in batches]
 
-    t0 = time.perf_counter()
-    score_all()
-    first = time.perf_counter() - t0
-    seconds = median_time(score_all, max(args.reps, 1))
-    real_tokens = sum(len(p) for p in prompts)
-    # the blocks' matmuls and causal attention per token, plus the value head on each last token
-    flops = sum(ar_cfg.forward_flops_per_token(len(p), with_head=False) * len(p) + 2 * cfg.d_model ** 2
-                for p in prompts)
-    peak = measured_matmul_peak(dtype)
-    ours = {"first_call_s": first, "total_s": seconds, "explanations_per_s": len(prompts) / seconds,
-            "tokens_per_s": real_tokens / seconds, "batch": args.ar_batch,
-            "buckets": sorted({int(b[0].shape[1]) for b in batches})}
-    floor_s = flops / (peak["tflops"] * 1e12)
-    result = {"layers": ar_cfg.n_layers, "explanations": len(prompts), "mean_prompt_tokens": real_tokens / len(prompts),
-              "crossmap": ours, "floor": {"matmul_flops": flops, "bf16_matmul_tflops": peak["tflops"],
-                                          "seconds": floor_s, "ratio_to_floor": seconds / floor_s}}
-    print(f"[verbalize bench] AR: {ours['explanations_per_s']:.0f} explanations/s, {seconds / floor_s:.2f}x the "
-          f"compute floor", flush=True)
-    if device is None:
-        result["transformers"] = {"skipped": "no torch device"}
-        return result
+def ar_transformers(ar_cfg: ModelConfig, batches: list, dtype: str, device: str, reps: int) -> dict[str, Any]:
+    """The AR peer: transformers' backbone of the same truncated shape, final norm removed, and a value head,
+    batched with right padding to each batch's longest prompt. The authors' NLACritic scores one explanation per
+    forward; batching is the fair peer for throughput. Runs before JAX allocates (PyTorch hands its memory back;
+    JAX keeps what it freed), which is what lets the 27B shape's two copies fit."""
     import torch
     from transformers import AutoConfig, AutoModel
 
-    hf_cfg = AutoConfig.for_model("qwen2", vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
-                                  num_hidden_layers=ar_cfg.n_layers, num_attention_heads=cfg.n_heads,
-                                  num_key_value_heads=cfg.n_kv_heads, intermediate_size=cfg.d_ff,
-                                  rms_norm_eps=cfg.rms_eps, rope_theta=cfg.rope_theta,
-                                  max_position_embeddings=cfg.max_position_embeddings, use_sliding_window=False)
+    described = hf_config(ar_cfg)  # the truncated backbone, as its config.json describes it
+    hf_cfg = AutoConfig.for_model(described.pop("model_type"), **described)
     hf_cfg._attn_implementation = "sdpa"
     torch_dtype = getattr(torch, dtype)
     with torch.device(device):
         backbone = AutoModel.from_config(hf_cfg, dtype=torch_dtype).eval()
         backbone.norm = torch.nn.Identity()  # the AR has no final norm
-        value_head = torch.nn.Linear(cfg.d_model, cfg.d_model, bias=False, dtype=torch_dtype)
-    # the authors' NLACritic scores one explanation per forward; batched here (right padding, last real
-    # token), as a fair peer for throughput
+        value_head = torch.nn.Linear(ar_cfg.d_model, ar_cfg.d_model, bias=False, dtype=torch_dtype)
     torch_batches = []
-    for b in batches:
-        tokens, _, valid, last = (np.asarray(a) for a in b)
+    for tokens, _, valid, last in batches:
         width = int(valid.sum(1).max())
         torch_batches.append((torch.as_tensor(tokens[:, :width], device=device, dtype=torch.long),
                               torch.as_tensor(valid[:, :width], device=device, dtype=torch.long),
@@ -528,11 +513,59 @@ def bench_reconstructor(cfg: ModelConfig, tokenizer, args, dtype: str, device: s
 
     t0 = time.perf_counter()
     torch_all()
-    hf_first = time.perf_counter() - t0
-    hf_seconds = median_time(torch_all, max(args.reps, 1))
-    result["transformers"] = {"device": device, "attention": "sdpa", "first_call_s": hf_first, "total_s": hf_seconds,
-                              "explanations_per_s": len(prompts) / hf_seconds, "padding": "to each batch's longest"}
-    result["speedup_vs_transformers"] = hf_seconds / seconds
-    print(f"[verbalize bench] AR transformers: {len(prompts) / hf_seconds:.0f} explanations/s; speedup "
+    first = time.perf_counter() - t0
+    seconds = median_time(torch_all, max(reps, 1))
+    backbone = value_head = torch_batches = None  # the peer's weights go before JAX needs the memory
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    print(f"[verbalize bench] AR transformers: {seconds:.2f} s per pass", flush=True)
+    return {"device": device, "attention": "sdpa", "first_call_s": first, "total_s": seconds,
+            "padding": "to each batch's longest"}
+
+
+def bench_reconstructor(ar_cfg: ModelConfig, prompts: list, batches: list, args, dtype: str,
+                        peer: dict[str, Any] | None) -> dict[str, Any]:
+    """AR scoring: explanations/s of crossmap's jitted, bucketed reconstructor forward against the peer measured
+    before (`ar_transformers`, None when no torch device) and the compute floor (matmul FLOPs at the measured
+    bf16 rate)."""
+    import jax.numpy as jnp
+
+    from ..nla.reconstructor import reconstruct_batch
+    from .common import measured_matmul_peak
+
+    model = init_random(ar_cfg, seed=args.seed + 1, dtype=dtype)
+    d = ar_cfg.d_model
+    head = jnp.asarray(np.random.default_rng(1).standard_normal((d, d)) / np.sqrt(d), dtype=dtype)
+    graphdef, state = nnx.split(model)
+    device_batches = [tuple(jnp.asarray(a) for a in b) for b in batches]
+    layer = ar_cfg.n_layers - 1
+
+    def score_all():
+        return [np.asarray(reconstruct_batch(state, head, *b, graphdef=graphdef, layer=layer))
+                for b in device_batches]
+
+    t0 = time.perf_counter()
+    score_all()
+    first = time.perf_counter() - t0
+    seconds = median_time(score_all, max(args.reps, 1))
+    real_tokens = sum(len(p) for p in prompts)
+    # the blocks' matmuls and causal attention per token, plus the value head on each last token
+    flops = sum(ar_cfg.forward_flops_per_token(len(p), with_head=False) * len(p) + 2 * d ** 2 for p in prompts)
+    peak = measured_matmul_peak(dtype)
+    ours = {"first_call_s": first, "total_s": seconds, "explanations_per_s": len(prompts) / seconds,
+            "tokens_per_s": real_tokens / seconds, "batch": args.ar_batch,
+            "buckets": sorted({int(b[0].shape[1]) for b in batches})}
+    floor_s = flops / (peak["tflops"] * 1e12)
+    result = {"layers": ar_cfg.n_layers, "explanations": len(prompts), "mean_prompt_tokens": real_tokens / len(prompts),
+              "crossmap": ours, "floor": {"matmul_flops": flops, "bf16_matmul_tflops": peak["tflops"],
+                                          "seconds": floor_s, "ratio_to_floor": seconds / floor_s}}
+    print(f"[verbalize bench] AR: {ours['explanations_per_s']:.0f} explanations/s, {seconds / floor_s:.2f}x the "
+          f"compute floor", flush=True)
+    if peer is None:
+        result["transformers"] = {"skipped": "no torch device"}
+        return result
+    result["transformers"] = dict(peer, explanations_per_s=len(prompts) / peer["total_s"])
+    result["speedup_vs_transformers"] = peer["total_s"] / seconds
+    print(f"[verbalize bench] AR transformers: {len(prompts) / peer['total_s']:.0f} explanations/s; speedup "
           f"{result['speedup_vs_transformers']:.2f}x", flush=True)
     return result

@@ -226,9 +226,19 @@ class MLP(nnx.Module):
     def __call__(self, x: Array) -> Array:
         impl = self.int8_implementation
         gate = project(x, self.gate, self.gate_scale, "", 1, implementation=impl)
-        act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
         up = project(x, self.up, self.up_scale, "", 1, implementation=impl)
-        return project(act * up, self.down, self.down_scale, "", 1, implementation=impl)
+        return project(gate_activation(gate, self.activation) * up, self.down, self.down_scale, "", 1,
+                       implementation=impl)
+
+
+def gate_activation(gate: Array, activation: str) -> Array:
+    """The MLP's activation on its gate product: SiLU, or GELU (tanh form) computed in float32 on the rounded
+    gate and rounded once, as transformers computes it in bf16. Written on the product's own dtype, XLA folds
+    the GELU into a cuBLASLt epilogue, which cannot read a scanned block's weight slice in place: that copied
+    the gate kernel (231 MB) once a block per decode step at the Gemma-3-27B shape (BENCHMARKS.md)."""
+    if activation == "silu":
+        return jax.nn.silu(gate)
+    return jax.nn.gelu(gate.astype(jnp.float32), approximate=True).astype(gate.dtype)
 
 
 class Block(nnx.Module):
