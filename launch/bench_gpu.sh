@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, one after another, JSON into OUT_DIR.
-#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|verbalize-27b|scan|int8|top-p|scaling|paper ...]
+#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|verbalize-27b|verbalize-nla|scan|int8|top-p|scaling|paper ...]
 # scaling compares one GPU with all of them: run it on a multi-GPU node (it is not in the default list).
 # paper runs configs/paper.py at the 7B/27B shapes on random checkpoints it writes (~70 GB of disk;
 # two GPUs or more): TOKENIZERS names a directory with qwen2.5/ and gemma3/ tokenizer directories (unpack
@@ -30,6 +30,15 @@ for b in $benches; do
     verbalize-27b)  # the Gemma-3-27B shape, bf16 and int8 kernels side by side
       python3 -m crossmap.cli bench verbalize --preset 27b --weights float,int8 \
         --out "$out/verbalize-gemma-3-27b.json" ;;
+    verbalize-nla)  # the released AV/AR workload at both shapes, then features per GPU-hour from those two runs;
+      # TOKENIZERS as for paper (below). The 27B runs unrolled and scanned, with the flags a scanned decode wants.
+      python3 -m crossmap.cli bench verbalize --preset 7b --nla --tokenizer "${TOKENIZERS:?}/qwen2.5" \
+        --out "$out/verbalize-qwen2.5-7b-nla.json"
+      XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false \
+--xla_gpu_dot_merger_threshold_mb=0" python3 -m crossmap.cli bench verbalize --preset 27b --nla \
+        --tokenizer "$TOKENIZERS/gemma3" --layers unrolled,scanned --reps 2 --out "$out/verbalize-gemma-3-27b-nla.json"
+      python3 -m crossmap.cli bench features-per-hour --verbalize "$out/verbalize-qwen2.5-7b-nla.json" \
+        "$out/verbalize-gemma-3-27b-nla.json" --out "$out/features-per-hour.json" ;;
     scan)  # compile seconds and run time of unrolled and scanned blocks, side by side in one run each
       python3 -m crossmap.cli bench verbalize --preset 27b --layers unrolled,scanned --reps 2 \
         --out "$out/verbalize-27b-scan.json"
