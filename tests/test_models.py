@@ -171,3 +171,15 @@ def test_gelu_gate_rounds_once_like_transformers_in_bf16():
     step = np.abs(ref) * 2.0 ** -7  # at least one bf16 step at |ref| (8 significant bits)
     assert np.all(np.abs(ours - ref) <= np.maximum(step, 1e-5))
     np.testing.assert_array_equal(np.asarray(gate_activation(bf16, "silu")), np.asarray(jax.nn.silu(bf16)))
+
+
+def test_through_block_keeps_each_blocks_type_and_refuses_a_layer_out_of_range():
+    cfg = tiny_config("gemma3")  # sliding and full blocks
+    cut = cfg.through_block(5, tie_embeddings=True)
+    assert cut.n_layers == 6 and cut.layer_types == cfg.layer_types[:6] and cut.tie_embeddings
+    assert cut.forward_flops_per_token(64, with_head=False) == cfg.forward_flops_per_token(64, upto_layer=5,
+                                                                                          with_head=False)
+    for layer in (cfg.n_layers, -1):
+        with pytest.raises(ValueError, match=rf"layer {layer} is out of range for .* which has {cfg.n_layers} "
+                                             rf"blocks \(0\.\.{cfg.n_layers - 1}\)"):
+            cfg.through_block(layer)

@@ -52,10 +52,8 @@ def _config(name: str):
 
 
 def _train_flops(cfg, seq: int, head_tokens: int, rows: int, mode: str, upto: int | None = None) -> float:
-    body = cfg.replace(n_layers=(upto + 1) if upto is not None else cfg.n_layers,
-                       layer_types=cfg.layer_types[:(upto + 1) if upto is not None else cfg.n_layers])
-    forward = rows * (seq * body.forward_flops_per_token(seq, with_head=False) + head_tokens * 2 * cfg.d_model
-                      * cfg.vocab_size)
+    forward = rows * (seq * cfg.forward_flops_per_token(seq, upto_layer=upto, with_head=False)
+                      + head_tokens * 2 * cfg.d_model * cfg.vocab_size)
     return forward * (3 if mode == "full" else 2)
 
 

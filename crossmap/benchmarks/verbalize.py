@@ -238,16 +238,24 @@ def _torch_device(choice: str, preset: str) -> str | None:
     return choice
 
 
+def _transformers_config(cfg: ModelConfig):
+    """transformers' config of the same architecture and shape, as config.json describes it, with SDPA."""
+    from transformers import AutoConfig
+
+    described = hf_config(cfg)
+    described.pop("architectures", None)
+    hf_cfg = AutoConfig.for_model(described.pop("model_type"), **described)
+    hf_cfg._attn_implementation = "sdpa"
+    return hf_cfg
+
+
 def _run_transformers(cfg: ModelConfig, prompts: np.ndarray, marker: int, vectors: np.ndarray, new_tokens: int,
                       dtype: str, device: str, reps: int, temperature: float = 0.0,
                       top_p: float = 1.0) -> dict[str, Any]:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    described = hf_config(cfg)  # the same architecture and shape, as config.json describes it
-    described.pop("architectures", None)
-    hf_cfg = AutoConfig.for_model(described.pop("model_type"), **described)
-    hf_cfg._attn_implementation = "sdpa"
+    hf_cfg = _transformers_config(cfg)
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -469,8 +477,7 @@ def ar_workload(cfg: ModelConfig, tokenizer, args, layer: int) -> tuple[ModelCon
     """The AR bench's truncated config, its prompts of the release's form and their padded batches (numpy)."""
     from ..nla.reconstructor import padded_batch
 
-    ar_cfg = cfg.replace(n_layers=layer + 1, layer_types=cfg.layer_types[:layer + 1], tie_embeddings=True,
-                         name=f"{cfg.name or cfg.model_type}-ar-shaped")
+    ar_cfg = cfg.through_block(layer, tie_embeddings=True, name=f"{cfg.name or cfg.model_type}-ar-shaped")
     prompts = _ar_prompts(tokenizer, args.ar_explanations, args.ar_explanation_tokens, cfg.vocab_size, args.seed)
     order = np.argsort([len(p) for p in prompts])
     batches = [padded_batch([prompts[r] for r in order[i:i + args.ar_batch]], args.ar_batch)
@@ -484,11 +491,9 @@ def ar_transformers(ar_cfg: ModelConfig, batches: list, dtype: str, device: str,
     forward; batching is the fair peer for throughput. Runs before JAX allocates (PyTorch hands its memory back;
     JAX keeps what it freed), which is what lets the 27B shape's two copies fit."""
     import torch
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
-    described = hf_config(ar_cfg)  # the truncated backbone, as its config.json describes it
-    hf_cfg = AutoConfig.for_model(described.pop("model_type"), **described)
-    hf_cfg._attn_implementation = "sdpa"
+    hf_cfg = _transformers_config(ar_cfg)
     torch_dtype = getattr(torch, dtype)
     with torch.device(device):
         backbone = AutoModel.from_config(hf_cfg, dtype=torch_dtype).eval()

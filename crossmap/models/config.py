@@ -94,6 +94,14 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+    def through_block(self, layer: int, **changes) -> ModelConfig:
+        """The config of blocks 0..layer only (an AR's backbone, a truncated forward), each keeping its layer
+        type; `changes` as in `replace`."""
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} is out of range for {self.name or self.model_type}, which has "
+                             f"{self.n_layers} blocks (0..{self.n_layers - 1})")
+        return self.replace(n_layers=layer + 1, layer_types=self.layer_types[:layer + 1], **changes)
+
     def param_count(self, *, upto_layer: int | None = None, with_head: bool = True) -> int:
         """Number of parameters (embedding included; LM head unless tied or `with_head=False`)."""
         d, h = self.d_model, self.head_dim

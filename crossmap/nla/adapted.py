@@ -59,7 +59,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 def truncated(model: Transformer, layer: int) -> tuple[Transformer, dict]:
     """(abstract model, params) of blocks 0..layer with the embeddings and no LM head: an AR's backbone."""
     cfg = model.config
-    cfg_ar = cfg.replace(n_layers=layer + 1, layer_types=cfg.layer_types[:layer + 1], tie_embeddings=True)
+    cfg_ar = cfg.through_block(layer, tie_embeddings=True)
     abstract = nnx.eval_shape(lambda: Transformer(cfg_ar, dtype=model.embed[...].dtype, rngs=nnx.Rngs(0)))
     full = nnx.to_pure_dict(nnx.split(model)[1])
     params = {"embed": full["embed"], "final_norm": full["final_norm"],
