@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, one after another, JSON into OUT_DIR.
-#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|verbalize-27b|verbalize-nla|scan|int8|top-p|scaling|paper ...]
+#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|decode-paths|decode-paths-27b|verbalize-27b|verbalize-nla|scan|int8|top-p|scaling|paper ...]
 # scaling compares one GPU with all of them: run it on a multi-GPU node (it is not in the default list).
 # paper runs configs/paper.py at the 7B/27B shapes on random checkpoints it writes (~70 GB of disk;
 # two GPUs or more): TOKENIZERS names a directory with qwen2.5/ and gemma3/ tokenizer directories (unpack
@@ -27,6 +27,12 @@ for b in $benches; do
     verbalize-sampled)  # how the paper config's verbalizers decode: temperature 0.7, nucleus 0.95
       python3 -m crossmap.cli bench verbalize --preset 7b --temperature 0.7 --top-p 0.95 \
         --out "$out/verbalize-qwen2.5-7b-sampled.json" ;;
+    decode-paths)  # fused projections and the decode-attention kernel, each on and off, side by side (7B, greedy)
+      python3 -m crossmap.cli bench verbalize --preset 7b --projections separate,fused --decode-attention reference,auto \
+        --out "$out/verbalize-7b-decode-paths.json" ;;
+    decode-paths-27b)  # the same at the 27B shape: the XLA path and the fast one (the logits compared by tokens only)
+      python3 -m crossmap.cli bench verbalize --preset 27b --projections separate,fused --decode-attention reference,auto \
+        --reps 2 --no-logit-error --out "$out/verbalize-27b-decode-paths.json" ;;
     verbalize-27b)  # the Gemma-3-27B shape, bf16 and int8 kernels side by side
       python3 -m crossmap.cli bench verbalize --preset 27b --weights float,int8 \
         --out "$out/verbalize-gemma-3-27b.json" ;;

@@ -50,7 +50,10 @@ from crossmap.benchmarks.common import (
     write_json,
 )
 from crossmap.models import ModelConfig, config_from_hf, hf_config, init_random, shape_config, tiny_config
+from crossmap.models.attention import IMPLEMENTATIONS as DECODE_ATTENTION
+from crossmap.models.fuse import PROJECTION_LAYOUTS, fused
 from crossmap.models.int8_matmul import IMPLEMENTATIONS
+from crossmap.models.layers import with_decode_attention
 from crossmap.models.quantize import WEIGHT_FORMATS, quantized
 from crossmap.models.scan import scanned
 from crossmap.nla.meta import default_av_render
@@ -91,6 +94,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated block layouts (models.scan.LAYER_LAYOUTS), each timed with every "
                              "--weights format in this run: unrolled, scanned (one loop over groups of blocks); "
                              "each variant's compile_s is its first call minus a warm call")
+    parser.add_argument("--projections", default="separate",
+                        help="comma-separated projection layouts (models.fuse.PROJECTION_LAYOUTS), each timed with every "
+                             "format and layout: separate, fused (q/k/v as one kernel, gate/up as one)")
+    parser.add_argument("--decode-attention", default="auto",
+                        help="comma-separated decode-attention implementations (models.attention.IMPLEMENTATIONS), "
+                             "each timed with every other choice: auto (the Pallas kernel on GPU for 16-bit caches), "
+                             "reference (the XLA definition), pallas, interpret")
+    parser.add_argument("--logit-error", action=argparse.BooleanOptionalAction, default=True,
+                        help="compare each variant's logits (prefill and first decode step) with the first variant's: "
+                             "one more compiled program per variant (about a minute each at the 27B shape); every "
+                             "variant's generated tokens are compared either way")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     parser.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth-probe copy")
     parser.add_argument("--torch-device", default="auto", help="auto | cuda | cpu | none")
@@ -203,17 +217,39 @@ def weight_formats(text: str) -> dict[str, tuple[str, str]]:
     return formats
 
 
-def variant_names(formats: dict[str, tuple[str, str]], layouts: list[str]) -> list[tuple[str, str, str]]:
-    """(name, weight format as written, layout) for every format with every layout; a scanned variant's name is
-    "<format>/scanned"."""
-    return [(fmt if layout == "unrolled" else f"{fmt}/{layout}", fmt, layout) for fmt in formats for layout in layouts]
+def variant_names(formats: dict[str, tuple[str, str]], layouts: list[str], projections: tuple[str, ...] = ("separate",),
+                  attention: tuple[str, ...] = ("auto",)) -> list[tuple[str, ...]]:
+    """(name, weight format as written, layout[, projections, decode attention]) for every format with every
+    layout (and every projection layout and decode attention, when more than the defaults are asked for).  A
+    name is the format, then "/scanned", "/fused" and "/attention-IMPL" where those differ from the defaults."""
+    if tuple(projections) == ("separate",) and tuple(attention) == ("auto",):
+        return [(fmt if layout == "unrolled" else f"{fmt}/{layout}", fmt, layout) for fmt in formats
+                for layout in layouts]
+    variants = []
+    for fmt in formats:
+        for layout in layouts:
+            for proj in projections:
+                for impl in attention:
+                    parts = [fmt] + [layout] * (layout != "unrolled") + [proj] * (proj != "separate") \
+                        + [f"attention-{impl}"] * (impl != "auto")
+                    variants.append(("/".join(parts), fmt, layout, proj, impl))
+    return variants
 
 
-def last_token_logits(model, prompts: np.ndarray, inj: Injection) -> np.ndarray:
-    """Next-token logits [B, V] after each prompt with the injection: one generated token's logits."""
-    res = generate(model, prompts, max_new_tokens=1, stop_token_ids=[], use_model_eos=False, pad_id=0,
+def comma_choices(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list of distinct values of `allowed`, in order; anything else is refused naming `flag`."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items or len(set(items)) < len(items) or any(x not in allowed for x in items):
+        raise ValueError(f"{flag} must list distinct values of {allowed}, got {text!r}")
+    return tuple(items)
+
+
+def step_logits(model, prompts: np.ndarray, inj: Injection) -> np.ndarray:
+    """Next-token logits [B, 2, V]: after each prompt with the injection (the prefill's), then after its greedy
+    first token (the first decode step's, through the cache)."""
+    res = generate(model, prompts, max_new_tokens=2, stop_token_ids=[], use_model_eos=False, pad_id=0,
                    injection=inj, length_bucket_min=1, return_logits=True)
-    return res.logits[:, 0]
+    return res.logits[:, :2]
 
 
 def logit_error(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -324,7 +360,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     dtype = args.dtype or preset["dtype"]
     formats = weight_formats(args.weights)
-    variants = variant_names(formats, layer_layouts(args.layers))
+    variants = [v + ("separate", "auto")[len(v) - 3:] for v in variant_names(
+        formats, layer_layouts(args.layers), comma_choices(args.projections, "--projections", PROJECTION_LAYOUTS),
+        comma_choices(args.decode_attention, "--decode-attention", DECODE_ATTENTION))]
     copy_mib = args.copy_mib or preset["copy_mib"]
     mesh = make_mesh()
     if args.nla:
@@ -372,16 +410,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     matmul_rate = measured_matmul_peak(dtype)["tflops"] * 1e12
     per_format: dict[str, Any] = {}
     first = variants[0][0]
-    reference_logits = None
-    for n, (name, fmt, layout) in enumerate(variants):
+    reference_logits = reference_tokens = None
+    for n, (name, fmt, layout, projections, attention) in enumerate(variants):
         weights, implementation = formats[fmt]
-        variant = quantized(model, weights, implementation=implementation)
-        # the last variant may take the float model's blocks (stacking in place: no second copy at the 27B shape)
-        last_use = n == len(variants) - 1 and weights == "float"
-        variant = scanned(variant, layout, consume=last_use)
-        ours, _ = time_generate(variant, prompts, inj, new_tokens, mesh, args.reps, temperature=args.temperature,
-                                top_p=args.top_p)
-        ours["layers"] = layout
+        # the last variant may take the float model's kernels (fused or stacked in place: no second copy at the 27B
+        # shape)
+        last_use = n == len(variants) - 1
+        variant = fused(with_decode_attention(model, attention), projections, consume=last_use)
+        variant = quantized(variant, weights, implementation=implementation)
+        variant = scanned(variant, layout, consume=last_use and weights == "float")
+        ours, generated = time_generate(variant, prompts, inj, new_tokens, mesh, args.reps,
+                                        temperature=args.temperature, top_p=args.top_p)
+        ours["layers"], ours["projections"], ours["decode_attention"] = layout, projections, attention
         ours["compile_s"] = ours["first_call_s"] - ours["total_s"]
         floor = _floor(cfg, variant, batch, prompt_len, new_tokens, bandwidth, ours["decode_step_s"], matmul_rate)
         ours["ratio_to_floor"] = floor["ratio_to_floor"]
@@ -392,12 +432,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"explanations/s; floor {floor['step_s'] * 1e3:.3f} ms/step at {floor['copy_bandwidth_GBps']:.0f} "
               f"GB/s: ratio {ratio}", flush=True)
         entry = {"crossmap": ours, "floor": floor}
-        logits = last_token_logits(variant, prompts, inj)
-        if reference_logits is None:
-            reference_logits = logits
+        logits = step_logits(variant, prompts, inj) if args.logit_error else None
+        if reference_tokens is None:
+            reference_logits, reference_tokens = logits, generated.tokens
         else:  # against the first variant, measured in this run
             base = per_format[first]
-            entry["logits_vs_" + first] = logit_error(logits, reference_logits)
+            # the timed call's tokens (greedy, or sampled with the same key)
+            equal = generated.tokens == reference_tokens
+            entry["tokens_vs_" + first] = {"agreement": float(equal.mean()),
+                                           "rows_identical": float(equal.all(axis=1).mean())}
+            if logits is not None:
+                entry["logits_vs_" + first] = logit_error(logits[:, 0], reference_logits[:, 0])
+                # the decode step's logits, over the rows whose first token both variants chose alike
+                same = logits[:, 0].argmax(-1) == reference_logits[:, 0].argmax(-1)
+                entry["decode_logits_vs_" + first] = {"rows": int(same.sum()), **(
+                    logit_error(logits[same, 1], reference_logits[same, 1]) if same.any() else {})}
             entry["decode_step_vs_" + first] = ours["decode_step_s"] / base["crossmap"]["decode_step_s"]
             entry["decode_step_vs_" + first + "_floor"] = ours["decode_step_s"] / base["floor"]["step_s"]
             entry["compile_vs_" + first] = ours["compile_s"] / base["crossmap"]["compile_s"]

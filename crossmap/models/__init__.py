@@ -6,7 +6,9 @@
 Modules, lowest first (each imports only those above it):
     config            ModelConfig, the one description of a decoder the shared layers read
     int8_matmul       weight-only int8 products: the XLA reference and the Pallas kernel
-    layers            the shared stack (attention, MLP, norms, RoPE, the Transformer)
+    attention         the attention mask, grouped-query attention, and a decode step's attention as a Pallas kernel
+    layers            the shared stack (attention, MLP, norms, RoPE, the Transformer); with_decode_attention
+    fuse              fused(model): q/k/v and gate/up as one kernel each, for inference
     quantize          quantized(model, "int8"): int8 kernels with per-channel scales, for inference
     scan              scanned(): blocks stacked by group of the layer pattern, run by one loop over groups
     llama, qwen2, gemma3   what each architecture changes: config.json <-> ModelConfig both ways, norm names,
@@ -24,9 +26,11 @@ Modules, lowest first (each imports only those above it):
 This file only re-exports.
 """
 
+from .attention import IMPLEMENTATIONS as DECODE_ATTENTION
 from .config import ModelConfig
+from .fuse import PROJECTION_LAYOUTS, fused, is_fused
 from .gguf_files import convert_gguf
-from .layers import Transformer
+from .layers import Transformer, with_decode_attention
 from .loading import (
     LoadedModel,
     load_model,
@@ -54,4 +58,5 @@ __all__ = ["ModelConfig", "Transformer", "LoadedModel", "load_model", "init_rand
            "make_hidden_fn", "architecture_for", "config_from_hf", "hf_config", "shard_model", "load_tokenizer",
            "resolve_model_path", "read_model_config", "convert_gguf", "shipped_gguf", "SHIPPED", "ARCHITECTURES", "random_hf_arrays",
            "write_random_checkpoint", "shape_config", "shape_config_names", "save_checkpoint", "quantized",
-           "WEIGHT_FORMATS", "is_quantized", "scanned", "is_scanned", "LAYER_LAYOUTS"]
+           "WEIGHT_FORMATS", "is_quantized", "scanned", "is_scanned", "LAYER_LAYOUTS", "fused", "is_fused",
+           "PROJECTION_LAYOUTS", "with_decode_attention", "DECODE_ATTENTION"]

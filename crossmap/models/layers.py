@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import attention_mask, decode_attention, grouped_attention
 from .config import ModelConfig
 from .int8_matmul import int8_matmul
 
@@ -108,21 +109,6 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos + rotated * sin
 
 
-def attention_mask(q_index: Array, kv_valid: Array, window: int | None) -> Array:
-    """Boolean mask [B, 1, T, S]: causal by cache index, key padding, optional sliding window.
-
-    q_index [B, T] is each query's index in key coordinates (its slot in the cache); keys are
-    slots 0..S-1.  A key is visible when it is valid, not in the future, and (sliding layers)
-    fewer than `window` slots back, which matches HF's `kv_idx > q_idx - window`.
-    """
-    k_index = jnp.arange(kv_valid.shape[1])[None, None, :]
-    q = q_index[:, :, None]
-    mask = (k_index <= q) & kv_valid[:, None, :]
-    if window is not None:
-        mask = mask & (q - k_index < window)
-    return mask[:, None, :, :]
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer_type: str, dtype, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -136,6 +122,10 @@ class Attention(nnx.Module):
         # per-output-channel scales of int8 kernels (models.quantize); None: the kernels are floats
         self.q_scale = self.k_scale = self.v_scale = self.o_scale = None
         self.int8_implementation = "auto"  # int8_matmul's implementation (static: part of the program key)
+        # q, k and v as one kernel [D, K, G + 2, H], its bias and int8 scales (models.fuse); None: separate kernels
+        self.qkv = self.qkv_bias = self.qkv_scale = None
+        # how a one-token step with a cache attends (models.decode_attention.IMPLEMENTATIONS; static, like the above)
+        self.decode_attention = "reference"
         if cfg.qkv_bias:
             self.q_bias = _param(rngs, (n, h), ("heads", "head_dim"), dtype, std=0.02)
             self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, std=0.02)
@@ -163,11 +153,19 @@ class Attention(nnx.Module):
         stack, so a decode step looping over the layers writes T slots, not the layer's whole cache.
         """
         impl = self.int8_implementation
-        q = project(x, self.q, self.q_scale, "btd,dnh->btnh", 1, implementation=impl)
-        k = project(x, self.k, self.k_scale, "btd,dkh->btkh", 1, implementation=impl)
-        v = project(x, self.v, self.v_scale, "btd,dkh->btkh", 1, implementation=impl)
-        if self.q_bias is not None:
-            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        if self.qkv is not None:  # one product, then each KV head's G queries, its key and its value
+            qkv = project(x, self.qkv, self.qkv_scale, "btd,dkch->btkch", 1, implementation=impl)
+            if self.qkv_bias is not None:
+                qkv = qkv + self.qkv_bias[...]
+            groups = self.n_heads // self.n_kv_heads
+            q = qkv[..., :groups, :].reshape(*qkv.shape[:2], self.n_heads, self.head_dim)
+            k, v = qkv[..., groups, :], qkv[..., groups + 1, :]
+        else:
+            q = project(x, self.q, self.q_scale, "btd,dnh->btnh", 1, implementation=impl)
+            k = project(x, self.k, self.k_scale, "btd,dkh->btkh", 1, implementation=impl)
+            v = project(x, self.v, self.v_scale, "btd,dkh->btkh", 1, implementation=impl)
+            if self.q_bias is not None:
+                q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -179,37 +177,26 @@ class Attention(nnx.Module):
                 local_window_size=(self.window - 1, 0) if self.window else None)
             return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl), None
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-        if cache is not None and cache_index is not None:
-            start = q_index[0, 0]
-            at = (cache_index, 0, 0, start, 0)
-            stack_k = jax.lax.dynamic_update_slice(cache[0], k[None].astype(cache[0].dtype), at)
-            stack_v = jax.lax.dynamic_update_slice(cache[1], v[None].astype(cache[1].dtype), at)
-            cache = (stack_k, stack_v)
-            k = jax.lax.dynamic_index_in_dim(stack_k, cache_index, 0, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(stack_v, cache_index, 0, keepdims=False)
-        elif cache is not None:
+        if cache is not None:
             start = q_index[0, 0]  # every row writes the same slots; padding lives in kv_valid
-            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=2)
-            cache = (k, v)
+            if cache_index is not None:
+                at = (cache_index, 0, 0, start, 0)
+                cache = (jax.lax.dynamic_update_slice(cache[0], k[None].astype(cache[0].dtype), at),
+                         jax.lax.dynamic_update_slice(cache[1], v[None].astype(cache[1].dtype), at))
+            else:
+                cache = (jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=2),
+                         jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=2))
+            if x.shape[1] == 1:  # a decode step: the kernel reads a stacked cache's entry in place
+                out = decode_attention(q, *cache, q_index, kv_valid, cache_index, scale=self.scale,
+                                       window=self.window, implementation=self.decode_attention)
+                return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl), cache
+            k, v = cache
+            if cache_index is not None:
+                k = jax.lax.dynamic_index_in_dim(k, cache_index, 0, keepdims=False)
+                v = jax.lax.dynamic_index_in_dim(v, cache_index, 0, keepdims=False)
         mask = attention_mask(q_index, kv_valid, self.window)
         out = grouped_attention(q, k, v, mask, self.scale)
         return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl), cache
-
-
-def grouped_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
-    """Softmax attention with GQA (query heads grouped over KV heads), float32 softmax.
-
-    q [B, T, N, H]; k, v [B, K, S, H]; mask [B, 1, T, S].
-    """
-    b, t, n, h = q.shape
-    kv = k.shape[1]
-    q = q.reshape(b, t, kv, n // kv, h)
-    logits = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
-    return out.reshape(b, t, n, h)
 
 
 class MLP(nnx.Module):
@@ -222,11 +209,16 @@ class MLP(nnx.Module):
         self.down = _param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), dtype)
         self.gate_scale = self.up_scale = self.down_scale = None  # int8 kernels' scales (models.quantize)
         self.int8_implementation = "auto"
+        self.gate_up = self.gate_up_scale = None  # gate and up as one kernel [D, 2, F] (models.fuse)
 
     def __call__(self, x: Array) -> Array:
         impl = self.int8_implementation
-        gate = project(x, self.gate, self.gate_scale, "", 1, implementation=impl)
-        up = project(x, self.up, self.up_scale, "", 1, implementation=impl)
+        if self.gate_up is not None:
+            both = project(x, self.gate_up, self.gate_up_scale, "btd,dcf->btcf", 1, implementation=impl)
+            gate, up = both[..., 0, :], both[..., 1, :]
+        else:
+            gate = project(x, self.gate, self.gate_scale, "", 1, implementation=impl)
+            up = project(x, self.up, self.up_scale, "", 1, implementation=impl)
         return project(gate_activation(gate, self.activation) * up, self.down, self.down_scale, "", 1,
                        implementation=impl)
 
@@ -437,3 +429,17 @@ class Transformer(nnx.Module):
         stacked = (self.scan_groups,) + shape
         return ([(jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype)) for _ in range(self.scan_period)]
                 + [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers])
+
+
+def with_decode_attention(model: Transformer, implementation: str) -> Transformer:
+    """`model` whose decode steps attend by `implementation` (models.attention.IMPLEMENTATIONS): a new module over the
+    same arrays, so `model` itself (a self-verbalizer's, which also serves the other stages) is unchanged."""
+    from .attention import IMPLEMENTATIONS
+
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"decode attention must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    copy = nnx.merge(*nnx.split(model))
+    for _, module in nnx.iter_modules(copy):
+        if isinstance(module, Attention):
+            module.decode_attention = implementation
+    return copy

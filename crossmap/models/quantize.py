@@ -1,7 +1,7 @@
 """Weight-only int8: a model's matmul kernels stored as int8 with one float32 scale per output channel.
 
 `quantized(model, "int8")` returns a new `Transformer` over the same float arrays but with every
-attention (q, k, v, o), MLP (gate, up, down) and LM-head kernel replaced by symmetric int8 values
+attention (q, k, v, o; or fused qkv), MLP (gate, up, down; or fused gate_up) and LM-head kernel replaced by symmetric int8 values
 and their scales; the shared layers then run those products through `int8_matmul` (a Pallas kernel
 on GPU that reads only the int8 bytes).  What stays float: the embedding table (a decode step
 gathers a few of its rows), norms and biases, activations, the KV cache and the logits.  A tied
@@ -29,9 +29,10 @@ Array = jax.Array
 # verbalizers.<side>.weights: "float" keeps the model's dtype; "int8" is weight-only int8
 WEIGHT_FORMATS = ("float", "int8")
 
-# (module type, kernel name, leading input axes of the kernel)
-_KERNELS = ((Attention, "q", 1), (Attention, "k", 1), (Attention, "v", 1), (Attention, "o", 2),
-            (MLP, "gate", 1), (MLP, "up", 1), (MLP, "down", 1))
+# (module type, kernel name, leading input axes of the kernel); a fused model (models.fuse) holds qkv and gate_up
+# where the others hold q/k/v and gate/up, and None in their place
+_KERNELS = ((Attention, "q", 1), (Attention, "k", 1), (Attention, "v", 1), (Attention, "qkv", 1),
+            (Attention, "o", 2), (MLP, "gate", 1), (MLP, "up", 1), (MLP, "gate_up", 1), (MLP, "down", 1))
 
 
 @partial(jax.jit, static_argnames=("input_axes", "leading"))
@@ -90,7 +91,7 @@ def quantized(model: Transformer, weights: str, *, implementation: str = "auto")
     copy = nnx.merge(*nnx.split(model))  # a new module tree over the same arrays
     for _, module in nnx.iter_modules(copy):
         for kind, name, input_axes in _KERNELS:
-            if isinstance(module, kind):
+            if isinstance(module, kind) and getattr(module, name) is not None:
                 _quantize_param(module, name, input_axes)
                 module.int8_implementation = implementation
     if copy.lm_head is None:

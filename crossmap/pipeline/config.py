@@ -20,7 +20,9 @@ import ml_collections
 # Each option's allowed values live with the code that acts on them; validation reads them there.
 from ..activations import CORPUS_SPLITS, PAIRINGS
 from ..evaluate import AGGREGATES
+from ..models.attention import IMPLEMENTATIONS as DECODE_ATTENTION
 from ..models.config import SUPPORTED_DTYPES
+from ..models.fuse import PROJECTION_LAYOUTS
 from ..models.quantize import WEIGHT_FORMATS
 from ..models.scan import LAYER_LAYOUTS
 from ..nla import RELEASE_TEMPERATURE
@@ -64,6 +66,14 @@ def _verbalizer(kind: str = "self") -> ml_collections.ConfigDict:
         # "" = the model's layout (self: models.<side>.layers; nla: "unrolled"), or one of models.scan.LAYER_LAYOUTS.
         # "scanned" over an unrolled self model holds a stacked copy of its blocks beside the one the other stages use
         "layers": "",
+        # models.fuse.PROJECTION_LAYOUTS: "separate" (the model's own kernels), or "fused" (q/k/v as one kernel and
+        # gate/up as one: fewer, larger products in each decode step; a fused copy of a self model's kernels is held
+        # beside the one the other stages use, an NLA's is fused in place)
+        "projections": "separate",
+        # models.attention.IMPLEMENTATIONS: how a decode step attends over the KV cache. "auto": the Pallas kernel on
+        # GPU for 16-bit caches (reads only the slots a key can be visible in), the XLA definition elsewhere;
+        # "reference" forces the definition
+        "decode_attention": "auto",
         # also explain random directions of this side's own space (the controls of the source self round
         # trip, AR_source(AV_source(r)) against r); the target always explains its controls
         "explain_controls": False,
@@ -306,6 +316,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             _one_of(problems, f"verbalizers.{side}.dtype", v.dtype, SUPPORTED_DTYPES)
         _one_of(problems, f"verbalizers.{side}.weights", v.weights, WEIGHT_FORMATS)
         _one_of(problems, f"verbalizers.{side}.layers", v.layers, ("",) + LAYER_LAYOUTS)
+        _one_of(problems, f"verbalizers.{side}.projections", v.projections, PROJECTION_LAYOUTS)
+        _one_of(problems, f"verbalizers.{side}.decode_attention", v.decode_attention, DECODE_ATTENTION)
         if v.kind == "self" and v.layers == "unrolled" and m.layers == "scanned":
             problems.append(f"verbalizers.{side}.layers='unrolled', but a self-verbalizer runs the side's model, which "
                             f"models.{side}.layers='scanned' stacks as it loads: leave verbalizers.{side}.layers ''")

@@ -1,0 +1,247 @@
+"""The decode step's faster paths against their definitions: fused projections (models.fuse) against the separate
+kernels, and the Pallas decode-attention kernel (models.attention, in the Pallas interpreter on CPU) against the XLA
+definition; both through generation on tiny and real shipped models, the config fields that select them, and the
+bench that times them side by side.  The kernel compiled for a GPU is checked by the gpu-marked test at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from crossmap.models import (
+    fused,
+    init_random,
+    is_fused,
+    is_quantized,
+    is_scanned,
+    quantized,
+    scanned,
+    tiny_config,
+    with_decode_attention,
+)
+from crossmap.models.attention import attention_mask, decode_attention, grouped_attention
+from crossmap.verbalize import Injection, generate
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def _close(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _random_step(rng, b, k, g, s, h, dtype, stacked=0):
+    """One decode step's inputs: q [B, 1, K*G, H], a cache [B, K, S, H] (or a stack of `stacked` of them), each row's
+    query slot anywhere in the cache and a key-validity mask with gaps (not only left padding)."""
+    def draw(*shape):
+        return jnp.asarray(rng.normal(size=shape), dtype)
+
+    q = draw(b, 1, k * g, h)
+    lead = (stacked,) if stacked else ()
+    keys, values = draw(*lead, b, k, s, h), draw(*lead, b, k, s, h)
+    q_index = jnp.asarray(rng.integers(s // 3, s, size=(b, 1)), jnp.int32)
+    valid = rng.random((b, s)) > 0.25
+    valid[np.arange(b), np.asarray(q_index)[:, 0]] = True  # a decode step always sees its own slot
+    return q, keys, values, q_index, jnp.asarray(valid)
+
+
+@pytest.mark.parametrize("b,k,g,s,h,window", [
+    (3, 2, 7, 40, 16, None),    # Qwen2.5's 7 query heads a KV head; a cache shorter than one block of slots
+    (2, 1, 4, 200, 32, 5),      # a sliding window far inside one block, 200 slots (not a multiple of 64)
+    (2, 4, 1, 130, 64, 70),     # one query head a KV head (padded to 16 rows); a window across blocks
+    (1, 2, 16, 64, 32, None),   # 16 query heads: no padding; exactly one block
+])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_attention_kernel_equals_the_definition(b, k, g, s, h, window, dtype):
+    rng = np.random.default_rng(hash((b, k, g, s, h, window, dtype)) % 2**32)
+    q, keys, values, q_index, valid = _random_step(rng, b, k, g, s, h, dtype)
+    reference = grouped_attention(q, keys, values, attention_mask(q_index, valid, window), 0.3)
+    out = decode_attention(q, keys, values, q_index, valid, scale=0.3, window=window, implementation="interpret")
+    assert out.shape == reference.shape and out.dtype == reference.dtype
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    # float32: rounding only; bfloat16: the kernel normalises once at the end, the definition rounds the
+    # probabilities to bfloat16 first
+    assert _close(out, reference) < (1e-5 if dtype == "float32" else 2e-2)
+
+
+def test_decode_attention_reads_a_stacked_cache_entry_in_place():
+    rng = np.random.default_rng(1)
+    q, keys, values, q_index, valid = _random_step(rng, 2, 2, 3, 90, 16, "float32", stacked=3)
+    for layer in range(3):
+        reference = grouped_attention(q, keys[layer], values[layer], attention_mask(q_index, valid, None), 0.25)
+        for implementation in ("interpret", "reference"):
+            out = decode_attention(q, keys, values, q_index, valid, jnp.int32(layer), scale=0.25,
+                                   implementation=implementation)
+            assert _close(out, reference) < 1e-5
+
+
+def test_decode_attention_auto_is_the_definition_on_cpu_and_bad_input_is_refused():
+    rng = np.random.default_rng(2)
+    q, keys, values, q_index, valid = _random_step(rng, 2, 2, 2, 20, 16, "bfloat16")
+    auto = decode_attention(q, keys, values, q_index, valid, scale=0.5)
+    np.testing.assert_array_equal(np.asarray(auto, np.float32), np.asarray(
+        grouped_attention(q, keys, values, attention_mask(q_index, valid, None), 0.5), np.float32))
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        decode_attention(q, keys, values, q_index, valid, scale=0.5, implementation="flash")
+    with pytest.raises(ValueError, match=r"q \[B, 1, N, H\]"):
+        decode_attention(jnp.concatenate([q, q], 1), keys, values, q_index, valid, scale=0.5,
+                         implementation="interpret")
+    with pytest.raises(ValueError, match="decode attention must be one of"):
+        with_decode_attention(init_random(tiny_config("qwen2"), seed=0), "flash")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3", "llama"])
+def test_fused_projections_compute_what_the_separate_kernels_compute(arch):
+    """Logits of the whole model: qwen2 (q/k/v biases), gemma3 (q/k norms, sandwich norms, GELU), llama; fused before
+    or after scanning; int8 of the fused kernels equals int8 of the separate ones (per output channel either way)."""
+    cfg = tiny_config(arch)
+    model = init_random(cfg, seed=3, dtype="float32")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 11)))
+    positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
+    valid = jnp.ones((2, 11), bool)
+    logits = jax.jit(lambda m: m.logits(tokens, positions, valid))
+    reference = logits(model)
+    fuse = fused(model)
+    assert is_fused(fuse) and not is_fused(model) and fuse.layers[0].attn.q is None
+    assert fuse.layers[0].attn.qkv[...].shape == (cfg.d_model, cfg.n_kv_heads,
+                                                  cfg.n_heads // cfg.n_kv_heads + 2, cfg.head_dim)
+    assert _close(logits(fuse), reference) < 1e-6
+    assert _close(logits(scanned(fuse)), reference) < 2e-5  # a loop body fuses differently (test_scan.py)
+    assert _close(logits(fused(scanned(model))), reference) < 2e-5
+    np.testing.assert_array_equal(np.asarray(logits(quantized(fuse, "int8"))),
+                                  np.asarray(logits(quantized(model, "int8"))))
+
+
+def test_fused_refuses_unknown_layouts_refusing_twice_and_after_quantizing_and_consumes_in_place():
+    model = init_random(tiny_config("qwen2"), seed=0, dtype="float32")
+    assert fused(model, "separate") is model
+    with pytest.raises(ValueError, match="projections must be one of"):
+        fused(model, "merged")
+    with pytest.raises(ValueError, match="already fused"):
+        fused(fused(model))
+    with pytest.raises(ValueError, match="fuse its projections first"):
+        fused(quantized(model, "int8"))
+    kept = fused(model)
+    owned = init_random(tiny_config("qwen2"), seed=0, dtype="float32")
+    consumed = fused(owned, consume=True)
+    assert owned.layers[0].attn.q[...].is_deleted() and owned.layers[3].mlp.up[...].is_deleted()
+    assert not owned.layers[0].attn.o[...].is_deleted()  # o and down are the fused model's own, unchanged
+    for a, b in zip(jax.tree.leaves(nnx.state(kept)), jax.tree.leaves(nnx.state(consumed)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_generation_with_fused_projections_and_the_kernel_equals_the_definition(arch):
+    """Left-padded prompts of different lengths, an injected vector, washout-style groups, gemma3's sliding window
+    (5 slots) shorter than the prompts: the same tokens and logits unrolled and scanned."""
+    cfg = tiny_config(arch)
+    model = init_random(cfg, seed=5, dtype="float32")
+    rng = np.random.default_rng(5)
+    prompts = [list(rng.integers(2, cfg.vocab_size, n)) for n in (4, 9, 13, 7)]
+    vectors = rng.normal(size=(4, cfg.d_model)).astype(np.float32)
+    inj = Injection(vectors, [1, 3, 5, 2])
+
+    def run(m):
+        return generate(m, prompts, max_new_tokens=12, stop_token_ids=[], use_model_eos=False, pad_id=0,
+                        injection=inj, group_size=2, group_weights=[1.0, -0.5], return_logits=True)
+
+    reference = run(model)
+    fast = with_decode_attention(fused(model), "interpret")
+    for variant in (with_decode_attention(model, "interpret"), fast, scanned(fast)):
+        out = run(variant)
+        np.testing.assert_array_equal(out.tokens, reference.tokens)
+        assert _close(out.logits, reference.logits) < 2e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gemma-3-270m", "qwen2.5-coder-0.5b-instruct"])
+def test_real_shipped_models_fused_with_the_kernel_give_the_same_tokens(shipped_model, name):
+    """Gemma-3-270M (head_dim 256, one KV head, sliding layers) and Qwen2.5-Coder-0.5B (7 query heads a KV head,
+    biases), real weights and tokenizers: greedy tokens equal the separate kernels' with the XLA attention."""
+    lm, _ = shipped_model(name)
+    ids = lm.tokenizer("The river ran past the mill and into the town, where the")["input_ids"]
+    fast = with_decode_attention(fused(lm.model), "interpret")
+    a = generate(lm.model, [ids], max_new_tokens=8, use_model_eos=False, return_logits=True)
+    b = generate(fast, [ids], max_new_tokens=8, use_model_eos=False, return_logits=True)
+    np.testing.assert_array_equal(b.tokens, a.tokens)
+    assert _close(b.logits, a.logits) < 1e-4
+    assert not is_fused(lm.model)  # the shared model keeps its separate kernels
+
+
+def test_config_selects_fused_projections_and_decode_attention_per_verbalizer(tmp_path):
+    from crossmap.pipeline import load_config, validate
+    from crossmap.pipeline.context import RunContext
+    from crossmap.pipeline.stages import build_verbalizer
+
+    c = load_config(CONFIGS / "tiny.py")
+    c.run_dir = str(tmp_path / "run")
+    assert c.verbalizers.source.projections == "separate" and c.verbalizers.source.decode_attention == "auto"
+    c.verbalizers.source.projections = "fused"
+    c.verbalizers.source.decode_attention = "interpret"
+    c.verbalizers.source.weights = "int8"
+    c.verbalizers.source.layers = "scanned"
+    ctx = RunContext(c)
+    verbalizer, lm = build_verbalizer(ctx, "source")
+    model = verbalizer.model
+    assert is_fused(model) and is_quantized(model) and is_scanned(model)
+    assert model.layer_stacks[0].attn.decode_attention == "interpret"
+    assert not is_fused(lm.model) and not lm.model.layers[0].attn.q[...].is_deleted()
+    assert lm.model.layers[0].attn.decode_attention == "reference"
+    target, _ = build_verbalizer(ctx, "target")
+    assert not is_fused(target.model) and target.model.layers[0].attn.decode_attention == "auto"
+    c.verbalizers.target.projections = "merged"
+    c.verbalizers.target.decode_attention = "flash"
+    with pytest.raises(ValueError) as refused:
+        validate(c)
+    assert "verbalizers.target.projections must be one of 'separate', 'fused'" in str(refused.value)
+    assert "verbalizers.target.decode_attention must be one of 'auto', 'pallas', 'interpret', 'reference'" \
+        in str(refused.value)
+
+
+def test_bench_times_projections_and_decode_attention_side_by_side(tmp_path):
+    import argparse
+
+    from crossmap.benchmarks import verbalize
+
+    assert verbalize.variant_names({"float": ("float", "auto")}, ["unrolled"], ("separate", "fused"),
+                                   ("reference", "auto")) == [
+        ("float/attention-reference", "float", "unrolled", "separate", "reference"),
+        ("float", "float", "unrolled", "separate", "auto"),
+        ("float/fused/attention-reference", "float", "unrolled", "fused", "reference"),
+        ("float/fused", "float", "unrolled", "fused", "auto")]
+    parser = argparse.ArgumentParser()
+    verbalize.add_arguments(parser)
+    for flag, bad in (("--projections", "fused,fused"), ("--decode-attention", "flash")):
+        with pytest.raises(ValueError, match=f"{flag} must list distinct values"):
+            verbalize.run(parser.parse_args(["--preset", "tiny", flag, bad, "--out", str(tmp_path / "x.json")]))
+    assert not (tmp_path / "x.json").exists()
+    result = verbalize.run(parser.parse_args([
+        "--preset", "tiny", "--projections", "separate,fused", "--decode-attention", "reference,interpret",
+        "--torch-device", "none", "--new-tokens", "4", "--reps", "1", "--out", str(tmp_path / "v.json")]))
+    entries = result["weights"]
+    assert list(entries) == ["float/attention-reference", "float/attention-interpret",
+                             "float/fused/attention-reference", "float/fused/attention-interpret"]
+    for name in list(entries)[1:]:
+        decode = entries[name]["decode_logits_vs_float/attention-reference"]
+        assert decode["rows"] == result["batch"] and decode["max_abs_error"] <= 1e-5 * decode["reference_max_abs"]
+        assert entries[name]["crossmap"]["projections"] in ("separate", "fused")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,k,g,s,h,window", [(128, 4, 7, 192, 128, None), (128, 16, 2, 328, 128, 1024),
+                                              (32, 1, 4, 100, 256, 512)])
+def test_compiled_kernel_equals_the_definition_on_the_gpu(b, k, g, s, h, window):
+    """The 7B, 27B and Gemma-3-270M decode shapes in bfloat16: the Triton-compiled kernel against the definition
+    (and "auto" is the kernel)."""
+    rng = np.random.default_rng(7)
+    q, keys, values, q_index, valid = _random_step(rng, b, k, g, s, h, "bfloat16")
+    reference = grouped_attention(q, keys, values, attention_mask(q_index, valid, window), 0.08)
+    out = decode_attention(q, keys, values, q_index, valid, scale=0.08, window=window, implementation="pallas")
+    assert _close(out, reference) < 2e-2
+    auto = decode_attention(q, keys, values, q_index, valid, scale=0.08, window=window)
+    np.testing.assert_array_equal(np.asarray(auto, np.float32), np.asarray(out, np.float32))
