@@ -1,5 +1,6 @@
 """Probe: where a decode step's time goes, from a JAX profiler trace of one `generate` call, unrolled and scanned
 in one process. Usage: decode_profile.py PRESET [layouts] (XLA flags from XLA_FLAGS; OUT names the output folder).
+A layout "fast" is the unrolled model with fused projections and the Pallas decode attention (added 2026-12-04).
 
 Kernels of the decode loop run (new tokens - 1) times or more per call; prefill's run once (per layer). Each
 kernel is grouped by its XLA op's name with the numeric suffix removed; per step = total / (new tokens - 1).
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 
 from crossmap.benchmarks.verbalize import PRESETS, preset_config, time_generate
-from crossmap.models import init_random, scanned
+from crossmap.models import fused, init_random, scanned, with_decode_attention
 from crossmap.verbalize import Injection, generate, mean_embedding_norm
 
 preset = sys.argv[1] if len(sys.argv) > 1 else "27b"
@@ -110,7 +111,10 @@ if os.environ.get("DUMP_HLO"):  # the optimised HLO of each generate program, to
 
 result = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "preset": preset, "batch": batch, "new_tokens": new_tokens}
 for layout in layouts:
-    variant = scanned(model, layout, consume=True) if layout == "scanned" else model
+    if layout == "fast":
+        variant = with_decode_attention(fused(model, consume=True), "pallas")
+    else:
+        variant = scanned(model, layout, consume=True) if layout == "scanned" else model
     timing, _ = time_generate(variant, prompts, inj, new_tokens, None, 2)
     wall = timing["decode_step_s"] * 1e3
     print(f"[{layout}] compile {timing['first_call_s'] - timing['total_s']:.1f} s, step {wall:.2f} ms", flush=True)

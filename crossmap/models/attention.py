@@ -9,12 +9,12 @@ pad, mask and softmax kernels, and reads every slot of the preallocated cache, t
 `decode_attention_pallas` is that step as one kernel (Triton lowering, GPU): a program per (row, KV head) streams its
 key and value slots in blocks of `DECODE_BLOCK_SLOTS`, from the first slot the sliding window can see to the query's
 own slot only, with an online softmax (running max and sum in float32), so the cache is read once and only where a
-key can be visible.  Its G query heads are padded to 16 rows, Triton's smallest dot tile.  With `interpret=True` it
+key can be visible.  It reads its G query heads as 16 rows (Triton's smallest dot tile), the rows past G masked.  With `interpret=True` it
 runs on the CPU, which is how the tests compare it with the definition.
 
-`decode_attention` picks (IMPLEMENTATIONS): "auto" is the kernel on GPU for 16-bit caches and the definition
-elsewhere (a float32 dot in Triton runs in TF32, below the definition's precision); "pallas", "interpret" and
-"reference" force one.  A model's attention layers carry their choice (`Attention.decode_attention`, set by
+`decode_attention` picks (IMPLEMENTATIONS): "auto" is the kernel on one GPU for 16-bit caches and the definition
+elsewhere (a float32 dot in Triton runs in TF32, below the definition's precision; on several devices see
+`kernel_applies`); "pallas", "interpret" and "reference" force one.  A model's attention layers carry their choice (`Attention.decode_attention`, set by
 `with_decode_attention`), so it is part of every compiled program's key.
 """
 
@@ -32,6 +32,7 @@ IMPLEMENTATIONS = ("auto", "pallas", "interpret", "reference")
 # key/value slots per kernel loop step: a [64, head_dim] tile of each, and the granularity at which slots past the
 # query (and before a sliding window) are skipped
 DECODE_BLOCK_SLOTS = 64
+DECODE_NUM_WARPS, DECODE_NUM_STAGES = 4, 2  # Triton's warps per program and pipelining depth
 _MIN_DOT_ROWS = 16  # Triton's smallest dot tile: a KV head's G query heads are padded to at least this
 
 
@@ -66,14 +67,17 @@ def grouped_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -
 
 
 def _decode_kernel(layer_ref, q_index_ref, q_ref, k_ref, v_ref, valid_ref, out_ref, *, scale: float,
-                   window: int | None, block: int, slots: int):
+                   window: int | None, block: int, slots: int, groups: int, rows: int):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     layer, query = layer_ref[0], q_index_ref[0]
     # keys at slots lo..query can be visible (causal; a sliding window sees fewer than `window` slots back)
     lo = jnp.int32(0) if window is None else jnp.maximum(query - window + 1, 0)
-    q = q_ref[...]
+    # this KV head's G query heads, read straight from q [N, H] as `rows` rows (the rows past G masked to zero)
+    heads = pl.ds(pl.program_id(1) * groups, rows)
+    own = (jnp.arange(rows) < groups)[:, None]
+    q = plgpu.load(q_ref.at[heads, :], mask=own, other=0.0)
     offsets = jnp.arange(block, dtype=jnp.int32)
     floor = jnp.float32(jnp.finfo(jnp.float32).min)
 
@@ -94,16 +98,17 @@ def _decode_kernel(layer_ref, q_index_ref, q_ref, k_ref, v_ref, valid_ref, out_r
         acc = acc * rescale[:, None] + plgpu.dot(weights.astype(values.dtype), values)
         return acc, new_max, running_sum * rescale + weights.sum(axis=1)
 
-    rows, head_dim = q_ref.shape
+    head_dim = q.shape[1]
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), floor, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
     acc, _, total = jax.lax.fori_loop(lo // block, pl.cdiv(query + 1, block), step, init)
-    out_ref[...] = (acc / jnp.maximum(total, 1e-30)[:, None]).astype(out_ref.dtype)
+    plgpu.store(out_ref.at[heads, :], (acc / jnp.maximum(total, 1e-30)[:, None]).astype(out_ref.dtype), mask=own)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "window", "block", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "window", "block", "num_warps", "num_stages", "interpret"))
 def decode_attention_pallas(q: Array, k: Array, v: Array, q_index: Array, kv_valid: Array, layer: Array | int = 0,
                             *, scale: float, window: int | None = None, block: int = DECODE_BLOCK_SLOTS,
+                            num_warps: int = DECODE_NUM_WARPS, num_stages: int = DECODE_NUM_STAGES,
                             interpret: bool = False) -> Array:
     """The kernel: one query per row, q [B, 1, N, H], over a cache k, v [B, K, S, H] (or a scanned model's stack
     [L, B, K, S, H] with this layer's entry `layer`), the query at slot q_index [B, 1], keys valid where kv_valid
@@ -120,24 +125,28 @@ def decode_attention_pallas(q: Array, k: Array, v: Array, q_index: Array, kv_val
         raise ValueError(f"decode_attention: q [B, 1, N, H], k and v [L, B, K, S, H] and kv_valid [B, S] expected, "
                          f"got q {q.shape}, k {k.shape}, v {v.shape}, kv_valid {kv_valid.shape}")
     groups = n // kv_heads
-    rows = max(_MIN_DOT_ROWS, 1 << (groups - 1).bit_length())
-    q = jnp.pad(q.reshape(b, kv_heads, groups, h), ((0, 0), (0, 0), (0, rows - groups), (0, 0)))
-    kernel = functools.partial(_decode_kernel, scale=float(scale), window=window, block=block, slots=slots)
-    out = pl.pallas_call(
+    kernel = functools.partial(_decode_kernel, scale=float(scale), window=window, block=block, slots=slots,
+                               groups=groups, rows=max(_MIN_DOT_ROWS, 1 << (groups - 1).bit_length()))
+    cache_block = pl.BlockSpec((k.shape[0], None, None, slots, h), lambda i, j: (0, i, j, 0, 0))
+    heads_block = pl.BlockSpec((None, None, n, h), lambda i, j: (i, 0, 0, 0))  # every head: each program reads its G
+    return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((b, kv_heads, rows, h), q.dtype),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(b, kv_heads),
-        in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)),
-                  pl.BlockSpec((None, 1), lambda i, j: (i, 0)),
-                  pl.BlockSpec((None, None, rows, h), lambda i, j: (i, j, 0, 0)),
-                  pl.BlockSpec((k.shape[0], None, None, slots, h), lambda i, j: (0, i, j, 0, 0)),
-                  pl.BlockSpec((k.shape[0], None, None, slots, h), lambda i, j: (0, i, j, 0, 0)),
-                  pl.BlockSpec((None, slots), lambda i, j: (i, 0))],
-        out_specs=pl.BlockSpec((None, None, rows, h), lambda i, j: (i, j, 0, 0)),
+        in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)), pl.BlockSpec((None, 1), lambda i, j: (i, 0)),
+                  heads_block, cache_block, cache_block, pl.BlockSpec((None, slots), lambda i, j: (i, 0))],
+        out_specs=heads_block,
         interpret=interpret,
-        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
     )(jnp.asarray(layer, jnp.int32).reshape(1), q_index.astype(jnp.int32), q, k, v, kv_valid.astype(jnp.int32))
-    return out[:, :, :groups].reshape(b, 1, n, h)
+
+
+def kernel_applies(q_dtype, cache_dtype) -> bool:
+    """Whether "auto" runs the kernel: on one GPU, for 16-bit queries and cache.  The kernel has no partitioning
+    rule, so XLA would gather a cache spread over several devices onto each of them; there "auto" keeps the
+    definition, and forcing the kernel is refused before a run starts (pipeline.context)."""
+    sixteen_bit = jnp.dtype(q_dtype).itemsize == 2 and jnp.dtype(cache_dtype).itemsize == 2
+    return jax.default_backend() == "gpu" and jax.device_count() == 1 and sixteen_bit
 
 
 def decode_attention(q: Array, k: Array, v: Array, q_index: Array, kv_valid: Array, layer: Array | int | None = None,
@@ -147,8 +156,7 @@ def decode_attention(q: Array, k: Array, v: Array, q_index: Array, kv_valid: Arr
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"decode_attention: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "auto":
-        sixteen_bit = jnp.dtype(k.dtype).itemsize == 2 and jnp.dtype(q.dtype).itemsize == 2
-        implementation = "pallas" if jax.default_backend() == "gpu" and sixteen_bit else "reference"
+        implementation = "pallas" if kernel_applies(q.dtype, k.dtype) else "reference"
     if implementation == "reference":
         if layer is not None:
             k = jax.lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)

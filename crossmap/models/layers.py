@@ -124,8 +124,9 @@ class Attention(nnx.Module):
         self.int8_implementation = "auto"  # int8_matmul's implementation (static: part of the program key)
         # q, k and v as one kernel [D, K, G + 2, H], its bias and int8 scales (models.fuse); None: separate kernels
         self.qkv = self.qkv_bias = self.qkv_scale = None
-        # how a one-token step with a cache attends (models.decode_attention.IMPLEMENTATIONS; static, like the above)
-        self.decode_attention = "reference"
+        # how a one-token step with a cache attends (models.attention.IMPLEMENTATIONS; static, like the above): "auto"
+        # is the Pallas kernel on GPU for 16-bit caches, the XLA definition elsewhere (with_decode_attention)
+        self.decode_attention = "auto"
         if cfg.qkv_bias:
             self.q_bias = _param(rngs, (n, h), ("heads", "head_dim"), dtype, std=0.02)
             self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, std=0.02)

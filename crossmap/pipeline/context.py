@@ -36,6 +36,13 @@ class RunContext:
             raise ValueError(f"verbalizers.{int8_sides[0]}.weights='int8' runs on one device so far, but mesh "
                              f"{dict(config.mesh)} spans {self.mesh.size} devices: run on one device (e.g. "
                              "CUDA_VISIBLE_DEVICES=0) or set weights='float'")
+        kernel_sides = [side for side in ("source", "target")
+                        if config.verbalizers[side].decode_attention in ("pallas", "interpret")]
+        if kernel_sides and self.mesh.size > 1:  # the kernel has no partitioning rule (models.attention)
+            raise ValueError(f"verbalizers.{kernel_sides[0]}.decode_attention="
+                             f"'{config.verbalizers[kernel_sides[0]].decode_attention}' runs on one device so far, but "
+                             f"mesh {dict(config.mesh)} spans {self.mesh.size} devices: set decode_attention='auto' "
+                             "(the XLA definition on several devices) or run on one device")
         self._models: dict[str, LoadedModel] = {}
         self._tokenizers: dict[str, Any] = {}
         self._documents: list[str] | None = None
