@@ -74,6 +74,9 @@ def get_config():
         v.n_samples = 4
         v.batch_size = 128
         v.dtype = "bfloat16"
+        # q/k/v and gate/up as one product each (the AV's own model, fused in place); BENCHMARKS.md, "Fused
+        # projections and the decode-attention kernel"
+        v.projections = "fused"
         r = c.reconstructors[side]
         r.checkpoint = PATHS[f"{side}_reconstructor"]
         r.dtype = "bfloat16"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, one after another, JSON into OUT_DIR.
-#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|decode-paths|decode-paths-27b|verbalize-27b|verbalize-nla|scan|int8|top-p|scaling|paper ...]
+#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|decode-paths|decode-paths-27b|decode-paths-no-triton-gemm|verbalize-nla-fast|verbalize-27b|verbalize-nla|scan|int8|top-p|scaling|paper ...]
 # scaling compares one GPU with all of them: run it on a multi-GPU node (it is not in the default list).
 # paper runs configs/paper.py at the 7B/27B shapes on random checkpoints it writes (~70 GB of disk;
 # two GPUs or more): TOKENIZERS names a directory with qwen2.5/ and gemma3/ tokenizer directories (unpack
@@ -33,6 +33,20 @@ for b in $benches; do
     decode-paths-27b)  # the same at the 27B shape: the XLA path and the fast one (the logits compared by tokens only)
       python3 -m crossmap.cli bench verbalize --preset 27b --projections separate,fused --decode-attention reference,auto \
         --reps 2 --no-logit-error --out "$out/verbalize-27b-decode-paths.json" ;;
+    decode-paths-no-triton-gemm)  # decode-paths with cuBLAS for every product (BENCHMARKS: o and down split-K in Triton)
+      XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -m crossmap.cli bench verbalize --preset 7b \
+        --projections separate,fused --decode-attention reference,auto --torch-device none --no-logit-error \
+        --out "$out/verbalize-7b-decode-paths-no-triton-gemm.json" ;;
+    verbalize-nla-fast)  # the release workload on the fast path (fused, kernel attention, cuBLAS), then features per
+      # GPU-hour; TOKENIZERS as for paper (below)
+      XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -m crossmap.cli bench verbalize --preset 7b --nla \
+        --tokenizer "${TOKENIZERS:?}/qwen2.5" --projections fused --torch-device none --no-logit-error \
+        --out "$out/verbalize-7b-nla-fast.json"
+      XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -m crossmap.cli bench verbalize --preset 27b --nla \
+        --tokenizer "$TOKENIZERS/gemma3" --projections fused --reps 1 --no-logit-error \
+        --out "$out/verbalize-27b-nla-fast.json"
+      python3 -m crossmap.cli bench features-per-hour --verbalize "$out/verbalize-7b-nla-fast.json" \
+        "$out/verbalize-27b-nla-fast.json" --out "$out/features-per-hour-fast.json" ;;
     verbalize-27b)  # the Gemma-3-27B shape, bf16 and int8 kernels side by side
       python3 -m crossmap.cli bench verbalize --preset 27b --weights float,int8 \
         --out "$out/verbalize-gemma-3-27b.json" ;;

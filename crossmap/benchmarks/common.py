@@ -25,6 +25,7 @@ def device_info() -> dict:
             "os": platform.platform(), "host": platform.node(),
             # first-call (compile) times are warm-cache figures when this is set and already filled
             "compile_cache": jax.config.jax_compilation_cache_dir,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),  # XLA reads them once; they change what compiles
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
