@@ -9,13 +9,15 @@ pad, mask and softmax kernels, and reads every slot of the preallocated cache, t
 `decode_attention_pallas` is that step as one kernel (Triton lowering, GPU): a program per (row, KV head) streams its
 key and value slots in blocks of `DECODE_BLOCK_SLOTS`, from the first slot the sliding window can see to the query's
 own slot only, with an online softmax (running max and sum in float32), so the cache is read once and only where a
-key can be visible.  It reads its G query heads as 16 rows (Triton's smallest dot tile), the rows past G masked.  With `interpret=True` it
-runs on the CPU, which is how the tests compare it with the definition.
+key can be visible.  It reads its G query heads as 16 rows (Triton's smallest dot tile), the rows past G masked.
+With `interpret=True` it runs on the CPU, which is how the tests compare it with the definition.  JAX marks the
+Pallas Triton backend deprecated in favour of Mosaic GPU; int8_matmul's kernel uses it too.
 
 `decode_attention` picks (IMPLEMENTATIONS): "auto" is the kernel on one GPU for 16-bit caches and the definition
 elsewhere (a float32 dot in Triton runs in TF32, below the definition's precision; on several devices see
-`kernel_applies`); "pallas", "interpret" and "reference" force one.  A model's attention layers carry their choice (`Attention.decode_attention`, set by
-`with_decode_attention`), so it is part of every compiled program's key.
+`kernel_applies`); "pallas", "interpret" and "reference" force one.  A model's attention layers carry their choice
+(`Attention.decode_attention`, set by `layers.with_decode_attention`), so it is part of every compiled program's
+key.  BENCHMARKS.md, "Fused projections and the decode-attention kernel", has its speed and accuracy.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ IMPLEMENTATIONS = ("auto", "pallas", "interpret", "reference")
 # query (and before a sliding window) are skipped
 DECODE_BLOCK_SLOTS = 64
 DECODE_NUM_WARPS, DECODE_NUM_STAGES = 4, 2  # Triton's warps per program and pipelining depth
-_MIN_DOT_ROWS = 16  # Triton's smallest dot tile: a KV head's G query heads are padded to at least this
+_MIN_DOT_ROWS = 16  # Triton's smallest dot tile: a KV head's G query heads are read as at least this many rows
 
 
 def attention_mask(q_index: Array, kv_valid: Array, window: int | None) -> Array:

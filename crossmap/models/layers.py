@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import IMPLEMENTATIONS as DECODE_ATTENTION
 from .attention import attention_mask, decode_attention, grouped_attention
 from .config import ModelConfig
 from .int8_matmul import int8_matmul
@@ -435,10 +436,8 @@ class Transformer(nnx.Module):
 def with_decode_attention(model: Transformer, implementation: str) -> Transformer:
     """`model` whose decode steps attend by `implementation` (models.attention.IMPLEMENTATIONS): a new module over the
     same arrays, so `model` itself (a self-verbalizer's, which also serves the other stages) is unchanged."""
-    from .attention import IMPLEMENTATIONS
-
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"decode attention must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation not in DECODE_ATTENTION:
+        raise ValueError(f"decode attention must be one of {DECODE_ATTENTION}, got {implementation!r}")
     copy = nnx.merge(*nnx.split(model))
     for _, module in nnx.iter_modules(copy):
         if isinstance(module, Attention):

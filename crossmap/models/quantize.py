@@ -1,8 +1,8 @@
 """Weight-only int8: a model's matmul kernels stored as int8 with one float32 scale per output channel.
 
 `quantized(model, "int8")` returns a new `Transformer` over the same float arrays but with every
-attention (q, k, v, o; or fused qkv), MLP (gate, up, down; or fused gate_up) and LM-head kernel replaced by symmetric int8 values
-and their scales; the shared layers then run those products through `int8_matmul` (a Pallas kernel
+attention (q, k, v, o; or a fused qkv), MLP (gate, up, down; or a fused gate_up) and LM-head kernel
+replaced by symmetric int8 values and their scales; the shared layers then run those products through `int8_matmul` (a Pallas kernel
 on GPU that reads only the int8 bytes).  What stays float: the embedding table (a decode step
 gathers a few of its rows), norms and biases, activations, the KV cache and the logits.  A tied
 model's LM head gets its own int8 copy of the table ([d_model, vocab], as the head reads it), so
