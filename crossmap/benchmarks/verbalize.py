@@ -218,13 +218,10 @@ def weight_formats(text: str) -> dict[str, tuple[str, str]]:
 
 
 def variant_names(formats: dict[str, tuple[str, str]], layouts: list[str], projections: tuple[str, ...] = ("separate",),
-                  attention: tuple[str, ...] = ("auto",)) -> list[tuple[str, ...]]:
-    """(name, weight format as written, layout[, projections, decode attention]) for every format with every
-    layout (and every projection layout and decode attention, when more than the defaults are asked for).  A
-    name is the format, then "/scanned", "/fused" and "/attention-IMPL" where those differ from the defaults."""
-    if tuple(projections) == ("separate",) and tuple(attention) == ("auto",):
-        return [(fmt if layout == "unrolled" else f"{fmt}/{layout}", fmt, layout) for fmt in formats
-                for layout in layouts]
+                  attention: tuple[str, ...] = ("auto",)) -> list[tuple[str, str, str, str, str]]:
+    """(name, weight format as written, layout, projections, decode attention) for every combination, in that
+    nesting order.  A name is the format, then "/scanned", "/fused" and "/attention-IMPL" where those differ from
+    the defaults (unrolled, separate, auto)."""
     variants = []
     for fmt in formats:
         for layout in layouts:
@@ -360,9 +357,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     dtype = args.dtype or preset["dtype"]
     formats = weight_formats(args.weights)
-    variants = [v + ("separate", "auto")[len(v) - 3:] for v in variant_names(
-        formats, layer_layouts(args.layers), comma_choices(args.projections, "--projections", PROJECTION_LAYOUTS),
-        comma_choices(args.decode_attention, "--decode-attention", DECODE_ATTENTION))]
+    variants = variant_names(formats, layer_layouts(args.layers),
+                             comma_choices(args.projections, "--projections", PROJECTION_LAYOUTS),
+                             comma_choices(args.decode_attention, "--decode-attention", DECODE_ATTENTION))
     copy_mib = args.copy_mib or preset["copy_mib"]
     mesh = make_mesh()
     if args.nla:
