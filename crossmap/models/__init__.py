@@ -8,8 +8,8 @@ Modules, lowest first (each imports only those above it):
     int8_matmul       weight-only int8 products: the XLA reference and the Pallas kernel
     attention         the attention mask, grouped-query attention, and a decode step's attention as a Pallas kernel
     layers            the shared stack (attention, MLP, norms, RoPE, the Transformer); with_decode_attention
-    fuse              fused(model): q/k/v and gate/up as one kernel each, for inference
     quantize          quantized(model, "int8"): int8 kernels with per-channel scales, for inference
+    fuse              fused(model): q/k/v and gate/up as one kernel each, for inference
     scan              scanned(): blocks stacked by group of the layer pattern, run by one loop over groups
     llama, qwen2, gemma3   what each architecture changes: config.json <-> ModelConfig both ways, norm names,
                       GGUF fix-ups

@@ -23,6 +23,7 @@ from flax import nnx
 
 from .. import sharding as shd
 from .layers import MLP, Attention, Transformer
+from .quantize import is_quantized
 
 # verbalizers.<side>.projections: "separate" (the model's own kernels) or "fused" (q/k/v and gate/up as one each)
 PROJECTION_LAYOUTS = ("separate", "fused")
@@ -101,7 +102,7 @@ def fused(model: Transformer, projections: str = "fused", *, consume: bool = Fal
         return model
     if is_fused(model):
         raise ValueError("model's projections are already fused")
-    if model.lm_head_scale is not None:
+    if is_quantized(model):
         raise ValueError("model is quantized: fuse its projections first, then quantize (models.quantize)")
     copy = nnx.merge(*nnx.split(model))  # a new module tree over the same arrays (and Variables)
     for _, module in nnx.iter_modules(copy):

@@ -22,6 +22,14 @@ def log(msg: str) -> None:
     print(f"[crossmap {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+# verbalizer settings whose kernels have no partitioning rule yet: field -> {value: what to set instead}
+ONE_DEVICE_SETTINGS = (
+    ("weights", {"int8": "set weights='float'"}),  # models.int8_matmul's kernel
+    ("decode_attention", {kernel: "set decode_attention='auto' (XLA's attention on several devices)"
+                          for kernel in ("pallas", "interpret")}),  # models.attention's kernel
+)
+
+
 class RunContext:
     """One experiment's shared inputs: config, run directory, mesh, corpus and lazily loaded models."""
 
@@ -31,18 +39,14 @@ class RunContext:
         self.dir = Path(config.run_dir or Path("checkpoints") / config.name).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.mesh = make_mesh(dict(config.mesh))
-        int8_sides = [side for side in ("source", "target") if config.verbalizers[side].weights == "int8"]
-        if int8_sides and self.mesh.size > 1:  # refused before any stage runs, not when the verbalizer loads
-            raise ValueError(f"verbalizers.{int8_sides[0]}.weights='int8' runs on one device so far, but mesh "
-                             f"{dict(config.mesh)} spans {self.mesh.size} devices: run on one device (e.g. "
-                             "CUDA_VISIBLE_DEVICES=0) or set weights='float'")
-        kernel_sides = [side for side in ("source", "target")
-                        if config.verbalizers[side].decode_attention in ("pallas", "interpret")]
-        if kernel_sides and self.mesh.size > 1:  # the kernel has no partitioning rule (models.attention)
-            raise ValueError(f"verbalizers.{kernel_sides[0]}.decode_attention="
-                             f"'{config.verbalizers[kernel_sides[0]].decode_attention}' runs on one device so far, but "
-                             f"mesh {dict(config.mesh)} spans {self.mesh.size} devices: set decode_attention='auto' "
-                             "(the XLA definition on several devices) or run on one device")
+        if self.mesh.size > 1:  # refused before any stage runs, not when the verbalizer loads
+            for side in ("source", "target"):
+                v = config.verbalizers[side]
+                for field, remedy in ONE_DEVICE_SETTINGS:
+                    if v[field] in remedy:
+                        raise ValueError(f"verbalizers.{side}.{field}='{v[field]}' runs on one device so far, but mesh "
+                                         f"{dict(config.mesh)} spans {self.mesh.size} devices: run on one device "
+                                         f"(e.g. CUDA_VISIBLE_DEVICES=0) or {remedy[v[field]]}")
         self._models: dict[str, LoadedModel] = {}
         self._tokenizers: dict[str, Any] = {}
         self._documents: list[str] | None = None
