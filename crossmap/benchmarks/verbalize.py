@@ -403,7 +403,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.nla:
         ar_cfg, ar_prompts, ar_batches = ar_workload(cfg, tokenizer, args, nla["layer"])
         ar_peer = None if device is None else ar_transformers(ar_cfg, ar_batches, dtype, device, args.reps)
-    bandwidth = measured_copy_bandwidth(copy_mib << 20, repeats=max(args.reps, 5))["gb_per_s"] * 1e9
+    copy_probe = measured_copy_bandwidth(copy_mib << 20, repeats=max(args.reps, 5))
+    bandwidth = copy_probe["gb_per_s"] * 1e9
     matmul_rate = measured_matmul_peak(dtype)["tflops"] * 1e12
     per_format: dict[str, Any] = {}
     first = variants[0][0]
@@ -461,7 +462,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "injection": {"mode": "replace", "layer": 0, "position": marker},
         "devices": [str(d.device_kind) for d in jax.devices()], "device": device_info(),
         # the first variant; "weights" holds every variant's (format, layout) timings, floor and logit error
-        "crossmap": ours, "floor": floor, "weights": per_format,
+        "crossmap": ours, "floor": floor, "weights": per_format, "copy_probe": copy_probe,
     }
     if hf is None:
         result["transformers"] = {"skipped": "no torch device (CUDA absent; pass --torch-device cpu to force)"}
