@@ -252,6 +252,8 @@ def test_benches_time_both_layouts_in_one_run_and_refuse_unknown_ones(tmp_path):
                                             "--out", str(tmp_path / "v.json")]))
     scanned_entry = result["weights"]["float/scanned"]
     assert scanned_entry["crossmap"]["layers"] == "scanned" and scanned_entry["compile_vs_float"] > 0
+    # each variant takes the weights it transforms and the next one gets them back from the seed: the same tokens
+    assert scanned_entry["tokens_vs_float"]["rows_identical"] == 1.0
     assert scanned_entry["logits_vs_float"]["max_abs_error"] <= RELATIVE_BOUND * \
         scanned_entry["logits_vs_float"]["reference_max_abs"]
     out = forward.run(args(forward, ["--model", "tiny-gemma3", "--layer", "5", "--batch", "2", "--seq", "32",

@@ -371,7 +371,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     # On one device the plain init is already on that device; init_random's mesh path compiles one
     # program per parameter (minutes for a 7B model), worth it only when weights must be sharded.
-    model = init_random(cfg, seed=args.seed, dtype=dtype, mesh=mesh if jax.device_count() > 1 else None)
+    def base_model():
+        return init_random(cfg, seed=args.seed, dtype=dtype, mesh=mesh if jax.device_count() > 1 else None)
+
+    model = base_model()
     jax.block_until_ready(nnx.split(model)[1])
     init_s = time.perf_counter() - t0
     rng = np.random.default_rng(args.seed)
@@ -409,14 +412,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_format: dict[str, Any] = {}
     first = variants[0][0]
     reference_logits = reference_tokens = None
-    for n, (name, fmt, layout, projections, attention) in enumerate(variants):
+    for name, fmt, layout, projections, attention in variants:
         weights, implementation = formats[fmt]
-        # the last variant may take the float model's kernels (fused or stacked in place: no second copy at the 27B
-        # shape)
-        last_use = n == len(variants) - 1
-        variant = fused(with_decode_attention(model, attention), projections, consume=last_use)
+        # Every variant takes the float model's kernels (fused or stacked in place), so that at the 27B shape no
+        # second copy of the weights sits beside the one timed; the next variant gets the same weights back from
+        # the same seed (seconds, where a second copy would not fit beside a scanned variant and its cache).
+        if model is None:
+            model = base_model()
+        variant = fused(with_decode_attention(model, attention), projections, consume=True)
         variant = quantized(variant, weights, implementation=implementation)
-        variant = scanned(variant, layout, consume=last_use and weights == "float")
+        variant = scanned(variant, layout, consume=True)
+        model = None  # the variant alone holds the weights now
         ours, generated = time_generate(variant, prompts, inj, new_tokens, mesh, args.reps,
                                         temperature=args.temperature, top_p=args.top_p)
         ours["layers"], ours["projections"], ours["decode_attention"] = layout, projections, attention
@@ -452,7 +458,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         del variant
     ours, floor = per_format[first]["crossmap"], per_format[first]["floor"]
     ours["init_random_s"] = init_s
-    del model
     result: dict[str, Any] = {
         "benchmark": "verbalize", "preset": args.preset, "model": cfg.name or cfg.model_type,
         "config": {k: getattr(cfg, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
