@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, one after another, JSON into OUT_DIR.
-#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|decode-paths|decode-paths-27b|decode-paths-no-triton-gemm|verbalize-nla-fast|verbalize-27b|verbalize-nla|scan|int8|top-p|scaling|paper ...]
+#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|decode-paths|decode-paths-27b|decode-paths-no-triton-gemm|verbalize-nla-fast|fast-scan|scan-kernel|verbalize-27b|verbalize-nla|scan|int8|top-p|scaling|paper ...]
 # scaling compares one GPU with all of them: run it on a multi-GPU node (it is not in the default list).
 # paper runs configs/paper.py at the 7B/27B shapes on random checkpoints it writes (~70 GB of disk;
 # two GPUs or more): TOKENIZERS names a directory with qwen2.5/ and gemma3/ tokenizer directories (unpack
@@ -12,6 +12,10 @@ shift
 benches=${*:-forward ridge verbalize}
 mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+# JAX's share of the GPU (it grows on demand here: the benches turn preallocation off for the PyTorch peers). At
+# the default 0.75 a 27B run's fourth variant found no 12.9 GiB block for its cache, the freed weights of the
+# first three left in pieces (benchmark-results/verbalize-27b-compile-fused-oom-h200.log).
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 for b in $benches; do
   case $b in
@@ -40,13 +44,33 @@ for b in $benches; do
     verbalize-nla-fast)  # the release workload on the fast path (fused, kernel attention, cuBLAS), then features per
       # GPU-hour; TOKENIZERS as for paper (below)
       XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -m crossmap.cli bench verbalize --preset 7b --nla \
-        --tokenizer "${TOKENIZERS:?}/qwen2.5" --projections fused --torch-device none --no-logit-error \
+        --tokenizer "${TOKENIZERS:?}/qwen2.5" --projections fused --no-logit-error \
         --out "$out/verbalize-7b-nla-fast.json"
       XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -m crossmap.cli bench verbalize --preset 27b --nla \
         --tokenizer "$TOKENIZERS/gemma3" --projections fused --reps 1 --no-logit-error \
         --out "$out/verbalize-27b-nla-fast.json"
       python3 -m crossmap.cli bench features-per-hour --verbalize "$out/verbalize-7b-nla-fast.json" \
         "$out/verbalize-27b-nla-fast.json" --out "$out/features-per-hour-fast.json" ;;
+    fast-scan)  # fused + kernel attention, unrolled and scanned in one run each, with the scanned decode's flags and
+      # transformers' generate beside (greedy, both shapes)
+      flags="--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false"
+      flags="$flags --xla_gpu_dot_merger_threshold_mb=0"
+      XLA_FLAGS="$flags" python3 -m crossmap.cli bench verbalize --preset 7b --projections fused \
+        --layers unrolled,scanned --out "$out/verbalize-7b-fast-scan.json"
+      XLA_FLAGS="$flags" python3 -m crossmap.cli bench verbalize --preset 27b --projections fused \
+        --layers unrolled,scanned --reps 2 --no-logit-error --out "$out/verbalize-27b-fast-scan.json" ;;
+    scan-kernel)  # the 27B scan's 3% and compile third with the kernel attention (separate projections), and what
+      # the kernel and fusing change in each layout; the same flags
+      flags="--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false"
+      flags="$flags --xla_gpu_dot_merger_threshold_mb=0"
+      XLA_FLAGS="$flags" python3 -m crossmap.cli bench verbalize --preset 27b --layers unrolled,scanned \
+        --reps 2 --no-logit-error --torch-device none --out "$out/verbalize-27b-scan-kernel-separate.json"
+      XLA_FLAGS="$flags" python3 -m crossmap.cli bench verbalize --preset 27b --projections fused \
+        --decode-attention reference,auto --reps 1 --no-logit-error --torch-device none \
+        --out "$out/verbalize-27b-fused-attention.json"
+      XLA_FLAGS="$flags" python3 -m crossmap.cli bench verbalize --preset 27b --layers scanned \
+        --decode-attention reference,auto --reps 1 --no-logit-error --torch-device none \
+        --out "$out/verbalize-27b-scanned-separate-attention.json" ;;
     verbalize-27b)  # the Gemma-3-27B shape, bf16 and int8 kernels side by side
       python3 -m crossmap.cli bench verbalize --preset 27b --weights float,int8 \
         --out "$out/verbalize-gemma-3-27b.json" ;;
