@@ -16,6 +16,9 @@ export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 # the default 0.75 a 27B run's fourth variant found no 12.9 GiB block for its cache, the freed weights of the
 # first three left in pieces (benchmark-results/verbalize-27b-compile-fused-oom-h200.log).
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+# the flags a scanned decode wants (weights read in place from the stacks), from their one definition
+scanned_flags=$(python3 -c 'from crossmap.models.scan import SCANNED_GPU_XLA_FLAGS as f; print(" ".join(f))') ||
+  { echo "launch/bench_gpu.sh: crossmap is not importable from here (install it, or run from a checkout)" >&2; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 for b in $benches; do
   case $b in
@@ -53,22 +56,18 @@ for b in $benches; do
         "$out/verbalize-27b-nla-fast.json" --out "$out/features-per-hour-fast.json" ;;
     fast-scan)  # fused + kernel attention, unrolled and scanned in one run each, with the scanned decode's flags and
       # transformers' generate beside (greedy, both shapes)
-      flags="--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false"
-      flags="$flags --xla_gpu_dot_merger_threshold_mb=0"
-      XLA_FLAGS="$flags" python3 -m crossmap.cli bench verbalize --preset 7b --projections fused \
+      XLA_FLAGS="$scanned_flags" python3 -m crossmap.cli bench verbalize --preset 7b --projections fused \
         --layers unrolled,scanned --out "$out/verbalize-7b-fast-scan.json"
-      XLA_FLAGS="$flags" python3 -m crossmap.cli bench verbalize --preset 27b --projections fused \
+      XLA_FLAGS="$scanned_flags" python3 -m crossmap.cli bench verbalize --preset 27b --projections fused \
         --layers unrolled,scanned --reps 2 --no-logit-error --out "$out/verbalize-27b-fast-scan.json" ;;
     scan-kernel)  # the 27B scan's 3% and compile third with the kernel attention (separate projections), and what
       # the kernel and fusing change in each layout; the same flags
-      flags="--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false"
-      flags="$flags --xla_gpu_dot_merger_threshold_mb=0"
-      XLA_FLAGS="$flags" python3 -m crossmap.cli bench verbalize --preset 27b --layers unrolled,scanned \
+      XLA_FLAGS="$scanned_flags" python3 -m crossmap.cli bench verbalize --preset 27b --layers unrolled,scanned \
         --reps 2 --no-logit-error --torch-device none --out "$out/verbalize-27b-scan-kernel-separate.json"
-      XLA_FLAGS="$flags" python3 -m crossmap.cli bench verbalize --preset 27b --projections fused \
+      XLA_FLAGS="$scanned_flags" python3 -m crossmap.cli bench verbalize --preset 27b --projections fused \
         --decode-attention reference,auto --reps 1 --no-logit-error --torch-device none \
         --out "$out/verbalize-27b-fused-attention.json"
-      XLA_FLAGS="$flags" python3 -m crossmap.cli bench verbalize --preset 27b --layers scanned \
+      XLA_FLAGS="$scanned_flags" python3 -m crossmap.cli bench verbalize --preset 27b --layers scanned \
         --decode-attention reference,auto --reps 1 --no-logit-error --torch-device none \
         --out "$out/verbalize-27b-scanned-separate-attention.json" ;;
     verbalize-27b)  # the Gemma-3-27B shape, bf16 and int8 kernels side by side
@@ -78,8 +77,7 @@ for b in $benches; do
       # TOKENIZERS as for paper (below). The 27B runs unrolled and scanned, with the flags a scanned decode wants.
       python3 -m crossmap.cli bench verbalize --preset 7b --nla --tokenizer "${TOKENIZERS:?}/qwen2.5" \
         --out "$out/verbalize-qwen2.5-7b-nla.json"
-      XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false \
---xla_gpu_dot_merger_threshold_mb=0" python3 -m crossmap.cli bench verbalize --preset 27b --nla \
+      XLA_FLAGS="$scanned_flags" python3 -m crossmap.cli bench verbalize --preset 27b --nla \
         --tokenizer "$TOKENIZERS/gemma3" --layers unrolled,scanned --reps 2 --out "$out/verbalize-gemma-3-27b-nla.json"
       python3 -m crossmap.cli bench features-per-hour --verbalize "$out/verbalize-qwen2.5-7b-nla.json" \
         "$out/verbalize-gemma-3-27b-nla.json" --out "$out/features-per-hour.json" ;;
@@ -88,11 +86,9 @@ for b in $benches; do
         --out "$out/verbalize-27b-scan.json"
       python3 -m crossmap.cli bench forward --model gemma-3-27b-it --layer 41 --batch 8 --seq 1024 --no-torch \
         --layers unrolled,scanned --out "$out/forward-27b-scan.json"
-      # the flags a scanned decode wants (models.scan.SCANNED_GPU_XLA_FLAGS): weights read in place from the stack
-      flags="--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false"
-      flags="$flags --xla_gpu_dot_merger_threshold_mb=0"
+      # with the flags a scanned decode wants: weights read in place from the stack
       for preset in 7b 27b; do
-        XLA_FLAGS="$flags" python3 -m crossmap.cli bench verbalize --preset $preset --layers unrolled,scanned \
+        XLA_FLAGS="$scanned_flags" python3 -m crossmap.cli bench verbalize --preset $preset --layers unrolled,scanned \
           --reps 2 --torch-device none --out "$out/verbalize-$preset-scan-xla-flags.json"
       done ;;
     int8)  # weight-only int8: decode beside bf16 at two batches, and each kernel's product with a tiling sweep
