@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, one after another, JSON into OUT_DIR.
-#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|decode-paths|decode-paths-27b|decode-paths-no-triton-gemm|verbalize-nla-fast|fast-scan|scan-kernel|verbalize-27b|verbalize-nla|scan|int8|top-p|scaling|paper ...]
+#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|decode-paths|decode-paths-27b|decode-paths-no-triton-gemm|verbalize-nla-fast|fast-scan|scan-kernel|stop-check|verbalize-27b|verbalize-nla|scan|int8|top-p|scaling|paper ...]
 # scaling compares one GPU with all of them: run it on a multi-GPU node (it is not in the default list).
 # paper runs configs/paper.py at the 7B/27B shapes on random checkpoints it writes (~70 GB of disk;
 # two GPUs or more): TOKENIZERS names a directory with qwen2.5/ and gemma3/ tokenizer directories (unpack
@@ -70,6 +70,15 @@ for b in $benches; do
       XLA_FLAGS="$scanned_flags" python3 -m crossmap.cli bench verbalize --preset 27b --layers scanned \
         --decode-attention reference,auto --reps 1 --no-logit-error --torch-device none \
         --out "$out/verbalize-27b-scanned-separate-attention.json" ;;
+    stop-check)  # the stop test every step against every 4 and 16 (generate's stop_check_every), the fast path at
+      # both shapes with the scanned decode's flags; then the 7B again with programmatic dependent launch
+      XLA_FLAGS="$scanned_flags" python3 -m crossmap.cli bench verbalize --preset 7b --projections fused \
+        --stop-check-every 1,4,16 --torch-device none --no-logit-error --out "$out/verbalize-7b-stop-check.json"
+      XLA_FLAGS="$scanned_flags --xla_gpu_enable_pdl=true" python3 -m crossmap.cli bench verbalize --preset 7b \
+        --projections fused --stop-check-every 1,16 --torch-device none --no-logit-error \
+        --out "$out/verbalize-7b-stop-check-pdl.json"
+      XLA_FLAGS="$scanned_flags" python3 -m crossmap.cli bench verbalize --preset 27b --projections fused \
+        --stop-check-every 1,16 --reps 2 --torch-device none --no-logit-error --out "$out/verbalize-27b-stop-check.json" ;;
     verbalize-27b)  # the Gemma-3-27B shape, bf16 and int8 kernels side by side
       python3 -m crossmap.cli bench verbalize --preset 27b --weights float,int8 \
         --out "$out/verbalize-gemma-3-27b.json" ;;

@@ -275,10 +275,10 @@ def test_bench_times_projections_and_decode_attention_side_by_side(tmp_path):
 
     assert verbalize.variant_names({"float": ("float", "auto")}, ["unrolled"], ("separate", "fused"),
                                    ("reference", "auto")) == [
-        ("float/attention-reference", "float", "unrolled", "separate", "reference"),
-        ("float", "float", "unrolled", "separate", "auto"),
-        ("float/fused/attention-reference", "float", "unrolled", "fused", "reference"),
-        ("float/fused", "float", "unrolled", "fused", "auto")]
+        ("float/attention-reference", "float", "unrolled", "separate", "reference", 1),
+        ("float", "float", "unrolled", "separate", "auto", 1),
+        ("float/fused/attention-reference", "float", "unrolled", "fused", "reference", 1),
+        ("float/fused", "float", "unrolled", "fused", "auto", 1)]
     parser = argparse.ArgumentParser()
     verbalize.add_arguments(parser)
     for flag, bad in (("--projections", "fused,fused"), ("--decode-attention", "flash")):

@@ -249,6 +249,29 @@ def test_top_p_filter_matches_numpy(vocab, spread, arity):
             np.testing.assert_array_equal(out[list(kept)], row[list(kept)])
 
 
+@pytest.mark.parametrize("every", [3, 8, 64])
+def test_testing_for_stops_every_few_steps_generates_the_same(greedy_run, every):
+    """The stop test once every `every` steps (whole chunks of a fixed trip count, then the rest one at a time):
+    the same tokens, lengths, stop flags and logits as a test every step, whether no row, one row or every row
+    stops early, and for chunks that do not divide the steps (19 here) or exceed them."""
+    cfg, _, lm, prompts, stop, res, _ = greedy_run
+    kw = dict(max_new_tokens=N_NEW, use_model_eos=False, pad_id=0, return_logits=True, batch_size_bucket=4)
+    never = generate(lm.model, prompts, stop_token_ids=[cfg.vocab_size - 1], **kw)
+    all_stop = [int(t) for t in never.tokens[:, 2]]  # every row's third token: each stops by then
+    early = generate(lm.model, prompts, stop_token_ids=all_stop, **kw)
+    assert early.stopped.all() and early.lengths.max() <= 3 and not never.stopped.any()
+    for ids, want in (([stop], res), ([cfg.vocab_size - 1], never), (all_stop, early)):
+        got = generate(lm.model, prompts, stop_token_ids=ids, stop_check_every=every, **kw)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_array_equal(got.lengths, want.lengths)
+        np.testing.assert_array_equal(got.stopped, want.stopped)
+        for i, n in enumerate(want.lengths):
+            np.testing.assert_array_equal(got.logits[i, :n], want.logits[i, :n])
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="stop_check_every must be an int >= 1"):
+            generate(lm.model, prompts, stop_check_every=bad, **kw)
+
+
 def test_generate_rejects_bad_input(llama):
     cfg, _, lm = llama
     with pytest.raises(ValueError, match="prompt 1 has token id 128 outside the vocabulary"):
@@ -519,6 +542,26 @@ def test_benchmark_tiny_preset(tmp_path, sampling):
     assert result["floor"]["copy_bandwidth_GBps"] == pytest.approx(
         max(probe["gb_per_s_one_copy"], probe["gb_per_s_chained"]))
     assert result["transformers"]["explanations_per_s"] > 0 and result["speedup_vs_transformers"] > 0
+
+
+def test_benchmark_times_stop_tests_every_few_steps_beside_every_step(tmp_path):
+    """bench verbalize --stop-check-every 1,5: both variants timed in one run, recorded as such, with the same tokens;
+    a bad list is refused naming the flag before anything runs."""
+    from crossmap.benchmarks import verbalize as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    for bad in ("0", "4,4", "x", ""):
+        with pytest.raises(ValueError, match="--stop-check-every must list distinct integers >= 1"):
+            bench.run(parser.parse_args(["--preset", "tiny", "--stop-check-every", bad, "--out", str(tmp_path / "x")]))
+    assert not (tmp_path / "x").exists()
+    result = bench.run(parser.parse_args(["--preset", "tiny", "--stop-check-every", "1,5", "--torch-device", "none",
+                                          "--new-tokens", "12", "--reps", "1", "--no-logit-error",
+                                          "--out", str(tmp_path / "v.json")]))
+    variants = result["weights"]
+    assert list(variants) == ["float", "float/stop-check-5"]
+    assert [v["crossmap"]["stop_check_every"] for v in variants.values()] == [1, 5]
+    assert variants["float/stop-check-5"]["tokens_vs_float"] == {"agreement": 1.0, "rows_identical": 1.0}
 
 
 def test_decode_parts_benchmark_counts_each_parts_bytes(tmp_path):

@@ -59,6 +59,7 @@ from crossmap.models.scan import scanned
 from crossmap.nla.meta import default_av_render
 from crossmap.sharding import make_mesh
 from crossmap.verbalize import Injection, generate, mean_embedding_norm
+from crossmap.verbalize.engine import STOP_CHECK_EVERY
 
 # Qwen2.5-7B(-Instruct) shapes: the reference source model and its NLA verbalizer.
 QWEN25_7B = dict(model_type="qwen2", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
@@ -101,6 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated decode-attention implementations (models.attention.IMPLEMENTATIONS), "
                              "each timed with every other choice: auto (the Pallas kernel on GPU for 16-bit caches), "
                              "reference (the XLA definition), pallas, interpret")
+    parser.add_argument("--stop-check-every", default=str(STOP_CHECK_EVERY),
+                        help="comma-separated decode steps between tests of whether every row has stopped (generate's "
+                             "stop_check_every), each timed with every other choice: each test is a host-device round "
+                             "trip that leaves the GPU idle while the host reads the flag")
     parser.add_argument("--logit-error", action=argparse.BooleanOptionalAction, default=True,
                         help="compare each variant's logits (prefill and first decode step) with the first variant's: "
                              "one more compiled program per variant (about a minute each at the 27B shape); every "
@@ -173,13 +178,13 @@ def _floor(cfg: ModelConfig, model, batch: int, prompt_len: int, new_tokens: int
 
 
 def time_generate(model, prompts, inj, new_tokens, mesh, reps, *, temperature: float = 0.0,
-                  top_p: float = 1.0) -> tuple[dict[str, Any], Any]:
+                  top_p: float = 1.0, stop_check_every: int = 1) -> tuple[dict[str, Any], Any]:
     """Time `generate` (first call, median full call, median 1-token call); returns (timings, first result).
     temperature 0 is greedy; otherwise sampling (nucleus when top_p < 1) with a fixed key."""
     def call(n):
         return generate(model, prompts, max_new_tokens=n, stop_token_ids=[], use_model_eos=False, pad_id=0,
                         injection=inj, mesh=mesh, length_bucket_min=1, temperature=temperature, top_p=top_p,
-                        key=0)
+                        key=0, stop_check_every=stop_check_every)
 
     t0 = time.perf_counter()
     res = call(new_tokens)
@@ -218,19 +223,33 @@ def weight_formats(text: str) -> dict[str, tuple[str, str]]:
 
 
 def variant_names(formats: dict[str, tuple[str, str]], layouts: list[str], projections: tuple[str, ...] = ("separate",),
-                  attention: tuple[str, ...] = ("auto",)) -> list[tuple[str, str, str, str, str]]:
-    """(name, weight format as written, layout, projections, decode attention) for every combination, in that
-    nesting order.  A name is the format, then "/scanned", "/fused" and "/attention-IMPL" where those differ from
-    the defaults (unrolled, separate, auto)."""
+                  attention: tuple[str, ...] = ("auto",), stop_checks: tuple[int, ...] = (STOP_CHECK_EVERY,),
+                  ) -> list[tuple[str, str, str, str, str, int]]:
+    """(name, weight format as written, layout, projections, decode attention, steps between stop tests) for every
+    combination, in that nesting order.  A name is the format, then "/scanned", "/fused", "/attention-IMPL" and
+    "/stop-check-N" where those differ from the defaults (unrolled, separate, auto, STOP_CHECK_EVERY)."""
     variants = []
     for fmt in formats:
         for layout in layouts:
             for proj in projections:
                 for impl in attention:
-                    parts = [fmt] + [layout] * (layout != "unrolled") + [proj] * (proj != "separate") \
-                        + [f"attention-{impl}"] * (impl != "auto")
-                    variants.append(("/".join(parts), fmt, layout, proj, impl))
+                    for every in stop_checks:
+                        parts = [fmt] + [layout] * (layout != "unrolled") + [proj] * (proj != "separate") \
+                            + [f"attention-{impl}"] * (impl != "auto") \
+                            + [f"stop-check-{every}"] * (every != STOP_CHECK_EVERY)
+                        variants.append(("/".join(parts), fmt, layout, proj, impl, every))
     return variants
+
+
+def stop_check_list(text: str) -> tuple[int, ...]:
+    """--stop-check-every: distinct ints >= 1, comma separated; anything else is refused naming the flag."""
+    try:
+        items = tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        items = ()
+    if not items or len(set(items)) < len(items) or min(items) < 1:
+        raise ValueError(f"--stop-check-every must list distinct integers >= 1, got {text!r}")
+    return items
 
 
 def comma_choices(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -359,7 +378,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     formats = weight_formats(args.weights)
     variants = variant_names(formats, layer_layouts(args.layers),
                              comma_choices(args.projections, "--projections", PROJECTION_LAYOUTS),
-                             comma_choices(args.decode_attention, "--decode-attention", DECODE_ATTENTION))
+                             comma_choices(args.decode_attention, "--decode-attention", DECODE_ATTENTION),
+                             stop_check_list(args.stop_check_every))
     copy_mib = args.copy_mib or preset["copy_mib"]
     mesh = make_mesh()
     if args.nla:
@@ -412,7 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_format: dict[str, Any] = {}
     first = variants[0][0]
     reference_logits = reference_tokens = None
-    for name, fmt, layout, projections, attention in variants:
+    for name, fmt, layout, projections, attention, stop_check_every in variants:
         weights, implementation = formats[fmt]
         # Every variant takes the float model's kernels (fused or stacked in place), so that at the 27B shape no
         # second copy of the weights sits beside the one timed; the next variant gets the same weights back from
@@ -424,8 +444,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         variant = scanned(variant, layout, consume=True)
         model = None  # the variant alone holds the weights now
         ours, generated = time_generate(variant, prompts, inj, new_tokens, mesh, args.reps,
-                                        temperature=args.temperature, top_p=args.top_p)
+                                        temperature=args.temperature, top_p=args.top_p,
+                                        stop_check_every=stop_check_every)
         ours["layers"], ours["projections"], ours["decode_attention"] = layout, projections, attention
+        ours["stop_check_every"] = stop_check_every
         ours["compile_s"] = ours["first_call_s"] - ours["total_s"]
         floor = _floor(cfg, variant, batch, prompt_len, new_tokens, bandwidth, ours["decode_step_s"], matmul_rate)
         ours["ratio_to_floor"] = floor["ratio_to_floor"]

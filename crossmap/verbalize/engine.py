@@ -2,8 +2,8 @@
 
 One jitted function does the whole generation: prefill of the (left-padded) prompts into a
 preallocated KV cache, then a `lax.while_loop` of single-token decode steps that stops when
-every row has produced a stop token or `max_new_tokens` tokens exist.  Nothing leaves the
-device between steps.
+every row has produced a stop token or `max_new_tokens` tokens exist (tested every
+`stop_check_every` steps).  Nothing but that test's flag leaves the device between steps.
 
 Layout of one batch (B rows, prompt bucket P, N = max_new_tokens, cache length S = P + N):
 
@@ -54,6 +54,8 @@ from .. import sharding as shd
 Array = jax.Array
 
 INJECTION_MODES = ("replace", "add")
+# decode steps between tests of "has every row stopped?" (`generate`'s stop_check_every)
+STOP_CHECK_EVERY = 1
 MIN_LENGTH_BUCKET = 16
 
 
@@ -198,11 +200,12 @@ def _choose(logits: Array, key: Array, group_weights: Array, temperature: Array,
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "use_top_p", "inject_layer",
                                    "inject_mode", "group_size", "return_logits", "shared_prefix", "mesh",
-                                   "rules_items"))
+                                   "rules_items", "stop_check_every"))
 def _generate_program(state, tokens, valid, active, inj_vectors, inj_slots, group_weights, stop_ids, key,
                       temperature, top_p, pad_id, *, graphdef, max_new_tokens: int, greedy: bool,
                       use_top_p: bool, inject_layer: int | None, inject_mode: str, group_size: int,
-                      return_logits: bool, shared_prefix: int, mesh: Mesh | None, rules_items: tuple | None):
+                      return_logits: bool, shared_prefix: int, mesh: Mesh | None, rules_items: tuple | None,
+                      stop_check_every: int = 1):
     model = nnx.merge(graphdef, state)
     rules = dict(rules_items) if rules_items is not None else None
     batch, prompt_len = tokens.shape
@@ -289,7 +292,20 @@ def _generate_program(state, tokens, valid, active, inj_vectors, inj_slots, grou
         return t + 1, tok, out, lengths, done | is_stop(tok), cache, logit_log
 
     carry = (jnp.int32(1), tok0, out, lengths, done, cache, logit_log)
-    _, _, out, lengths, done, _, logit_log = jax.lax.while_loop(cond, body, carry)
+    # A while loop whose condition reads device data makes the host wait for every step to finish before it
+    # launches the next (XLA copies the predicate back), leaving the GPU idle meanwhile.  So the stop test runs
+    # once every `stop_check_every` steps: an outer loop over whole chunks, each an inner loop of a fixed trip
+    # count, which XLA runs without asking the device; the steps left over (fewer than a chunk) test every step.
+    # Rows that stop inside a chunk write pad_id, as above, so only time is spent, at most a chunk's worth.
+    steps = n_new - 1
+    chunk = min(stop_check_every, steps) if steps else 1
+    whole = steps - steps % chunk
+    if chunk > 1 and whole:
+        carry = jax.lax.while_loop(
+            lambda c: (c[0] <= whole) & ~jnp.all(c[4]),
+            lambda c: jax.lax.fori_loop(0, chunk, lambda _, c: body(c), c), carry)
+    carry = jax.lax.while_loop(cond, body, carry)
+    _, _, out, lengths, done, _, logit_log = carry
     stopped = done & active
     out, lengths, stopped = constrain_batch(out), constrain_batch(lengths), constrain_batch(stopped)
     return out, lengths, stopped, logit_log
@@ -347,7 +363,7 @@ def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray, *, max_new_to
              group_weights: Sequence[float] | None = None, pad_id: int | None = None,
              mesh: Mesh | None = None, rules: dict | None = None, length_bucket_min: int = MIN_LENGTH_BUCKET,
              batch_size_bucket: int | None = None, return_logits: bool = False,
-             share_prefix: bool = True) -> GenerationResult:
+             share_prefix: bool = True, stop_check_every: int = STOP_CHECK_EVERY) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after each prompt (ragged lengths are left padded).
 
     model: a crossmap `Transformer`.  prompts: B token-id sequences (or a [B, T] array, every row
@@ -363,12 +379,17 @@ def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray, *, max_new_to
     `batch_size_bucket` fixes the padded group count instead (>= the groups in this call).
     share_prefix: prefill the leading slots that every row shares (same tokens, before any injection)
     once and broadcast their cache (`shared_prefix_length`); False prefills every row in full.
+    stop_check_every: steps between tests of "has every row stopped?" (1: every step).  Each test is a
+    host-device round trip; a larger value lets the steps between run back to back, at the cost of up to
+    stop_check_every - 1 steps run after the last row stopped.  The tokens do not depend on it.
     """
     cfg = model.config
     rows = _check_prompts(prompts, cfg.vocab_size)
     n_rows = len(rows)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every < 1:
+        raise ValueError(f"stop_check_every must be an int >= 1, got {stop_check_every!r}")
     if group_size < 1 or n_rows % group_size:
         raise ValueError(f"{n_rows} prompts do not split into groups of group_size={group_size}")
     weights = np.ones(group_size, np.float32) if group_weights is None else np.asarray(group_weights, np.float32)
@@ -442,7 +463,8 @@ def generate(model, prompts: Sequence[Sequence[int]] | np.ndarray, *, max_new_to
         jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p), jnp.int32(pad_id),
         graphdef=graphdef, max_new_tokens=int(max_new_tokens), greedy=greedy, use_top_p=(top_p < 1.0 and not greedy),
         inject_layer=inject_layer, inject_mode=inject_mode, group_size=group_size, return_logits=return_logits,
-        shared_prefix=shared, mesh=mesh, rules_items=None if rules is None else tuple(sorted(rules.items())))
+        shared_prefix=shared, mesh=mesh, rules_items=None if rules is None else tuple(sorted(rules.items())),
+        stop_check_every=stop_check_every)
     out, lengths, stopped = (shd.to_host(a)[:n_rows] for a in (out, lengths, stopped))
     logits = None if logit_log is None else shd.to_host(logit_log)[:n_groups]
     return GenerationResult(tokens=out, lengths=lengths, stopped=stopped, logits=logits)
