@@ -309,7 +309,10 @@ train_nla(c, progress=False)
 
 
 def _run_in_subprocess(base: Path, run_dir: Path, failpoint: str | None) -> int:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # the three runs share compiled programs through a cache kept beside the base model (the same programs, so the
+    # same numbers: the resumed run is still compared with the uninterrupted one compiled in this process)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(base.parent / "xla-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     env.pop("CROSSMAP_FAILPOINT", None)
     if failpoint:
         env["CROSSMAP_FAILPOINT"] = failpoint

@@ -453,11 +453,14 @@ def test_sigkill_anywhere_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_pat
 
     cmd = command(tmp_path / "killed-in-stages")
     kills = []
+    # every compiled program is cached (not only those over a second), so the 40-odd runs compile each once
+    cached = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
     def run_until(stage: str | None, delay: float, failpoint: str | None = None) -> str:
         """Run, and SIGKILL the run `delay` s after `stage` (or a later one) starts, or at `failpoint`;
         returns where the kill landed ('' if the run ended by itself)."""
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(cached)
         if failpoint:
             env["CROSSMAP_FAILPOINT"] = failpoint
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
@@ -488,7 +491,7 @@ def test_sigkill_anywhere_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_pat
     assert set(STAGE_NAMES) <= set(landed), kills  # every stage was killed at least once
     reference = tmp_path / "uninterrupted"
     for run in (in_stages, cmd, command(reference)):
-        final = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        final = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=600, env=cached)
         assert final.returncode == 0, final.stderr[-3000:]
     assert run_numbers(tmp_path / "killed-in-stages") == run_numbers(reference)
     assert run_numbers(tmp_path / "killed-in-writes") == run_numbers(reference)
