@@ -1,6 +1,7 @@
 """Probe: where a decode step's time goes, from a JAX profiler trace of one `generate` call, unrolled and scanned
 in one process. Usage: decode_profile.py PRESET [layouts] (XLA flags from XLA_FLAGS; OUT names the output folder).
 A layout "fast" is the unrolled model with fused projections and the Pallas decode attention (added 2026-12-04).
+STOP_CHECK=N (default 1) passes generate's stop_check_every=N and names the outputs "-checkN" (added 2026-12-05).
 
 Kernels of the decode loop run (new tokens - 1) times or more per call; prefill's run once (per layer). Each
 kernel is grouped by its XLA op's name with the numeric suffix removed; per step = total / (new tokens - 1).
@@ -25,6 +26,8 @@ from crossmap.verbalize import Injection, generate, mean_embedding_norm
 preset = sys.argv[1] if len(sys.argv) > 1 else "27b"
 layouts = (sys.argv[2] if len(sys.argv) > 2 else "unrolled,scanned").split(",")
 out_dir = os.environ.get("OUT", "/tmp")
+stop_check = int(os.environ.get("STOP_CHECK", "1"))
+suffix = f"-check{stop_check}" if stop_check != 1 else ""
 cfg = preset_config(PRESETS[preset])
 model = init_random(cfg, seed=0, dtype="bfloat16")
 rng = np.random.default_rng(0)
@@ -46,7 +49,7 @@ def trace_events(folder):
 
 
 def summarise(layout, wall_step_ms):
-    folder = f"/tmp/trace-{preset}-{layout}"
+    folder = f"/tmp/trace-{preset}-{layout}{suffix}"
     events, names, threads = trace_events(folder)
     gpu_pids = {p for p, n in names.items() if "GPU" in n or "device" in n.lower()}
     per_op = collections.defaultdict(lambda: [0.0, 0])
@@ -88,7 +91,7 @@ def summarise(layout, wall_step_ms):
         lines.append(f"  {dur / steps:9.1f} us/step  x{count / steps:6.1f}/step  {dur / count:8.2f} us each  "
                      f"{key[:50]:50s} {kname}  e.g. {sorted(examples[(key, kname)])[:3]}")
     sample = [e for e in events if e.get("ph") == "X" and e["pid"] in gpu_pids][:20]
-    with open(f"{out_dir}/decode-profile-{preset}-{layout}-sample.json", "w") as f:
+    with open(f"{out_dir}/decode-profile-{preset}-{layout}{suffix}-sample.json", "w") as f:
         json.dump({"processes": names, "events": sample}, f, indent=1)
     text = "\n".join(lines)
     print(text, flush=True)
@@ -109,21 +112,22 @@ if os.environ.get("DUMP_HLO"):  # the optimised HLO of each generate program, to
         return compiled_program(*a, **k)
     engine._generate_program = spy
 
-result = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "preset": preset, "batch": batch, "new_tokens": new_tokens}
+result = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "preset": preset, "batch": batch, "new_tokens": new_tokens,
+          "stop_check_every": stop_check}
 for layout in layouts:
     if layout == "fast":
         variant = with_decode_attention(fused(model, consume=True), "pallas")
     else:
         variant = scanned(model, layout, consume=True) if layout == "scanned" else model
-    timing, _ = time_generate(variant, prompts, inj, new_tokens, None, 2)
+    timing, _ = time_generate(variant, prompts, inj, new_tokens, None, 2, stop_check_every=stop_check)
     wall = timing["decode_step_s"] * 1e3
     print(f"[{layout}] compile {timing['first_call_s'] - timing['total_s']:.1f} s, step {wall:.2f} ms", flush=True)
-    jax.profiler.start_trace(f"/tmp/trace-{preset}-{layout}")
+    jax.profiler.start_trace(f"/tmp/trace-{preset}-{layout}{suffix}")
     generate(variant, prompts, max_new_tokens=new_tokens, stop_token_ids=[], use_model_eos=False, pad_id=0,
-             injection=inj, length_bucket_min=1, key=0)
+             injection=inj, length_bucket_min=1, key=0, stop_check_every=stop_check)
     jax.profiler.stop_trace()
     time.sleep(1)
     result[layout] = summarise(layout, wall)
     model = variant
-with open(f"{out_dir}/decode-profile-{preset}.json", "w") as f:
+with open(f"{out_dir}/decode-profile-{preset}{suffix}.json", "w") as f:
     json.dump(result, f)
