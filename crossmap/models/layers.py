@@ -158,7 +158,7 @@ class Attention(nnx.Module):
         if self.qkv is not None:  # one product, then each KV head's G queries, its key and its value
             qkv = project(x, self.qkv, self.qkv_scale, "btd,dkch->btkch", 1, implementation=impl)
             if self.qkv_bias is not None:
-                qkv = qkv + self.qkv_bias[...]
+                qkv = _add_bias(qkv, self.qkv_bias[...])
             groups = self.n_heads // self.n_kv_heads
             q = qkv[..., :groups, :].reshape(*qkv.shape[:2], self.n_heads, self.head_dim)
             k, v = qkv[..., groups, :], qkv[..., groups + 1, :]
@@ -167,7 +167,7 @@ class Attention(nnx.Module):
             k = project(x, self.k, self.k_scale, "btd,dkh->btkh", 1, implementation=impl)
             v = project(x, self.v, self.v_scale, "btd,dkh->btkh", 1, implementation=impl)
             if self.q_bias is not None:
-                q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+                q, k, v = _add_bias(q, self.q_bias[...]), _add_bias(k, self.k_bias[...]), _add_bias(v, self.v_bias[...])
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -199,6 +199,13 @@ class Attention(nnx.Module):
         mask = attention_mask(q_index, kv_valid, self.window)
         out = grouped_attention(q, k, v, mask, self.scale)
         return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl), cache
+
+
+def _add_bias(x: Array, bias: Array) -> Array:
+    """x + bias, added in float32 and rounded once to x's dtype.  Written on a 16-bit product's output, the add
+    is folded by XLA's GEMM rewriter into cuBLAS's C operand, which it first materialises as a full [rows, N]
+    broadcast: one more kernel a projection a decode step.  Through float32 the add joins the next fusion."""
+    return (x.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 class MLP(nnx.Module):
