@@ -178,7 +178,7 @@ def _floor(cfg: ModelConfig, model, batch: int, prompt_len: int, new_tokens: int
 
 
 def time_generate(model, prompts, inj, new_tokens, mesh, reps, *, temperature: float = 0.0,
-                  top_p: float = 1.0, stop_check_every: int = 1) -> tuple[dict[str, Any], Any]:
+                  top_p: float = 1.0, stop_check_every: int = STOP_CHECK_EVERY) -> tuple[dict[str, Any], Any]:
     """Time `generate` (first call, median full call, median 1-token call); returns (timings, first result).
     temperature 0 is greedy; otherwise sampling (nucleus when top_p < 1) with a fixed key."""
     def call(n):

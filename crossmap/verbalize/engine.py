@@ -205,7 +205,7 @@ def _generate_program(state, tokens, valid, active, inj_vectors, inj_slots, grou
                       temperature, top_p, pad_id, *, graphdef, max_new_tokens: int, greedy: bool,
                       use_top_p: bool, inject_layer: int | None, inject_mode: str, group_size: int,
                       return_logits: bool, shared_prefix: int, mesh: Mesh | None, rules_items: tuple | None,
-                      stop_check_every: int = 1):
+                      stop_check_every: int):
     model = nnx.merge(graphdef, state)
     rules = dict(rules_items) if rules_items is not None else None
     batch, prompt_len = tokens.shape
@@ -271,9 +271,12 @@ def _generate_program(state, tokens, valid, active, inj_vectors, inj_slots, grou
         logit_log = jnp.zeros((comb0.shape[0], n_new, comb0.shape[1]), jnp.float32).at[:, 0].set(comb0)
 
     # -- decode --------------------------------------------------------------------------------
-    def cond(carry):
-        t, _, _, _, done, _, _ = carry
-        return (t < n_new) & ~jnp.all(done)
+    def running_before(end):
+        """The loop condition: step t comes before `end` and some row is still generating."""
+        def cond(carry):
+            t, _, _, _, done, _, _ = carry
+            return (t < end) & ~jnp.all(done)
+        return cond
 
     def body(carry):
         t, cur, out, lengths, done, cache, logit_log = carry
@@ -298,13 +301,12 @@ def _generate_program(state, tokens, valid, active, inj_vectors, inj_slots, grou
     # count, which XLA runs without asking the device; the steps left over (fewer than a chunk) test every step.
     # Rows that stop inside a chunk write pad_id, as above, so only time is spent, at most a chunk's worth.
     steps = n_new - 1
-    chunk = min(stop_check_every, steps) if steps else 1
-    whole = steps - steps % chunk
-    if chunk > 1 and whole:
-        carry = jax.lax.while_loop(
-            lambda c: (c[0] <= whole) & ~jnp.all(c[4]),
-            lambda c: jax.lax.fori_loop(0, chunk, lambda _, c: body(c), c), carry)
-    carry = jax.lax.while_loop(cond, body, carry)
+    chunk = min(stop_check_every, steps)
+    if chunk > 1:  # steps 1 .. whole in chunks, then the rest
+        whole = steps - steps % chunk
+        carry = jax.lax.while_loop(running_before(whole + 1),
+                                   lambda c: jax.lax.fori_loop(0, chunk, lambda _, c: body(c), c), carry)
+    carry = jax.lax.while_loop(running_before(n_new), body, carry)
     _, _, out, lengths, done, _, logit_log = carry
     stopped = done & active
     out, lengths, stopped = constrain_batch(out), constrain_batch(lengths), constrain_batch(stopped)
