@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, one after another, JSON into OUT_DIR.
-#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|decode-paths|decode-paths-27b|decode-paths-no-triton-gemm|verbalize-nla-fast|fast-scan|scan-kernel|stop-check|verbalize-27b|verbalize-nla|scan|int8|int8-fast|top-p|scaling|paper ...]
+#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|decode-paths|decode-paths-27b|decode-paths-no-triton-gemm|verbalize-nla-fast|fast-scan|scan-kernel|stop-check|step-kernel|verbalize-27b|verbalize-nla|scan|int8|int8-fast|top-p|scaling|paper ...]
 # scaling compares one GPU with all of them: run it on a multi-GPU node (it is not in the default list).
 # paper runs configs/paper.py at the 7B/27B shapes on random checkpoints it writes (~70 GB of disk;
 # two GPUs or more): TOKENIZERS names a directory with qwen2.5/ and gemma3/ tokenizer directories (unpack
@@ -79,6 +79,15 @@ for b in $benches; do
         --out "$out/verbalize-7b-stop-check-pdl.json"
       XLA_FLAGS="$scanned_flags" python3 -m crossmap.cli bench verbalize --preset 27b --projections fused \
         --stop-check-every 1,16 --reps 2 --torch-device none --no-logit-error --out "$out/verbalize-27b-stop-check.json" ;;
+    step-kernel)  # the decode step's prologue and cache writes in the attention kernel (pallas) against the
+      # attention-only kernel (pallas-attention), the fast path at both shapes; BATCH_27B lowers the 27B batch where
+      # 128 rows' cache does not fit beside the weights (an 80 GB card)
+      XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -m crossmap.cli bench verbalize --preset 7b \
+        --projections fused --decode-attention pallas-attention,pallas --torch-device none \
+        --out "$out/verbalize-7b-step-kernel.json"
+      XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -m crossmap.cli bench verbalize --preset 27b \
+        --batch "${BATCH_27B:-128}" --projections fused --decode-attention pallas-attention,pallas --reps 2 \
+        --torch-device none --no-logit-error --out "$out/verbalize-27b-step-kernel.json" ;;
     verbalize-27b)  # the Gemma-3-27B shape, bf16 and int8 kernels side by side
       python3 -m crossmap.cli bench verbalize --preset 27b --weights float,int8 \
         --out "$out/verbalize-gemma-3-27b.json" ;;

@@ -112,6 +112,84 @@ def test_decode_attention_auto_is_the_definition_on_cpu_and_bad_input_is_refused
         with_decode_attention(init_random(tiny_config("qwen2"), seed=0), "flash")
 
 
+def _one_step(cfg, layer_type, dtype, projections, stacked, seed):
+    """An Attention layer with random weights (norm weights too), a one-token input and a cache with random keys and
+    values in every slot, the step's slot shared by every row (as generate writes it) and key padding with gaps."""
+    from crossmap.models.fuse import _fuse_attention
+    from crossmap.models.layers import Attention, rope_tables
+
+    rng = np.random.default_rng(seed)
+    layer = Attention(cfg, layer_type, jnp.dtype(dtype), nnx.Rngs(seed))
+    for norm in (layer.q_norm, layer.k_norm):
+        if norm is not None:
+            norm.weight[...] = jnp.asarray(rng.normal(size=norm.weight[...].shape) * 0.5, dtype)
+    if projections == "fused":
+        _fuse_attention(layer, consume=False)
+    b, s = 3, 75
+    slot = 61
+    x = jnp.asarray(rng.normal(size=(b, 1, cfg.d_model)), dtype)
+    cos, sin = rope_tables(jnp.asarray(rng.integers(0, 500, (b, 1))), cfg.head_dim, cfg.rope_theta)
+    lead = (stacked,) if stacked else ()
+    shape = (*lead, b, cfg.n_kv_heads, s, cfg.head_dim)
+    cache = (jnp.asarray(rng.normal(size=shape), dtype), jnp.asarray(rng.normal(size=shape), dtype))
+    valid = rng.random((b, s)) > 0.25
+    valid[:, slot] = True
+    q_index = jnp.full((b, 1), slot, jnp.int32)
+    return layer, (x, cos, sin, q_index, jnp.asarray(valid), cache), (stacked - 1 if stacked else None)
+
+
+@pytest.mark.parametrize("arch,layer_type,overrides", [
+    ("qwen2", "full", {}),                                   # q/k/v biases, 2 query heads a KV head
+    ("gemma3", "sliding", {}),                               # q/k norms scaling by (1 + w), a sliding window
+    ("gemma3", "full", {}),
+    ("llama", "full", {"qk_norm": True, "n_heads": 6}),      # plain q/k norms (rounded, then scaled), 3 a KV head
+])
+@pytest.mark.parametrize("projections", ["separate", "fused"])
+@pytest.mark.parametrize("dtype,stacked", [("float32", 0), ("float32", 3), ("bfloat16", 0)])
+def test_decode_step_kernel_equals_the_xla_step(arch, layer_type, overrides, projections, dtype, stacked):
+    """One attention layer's decode step with its prologue (bias, q/k norms, rotation) and the cache writes in the
+    kernel (interpret mode) against the XLA layer (the same module with the definition): the output, the new key and
+    value in their slot, and every other slot of the cache untouched; a stacked cache written at its entry only."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config(arch), **overrides)
+    layer, inputs, entry = _one_step(cfg, layer_type, dtype, projections, stacked, seed=len(arch) + stacked)
+    layer.decode_attention = "reference"
+    want, want_cache = layer(*inputs, None, entry)
+    layer.decode_attention = "interpret"
+    got, got_cache = layer(*inputs, None, entry)
+    tolerance = 2e-6 if dtype == "float32" else 2e-2
+    assert got.shape == want.shape and got.dtype == want.dtype and _close(got, want) < tolerance
+    slot = int(inputs[3][0, 0])
+    for old, new, mine in zip(inputs[5], want_cache, got_cache, strict=True):
+        new, mine, old = (np.asarray(a, np.float32) for a in (new, mine, old))
+        at = (entry,) if stacked else ()
+        # rounding alone: bfloat16 halves may round the rotation's last bit apart
+        assert _close(mine[at][..., slot, :], new[at][..., slot, :]) < (1e-6 if dtype == "float32" else 1e-2)
+        untouched = np.ones(mine.shape, bool)
+        untouched[(*at, ..., slot, slice(None))] = False
+        np.testing.assert_array_equal(mine[untouched], old[untouched])
+
+
+def test_decode_step_kernel_refuses_misplaced_heads():
+    from crossmap.models.attention import StepHeads, decode_step_attention
+
+    b, k, g, s, h = 2, 2, 3, 16, 8
+    cache = (jnp.zeros((b, k, s, h)), jnp.zeros((b, k, s, h)))
+    q = StepHeads(jnp.zeros((b, k * g, h)), None, g, 0)
+    kv = StepHeads(jnp.zeros((b, k, h)), None, 1, 0)
+    args = (jnp.zeros((b, h)), jnp.zeros((b, h)), None, cache, jnp.zeros((b, 1), jnp.int32), jnp.ones((b, s), bool))
+    with pytest.raises(ValueError, match=r"q heads: rows \[B=2, R, H=8\] holding 2 groups of 3 at stride 3 from row 1"):
+        decode_step_attention(q._replace(offset=1), kv, kv, *args, groups=g, scale=1.0, interpret=True)
+    with pytest.raises(ValueError, match="biases or none do"):
+        decode_step_attention(q._replace(bias=jnp.zeros((k * g, h))), kv, kv, *args, groups=g, scale=1.0,
+                              interpret=True)
+    with pytest.raises(ValueError, match=r"k bias \(3, 8\) is not one row per row \(2, 8\)"):
+        bias = jnp.zeros((k * g, h))
+        decode_step_attention(q._replace(bias=bias), kv._replace(bias=jnp.zeros((3, h))), kv._replace(bias=bias[:k]),
+                              *args, groups=g, scale=1.0, interpret=True)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3", "llama"])
 def test_fused_projections_compute_what_the_separate_kernels_compute(arch):
     """Logits of the whole model: qwen2 (q/k/v biases), gemma3 (q/k norms, sandwich norms, GELU), llama; fused before
@@ -264,7 +342,8 @@ def test_config_selects_fused_projections_and_decode_attention_per_verbalizer(tm
     with pytest.raises(ValueError) as refused:
         validate(c)
     assert "verbalizers.target.projections must be one of 'separate', 'fused'" in str(refused.value)
-    assert "verbalizers.target.decode_attention must be one of 'auto', 'pallas', 'interpret', 'reference'" \
+    assert ("verbalizers.target.decode_attention must be one of 'auto', 'pallas', 'pallas-attention', 'interpret', "
+            "'reference'") \
         in str(refused.value)
 
 
@@ -310,3 +389,31 @@ def test_compiled_kernel_equals_the_definition_on_the_gpu(b, k, g, s, h, window)
     assert _close(out, reference) < 2e-2
     auto = decode_attention(q, keys, values, q_index, valid, scale=0.08, window=window)
     np.testing.assert_array_equal(np.asarray(auto, np.float32), np.asarray(out, np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch,layer_type,overrides", [
+    ("qwen2", "full", {"d_model": 3584, "n_heads": 28, "n_kv_heads": 4, "head_dim": 128}),  # Qwen2.5-7B's heads
+    ("gemma3", "sliding", {"d_model": 5376, "n_heads": 32, "n_kv_heads": 16, "head_dim": 128}),  # Gemma-3-27B's
+])
+@pytest.mark.parametrize("projections,stacked", [("separate", 0), ("fused", 0), ("separate", 3)])
+def test_compiled_step_kernel_equals_the_xla_step_on_the_gpu(arch, layer_type, overrides, projections, stacked):
+    """The whole-step kernel compiled by Triton, in bfloat16 at the 7B and 27B head shapes, against the XLA layer:
+    the output, the written slot and the untouched cache (the aliased cache, or a scanned model's stack of them, is
+    written in place on the GPU)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config(arch), **overrides)
+    layer, inputs, entry = _one_step(cfg, layer_type, "bfloat16", projections, stacked, seed=11)
+    layer.decode_attention = "reference"
+    want, want_cache = jax.jit(lambda *a: layer(*a, None, entry))(*inputs)
+    layer.decode_attention = "auto"
+    got, got_cache = jax.jit(lambda *a: layer(*a, None, entry))(*inputs)
+    assert _close(got, want) < 2e-2
+    slot = int(inputs[3][0, 0])
+    at = (entry,) if stacked else ()
+    for old, new, mine in zip(inputs[5], want_cache, got_cache, strict=True):
+        new, mine, old = (np.array(a, np.float32) for a in (new, mine, old))
+        assert _close(mine[at][..., slot, :], new[at][..., slot, :]) < 1e-2
+        mine[(*at, ..., slot, slice(None))] = old[(*at, ..., slot, slice(None))]
+        np.testing.assert_array_equal(mine, old)

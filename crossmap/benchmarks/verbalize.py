@@ -100,8 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "format and layout: separate, fused (q/k/v as one kernel, gate/up as one)")
     parser.add_argument("--decode-attention", default="auto",
                         help="comma-separated decode-attention implementations (models.attention.IMPLEMENTATIONS), "
-                             "each timed with every other choice: auto (the Pallas kernel on GPU for 16-bit caches), "
-                             "reference (the XLA definition), pallas, interpret")
+                             "each timed with every other choice: auto (pallas on GPU for 16-bit caches), reference "
+                             "(the XLA definition), pallas (the step's rotation, cache writes and attention in one "
+                             "kernel), pallas-attention (only the attention), interpret")
     parser.add_argument("--stop-check-every", default=str(STOP_CHECK_EVERY),
                         help="comma-separated decode steps between tests of whether every row has stopped (generate's "
                              "stop_check_every), each timed with every other choice: each test is a host-device round "

@@ -18,7 +18,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import IMPLEMENTATIONS as DECODE_ATTENTION
-from .attention import attention_mask, decode_attention, grouped_attention
+from .attention import (
+    HeadNorm,
+    StepHeads,
+    attention_mask,
+    decode_attention,
+    decode_step_attention,
+    grouped_attention,
+    resolve,
+)
 from .config import ModelConfig
 from .int8_matmul import int8_matmul
 
@@ -155,6 +163,10 @@ class Attention(nnx.Module):
         stack, so a decode step looping over the layers writes T slots, not the layer's whole cache.
         """
         impl = self.int8_implementation
+        if cache is not None and x.shape[1] == 1:
+            attend = resolve(self.decode_attention, x.dtype, cache[0].dtype, self.head_dim)
+            if attend in ("pallas", "interpret"):
+                return self._step_in_kernel(x, cos, sin, q_index, kv_valid, cache, cache_index, attend == "interpret")
         if self.qkv is not None:  # one product, then each KV head's G queries, its key and its value
             qkv = project(x, self.qkv, self.qkv_scale, "btd,dkch->btkch", 1, implementation=impl)
             if self.qkv_bias is not None:
@@ -198,6 +210,31 @@ class Attention(nnx.Module):
                 v = jax.lax.dynamic_index_in_dim(v, cache_index, 0, keepdims=False)
         mask = attention_mask(q_index, kv_valid, self.window)
         out = grouped_attention(q, k, v, mask, self.scale)
+        return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl), cache
+
+
+    def _step_in_kernel(self, x, cos, sin, q_index, kv_valid, cache, cache_index, interpret: bool):
+        """A decode step whose biases, norms, rotation, cache writes and attention all run in one kernel
+        (models.attention.decode_step_attention), which reads the projections' output where it lies."""
+        impl = self.int8_implementation
+        b, n, kv, h = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        groups = n // kv
+        if self.qkv is not None:  # [B, K * (G + 2), H]: each KV head's G queries, its key, its value
+            rows = project(x, self.qkv, self.qkv_scale, "btd,dkch->btkch", 1, implementation=impl)
+            rows = rows.reshape(b, kv * (groups + 2), h)
+            bias = None if self.qkv_bias is None else self.qkv_bias[...].reshape(kv * (groups + 2), h)
+            heads = [StepHeads(rows, bias, groups + 2, offset) for offset in (0, groups, groups + 1)]
+        else:
+            heads = []
+            for kernel, scale, bias, stride in ((self.q, self.q_scale, self.q_bias, groups),
+                                                (self.k, self.k_scale, self.k_bias, 1),
+                                                (self.v, self.v_scale, self.v_bias, 1)):
+                rows = project(x, kernel, scale, "btd,dnh->btnh", 1, implementation=impl)
+                heads.append(StepHeads(rows.reshape(b, -1, h), None if bias is None else bias[...], stride, 0))
+        norm = None if self.q_norm is None else HeadNorm(self.q_norm.weight[...], self.k_norm.weight[...],
+                                                         self.q_norm.eps, self.q_norm.plus_one)
+        out, cache = decode_step_attention(*heads, cos[:, 0], sin[:, 0], norm, cache, q_index, kv_valid, cache_index,
+                                           groups=groups, scale=self.scale, window=self.window, interpret=interpret)
         return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl), cache
 
 

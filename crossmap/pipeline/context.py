@@ -14,6 +14,7 @@ import ml_collections
 from .. import activations
 from ..integrity import path_identity
 from ..models import LoadedModel, load_model, load_tokenizer, resolve_model_path, scanned
+from ..models.attention import KERNELS as DECODE_KERNELS
 from ..sharding import make_mesh
 from .config import fingerprint, validate
 
@@ -26,7 +27,7 @@ def log(msg: str) -> None:
 ONE_DEVICE_SETTINGS = (
     ("weights", {"int8": "set weights='float'"}),  # models.int8_matmul's kernel
     ("decode_attention", {kernel: "set decode_attention='auto' (XLA's attention on several devices)"
-                          for kernel in ("pallas", "interpret")}),  # models.attention's kernel
+                          for kernel in DECODE_KERNELS}),  # models.attention's kernels
 )
 
 
