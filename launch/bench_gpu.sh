@@ -79,14 +79,14 @@ for b in $benches; do
         --out "$out/verbalize-7b-stop-check-pdl.json"
       XLA_FLAGS="$scanned_flags" python3 -m crossmap.cli bench verbalize --preset 27b --projections fused \
         --stop-check-every 1,16 --reps 2 --torch-device none --no-logit-error --out "$out/verbalize-27b-stop-check.json" ;;
-    step-kernel)  # the decode step's prologue and cache writes in the attention kernel (pallas) against the
-      # attention-only kernel (pallas-attention), the fast path at both shapes; BATCH_27B lowers the 27B batch where
+    step-kernel)  # the decode step's prologue and cache writes in the attention kernel (pallas-step) against the
+      # attention-only kernel (pallas), the fast path at both shapes; BATCH_27B lowers the 27B batch where
       # 128 rows' cache does not fit beside the weights (an 80 GB card)
       XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -m crossmap.cli bench verbalize --preset 7b \
-        --projections fused --decode-attention pallas-attention,pallas --torch-device none \
+        --projections fused --decode-attention pallas,pallas-step --torch-device none \
         --out "$out/verbalize-7b-step-kernel.json"
       XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -m crossmap.cli bench verbalize --preset 27b \
-        --batch "${BATCH_27B:-128}" --projections fused --decode-attention pallas-attention,pallas --reps 2 \
+        --batch "${BATCH_27B:-128}" --projections fused --decode-attention pallas,pallas-step --reps 2 \
         --torch-device none --no-logit-error --out "$out/verbalize-27b-step-kernel.json" ;;
     verbalize-27b)  # the Gemma-3-27B shape, bf16 and int8 kernels side by side
       python3 -m crossmap.cli bench verbalize --preset 27b --weights float,int8 \

@@ -156,7 +156,7 @@ def test_decode_step_kernel_equals_the_xla_step(arch, layer_type, overrides, pro
     layer, inputs, entry = _one_step(cfg, layer_type, dtype, projections, stacked, seed=len(arch) + stacked)
     layer.decode_attention = "reference"
     want, want_cache = layer(*inputs, None, entry)
-    layer.decode_attention = "interpret"
+    layer.decode_attention = "interpret-step"
     got, got_cache = layer(*inputs, None, entry)
     tolerance = 2e-6 if dtype == "float32" else 2e-2
     assert got.shape == want.shape and got.dtype == want.dtype and _close(got, want) < tolerance
@@ -169,6 +169,29 @@ def test_decode_step_kernel_equals_the_xla_step(arch, layer_type, overrides, pro
         untouched = np.ones(mine.shape, bool)
         untouched[(*at, ..., slot, slice(None))] = False
         np.testing.assert_array_equal(mine[untouched], old[untouched])
+
+
+@pytest.mark.parametrize("arch,layer_type,heads", [
+    ("qwen2", "full", {"n_heads": 28, "n_kv_heads": 4, "head_dim": 128}),       # Qwen2.5-7B's heads
+    ("gemma3", "sliding", {"n_heads": 32, "n_kv_heads": 16, "head_dim": 128}),  # Gemma-3-27B's
+])
+@pytest.mark.parametrize("implementation,projections,stacked", [
+    ("pallas-step", "separate", 0), ("pallas-step", "fused", 0), ("pallas-step", "separate", 3), ("pallas", "fused", 3)])
+def test_decode_kernels_lower_for_a_gpu_on_cpu(arch, layer_type, heads, implementation, projections, stacked):
+    """The compiled kernels' first hurdle, reachable without a GPU: the layer's decode step lowered for CUDA, which
+    runs the Pallas-to-Triton lowering (the interpreter accepts what Triton refuses, e.g. a load's fill value without
+    a mask).  The aliased cache must reach the custom call as an output-operand alias, or XLA copies it each step."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config(arch), d_model=256, **heads)
+    layer, inputs, entry = _one_step(cfg, layer_type, "bfloat16", projections, stacked, seed=5)
+    layer.decode_attention = implementation
+    graph, state = nnx.split(layer)
+    lowered = jax.jit(lambda state, *a: nnx.merge(graph, state)(*a, None, entry)).trace(state, *inputs).lower(
+        lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert ("output_operand_alias" in text) == (implementation == "pallas-step")
 
 
 def test_decode_step_kernel_refuses_misplaced_heads():
@@ -230,10 +253,11 @@ def test_fused_refuses_unknown_layouts_refusing_twice_and_after_quantizing_and_c
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("kernel", ["interpret", "interpret-step"])
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
-def test_generation_with_fused_projections_and_the_kernel_equals_the_definition(arch):
+def test_generation_with_fused_projections_and_the_kernel_equals_the_definition(arch, kernel):
     """Left-padded prompts of different lengths, an injected vector, washout-style groups, gemma3's sliding window
-    (5 slots) shorter than the prompts: the same tokens and logits unrolled and scanned."""
+    (5 slots) shorter than the prompts: the same tokens and logits unrolled and scanned, with either kernel."""
     cfg = tiny_config(arch)
     model = init_random(cfg, seed=5, dtype="float32")
     rng = np.random.default_rng(5)
@@ -246,21 +270,22 @@ def test_generation_with_fused_projections_and_the_kernel_equals_the_definition(
                         injection=inj, group_size=2, group_weights=[1.0, -0.5], return_logits=True)
 
     reference = run(model)
-    fast = with_decode_attention(fused(model), "interpret")
-    for variant in (with_decode_attention(model, "interpret"), fast, scanned(fast)):
+    fast = with_decode_attention(fused(model), kernel)
+    for variant in (with_decode_attention(model, kernel), fast, scanned(fast)):
         out = run(variant)
         np.testing.assert_array_equal(out.tokens, reference.tokens)
         assert _close(out.logits, reference.logits) < 2e-5
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["interpret", "interpret-step"])
 @pytest.mark.parametrize("name", ["gemma-3-270m", "qwen2.5-coder-0.5b-instruct"])
-def test_real_shipped_models_fused_with_the_kernel_give_the_same_tokens(shipped_model, name):
+def test_real_shipped_models_fused_with_the_kernel_give_the_same_tokens(shipped_model, name, kernel):
     """Gemma-3-270M (head_dim 256, one KV head, sliding layers) and Qwen2.5-Coder-0.5B (7 query heads a KV head,
     biases), real weights and tokenizers: greedy tokens equal the separate kernels' with the XLA attention."""
     lm, _ = shipped_model(name)
     ids = lm.tokenizer("The river ran past the mill and into the town, where the")["input_ids"]
-    fast = with_decode_attention(fused(lm.model), "interpret")
+    fast = with_decode_attention(fused(lm.model), kernel)
     a = generate(lm.model, [ids], max_new_tokens=8, use_model_eos=False, return_logits=True)
     b = generate(fast, [ids], max_new_tokens=8, use_model_eos=False, return_logits=True)
     np.testing.assert_array_equal(b.tokens, a.tokens)
@@ -342,8 +367,8 @@ def test_config_selects_fused_projections_and_decode_attention_per_verbalizer(tm
     with pytest.raises(ValueError) as refused:
         validate(c)
     assert "verbalizers.target.projections must be one of 'separate', 'fused'" in str(refused.value)
-    assert ("verbalizers.target.decode_attention must be one of 'auto', 'pallas', 'pallas-attention', 'interpret', "
-            "'reference'") \
+    assert ("verbalizers.target.decode_attention must be one of 'auto', 'pallas', 'pallas-step', 'interpret', "
+            "'interpret-step', 'reference'") \
         in str(refused.value)
 
 
@@ -407,7 +432,7 @@ def test_compiled_step_kernel_equals_the_xla_step_on_the_gpu(arch, layer_type, o
     layer, inputs, entry = _one_step(cfg, layer_type, "bfloat16", projections, stacked, seed=11)
     layer.decode_attention = "reference"
     want, want_cache = jax.jit(lambda *a: layer(*a, None, entry))(*inputs)
-    layer.decode_attention = "auto"
+    layer.decode_attention = "pallas-step"
     got, got_cache = jax.jit(lambda *a: layer(*a, None, entry))(*inputs)
     assert _close(got, want) < 2e-2
     slot = int(inputs[3][0, 0])

@@ -101,8 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-attention", default="auto",
                         help="comma-separated decode-attention implementations (models.attention.IMPLEMENTATIONS), "
                              "each timed with every other choice: auto (pallas on GPU for 16-bit caches), reference "
-                             "(the XLA definition), pallas (the step's rotation, cache writes and attention in one "
-                             "kernel), pallas-attention (only the attention), interpret")
+                             "(the XLA definition), pallas (the attention kernel), pallas-step (the step's biases, "
+                             "rotation, cache writes and attention in one kernel), interpret, interpret-step")
     parser.add_argument("--stop-check-every", default=str(STOP_CHECK_EVERY),
                         help="comma-separated decode steps between tests of whether every row has stopped (generate's "
                              "stop_check_every), each timed with every other choice: each test is a host-device round "

@@ -19,9 +19,9 @@ deprecated in favour of Mosaic GPU; int8_matmul's kernel uses it too.
 A model's attention layers carry their choice (IMPLEMENTATIONS; `Attention.decode_attention`, set by
 `layers.with_decode_attention`), so it is part of every compiled program's key: "auto" is "pallas" on one GPU for
 16-bit caches and the definition elsewhere (a float32 dot in Triton runs in TF32, below the definition's precision;
-on several devices see `kernel_applies`); "pallas" is the whole step in the kernel, "pallas-attention" only the
-attention (XLA rotates and writes the cache; kept to measure the prologue's worth), "interpret" the whole step on the
-Pallas interpreter, "reference" the definition.  BENCHMARKS.md, "Fused projections and the decode-attention kernel"
+on several devices see `kernel_applies`); "pallas" is the attention-only kernel (XLA adds the biases, rotates and
+writes the cache), "pallas-step" the whole step in the kernel (measured no faster, so not the default), "interpret"
+and "interpret-step" the same two on the Pallas interpreter, "reference" the definition.  BENCHMARKS.md, "Fused projections and the decode-attention kernel"
 and "The decode step's prologue in the kernel", has their speed and accuracy.
 """
 
@@ -35,8 +35,9 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "pallas", "pallas-attention", "interpret", "reference")
-KERNELS = ("pallas", "pallas-attention", "interpret")  # the choices that run a Pallas kernel
+IMPLEMENTATIONS = ("auto", "pallas", "pallas-step", "interpret", "interpret-step", "reference")
+KERNELS = ("pallas", "pallas-step", "interpret", "interpret-step")  # the choices that run a Pallas kernel
+STEP_KERNELS = ("pallas-step", "interpret-step")  # the choices that run the whole step in the kernel
 
 # key/value slots per kernel loop step: a [64, head_dim] tile of each, and the granularity at which slots past the
 # query (and before a sliding window) are skipped
@@ -145,8 +146,8 @@ def _decode_kernel(*refs, scale: float, window: int | None, block: int, slots: i
     own = (jnp.arange(rows) < groups)[:, None]  # the `rows` rows read for a group of G query heads: the first G
 
     def halves(ref, index, mask=None):
-        return tuple(plgpu.load(ref.at[(*index, part)], mask=mask, other=0.0).astype(jnp.float32)
-                     for part in (lo_part, hi_part))
+        fill = {} if mask is None else {"mask": mask, "other": 0.0}  # Triton takes a fill value only with a mask
+        return tuple(plgpu.load(ref.at[(*index, part)], **fill).astype(jnp.float32) for part in (lo_part, hi_part))
 
     new = None
     if prologue is None:
@@ -381,7 +382,8 @@ def decode_attention(q: Array, k: Array, v: Array, q_index: Array, kv_valid: Arr
                      *, scale: float, window: int | None = None, implementation: str = "auto") -> Array:
     """One decode step's attention (q [B, 1, N, H], rotated) over the cache k, v [B, K, S, H], or entry `layer` of a
     stacked cache [L, B, K, S, H], that holds this step's key and value already: the XLA definition, or the
-    attention-only kernel for "pallas", "pallas-attention" and "interpret" (IMPLEMENTATIONS)."""
+    attention-only kernel for any other choice (IMPLEMENTATIONS; a layer sends "pallas-step" and "interpret-step" to
+    decode_step_attention instead)."""
     implementation = resolve(implementation, q.dtype, k.dtype, q.shape[-1])
     if implementation == "reference":
         if layer is not None:
@@ -389,4 +391,4 @@ def decode_attention(q: Array, k: Array, v: Array, q_index: Array, kv_valid: Arr
             v = jax.lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
         return grouped_attention(q, k, v, attention_mask(q_index, kv_valid, window), scale)
     return decode_attention_pallas(q, k, v, q_index, kv_valid, 0 if layer is None else layer, scale=scale,
-                                   window=window, interpret=implementation == "interpret")
+                                   window=window, interpret=implementation.startswith("interpret"))

@@ -19,6 +19,7 @@ from flax import nnx
 
 from .attention import IMPLEMENTATIONS as DECODE_ATTENTION
 from .attention import (
+    STEP_KERNELS,
     HeadNorm,
     StepHeads,
     attention_mask,
@@ -165,8 +166,9 @@ class Attention(nnx.Module):
         impl = self.int8_implementation
         if cache is not None and x.shape[1] == 1:
             attend = resolve(self.decode_attention, x.dtype, cache[0].dtype, self.head_dim)
-            if attend in ("pallas", "interpret"):
-                return self._step_in_kernel(x, cos, sin, q_index, kv_valid, cache, cache_index, attend == "interpret")
+            if attend in STEP_KERNELS:
+                return self._step_in_kernel(x, cos, sin, q_index, kv_valid, cache, cache_index,
+                                            attend == "interpret-step")
         if self.qkv is not None:  # one product, then each KV head's G queries, its key and its value
             qkv = project(x, self.qkv, self.qkv_scale, "btd,dkch->btkch", 1, implementation=impl)
             if self.qkv_bias is not None:
