@@ -35,6 +35,8 @@ def _operands(rng, m, k, n, dtype):
     (16, 128, 256, KernelBlocks(block_n=64, block_k=128, splits=1)),
     (200, 64, 32, None),  # more than 128 rows: two row blocks, the second padded
     (70, 128, 64, KernelBlocks(block_n=32, block_k=64, splits=2, block_m=32)),  # three row blocks, split-K
+    (32, 256, 128, KernelBlocks(block_n=64, block_k=64, swap=True)),  # the transposed product, one K slice
+    (70, 512, 64, KernelBlocks(block_n=32, block_k=64, splits=4, block_m=32, swap=True)),  # and split-K, row blocks
 ])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pallas_kernel_equals_the_xla_reference(m, k, n, blocks, dtype):
@@ -50,6 +52,18 @@ def test_pallas_kernel_equals_the_xla_reference(m, k, n, blocks, dtype):
     assert np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64)).max() / scale_of < tol
     f32 = int8_matmul_pallas(x, w, scale, blocks=blocks, interpret=True, out_dtype=jnp.float32)
     assert f32.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("blocks", [KernelBlocks(128, 64), KernelBlocks(128, 64, swap=True),
+                                    KernelBlocks(64, 64, splits=4, swap=True)])
+def test_kernel_lowers_for_a_gpu_on_cpu(blocks):
+    """Pallas's Triton lowering runs here, where the interpreter does not: an operation it refuses fails on the
+    CPU, not first on a GPU.  One Triton call per product, at the 7B's gate/up shape with 32 rows."""
+    fn = jax.jit(lambda x, w, s: int8_matmul_pallas(x, w, s, blocks=blocks))
+    operands = (jax.ShapeDtypeStruct((32, 3584), jnp.bfloat16), jax.ShapeDtypeStruct((3584, 18944), jnp.int8),
+                jax.ShapeDtypeStruct((18944,), jnp.float32))
+    text = fn.trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
 
 
 def test_kernel_refuses_shapes_it_cannot_tile():

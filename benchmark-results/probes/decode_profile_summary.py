@@ -21,7 +21,7 @@ def kind(name: str, per_step: float, each_us: float) -> str:
 
 for path in sys.argv[1:]:
     data = json.load(open(path))
-    for layout in ("unrolled", "scanned"):
+    for layout in ("unrolled", "scanned", "fast"):
         if layout not in data:
             continue
         run = data[layout]

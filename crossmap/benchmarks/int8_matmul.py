@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", default="",
                         help="comma-separated kernels (q, k_v, o, gate_up, down, lm_head) whose product is also timed "
                              "at every tiling of a grid; the fastest is reported with its tiling")
+    parser.add_argument("--sweep-orders", default="plain,swapped",
+                        help="which products the sweep tiles: plain (x @ w) and/or swapped (the transposed product, "
+                             "the converted weight tile on the left; models.int8_matmul)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="int8_matmul.json", help="JSON output path")
 
@@ -60,15 +63,24 @@ def decode_shapes(cfg) -> dict[str, tuple[int, int]]:
             "gate_up": (d, cfg.d_ff), "down": (cfg.d_ff, d), "lm_head": (d, cfg.vocab_size)}
 
 
-def sweep_blocks(k: int, n: int) -> list[KernelBlocks]:
+SWEEP_ORDERS = ("plain", "swapped")
+
+
+def sweep_blocks(k: int, n: int, orders: tuple[str, ...] = SWEEP_ORDERS) -> list[KernelBlocks]:
+    unknown = set(orders) - set(SWEEP_ORDERS)
+    if unknown:
+        raise ValueError(f"--sweep-orders: {sorted(unknown)} not among {SWEEP_ORDERS}")
     out = []
-    for block_n, block_k, splits, warps, stages in itertools.product((32, 64, 128, 256), (64, 128, 256),
-                                                                       (1, 2, 4, 8), (4, 8), (3,)):
-        if n % block_n or k % (splits * block_k) or k // splits < block_k:
-            continue
-        if (n // block_n) * splits < 66 or (n // block_n) * splits > 4096:
-            continue  # fewer programs than half the multiprocessors, or far more than needed
-        out.append(KernelBlocks(block_n, block_k, splits, warps, stages))
+    for order in orders:
+        # swapped, a program's column block is the tensor-core instruction's 64-row side: no narrower
+        widths = (64, 128, 256) if order == "swapped" else (32, 64, 128, 256)
+        for block_n, block_k, splits, warps, stages in itertools.product(widths, (64, 128, 256), (1, 2, 4, 8),
+                                                                           (4, 8), (3, 4, 6)):
+            if n % block_n or k % (splits * block_k) or k // splits < block_k:
+                continue
+            if (n // block_n) * splits < 66 or (n // block_n) * splits > 4096:
+                continue  # fewer programs than half the multiprocessors, or far more than needed
+            out.append(KernelBlocks(block_n, block_k, splits, warps, stages, swap=order == "swapped"))
     return out
 
 
@@ -121,14 +133,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         entry["pallas_max_error_vs_reference"] = float(np.abs(got - want).max() / np.abs(want).max())
         if name in args.sweep.split(",") and not on_cpu:
             best, failed = (entry["pallas_s"], blocks), 0
-            for candidate in sweep_blocks(k, n):
+            best_by_order: dict[str, tuple[float, KernelBlocks]] = {}
+            for candidate in sweep_blocks(k, n, tuple(args.sweep_orders.split(","))):
                 try:
                     seconds = timed(kernel(candidate), pairs)
                 except Exception:
                     failed += 1
                     continue
                 best = min(best, (seconds, candidate), key=lambda t: t[0])
+                order = "swapped" if candidate.swap else "plain"
+                best_by_order[order] = min(best_by_order.get(order, (seconds, candidate)), (seconds, candidate),
+                                           key=lambda t: t[0])
             entry["pallas_best_s"], entry["pallas_best_blocks"] = best[0], best[1].__dict__
+            entry["pallas_best_by_order"] = {order: {"s": t[0], "blocks": t[1].__dict__}
+                                             for order, t in best_by_order.items()}
             entry["sweep_tilings_failed"] = failed
         entry["floor"] = {"bf16_bytes_s": 2 * k * n / bandwidth, "int8_bytes_s": (k * n + 4 * n) / bandwidth,
                           "compute_s": 2 * batch * k * n / peak}

@@ -11,7 +11,11 @@ Two implementations of that one function:
   The kernel does not yet read at the bytes floor, nor beat bf16 (BENCHMARKS.md, "Weight-only int8").
   The grid splits the output columns into blocks and, for wide K and narrow N (the down and output
   projections), K into `splits` slices whose float32 partial products are summed afterwards: enough
-  programs to keep every multiprocessor streaming.  With `interpret=True` the same kernel runs on
+  programs to keep every multiprocessor streaming.  With `swap` a program computes the transposed
+  product, w_tileᵀ @ x_tileᵀ: the converted weight tile becomes the left operand, which Hopper's
+  tensor-core instruction (wgmma) may take from registers, where a right operand must sit in shared
+  memory (so the plain order converts the tile and stores it back before the product).  It also puts
+  the weight's columns on the instruction's 64-row side and the few rows of x on its narrow side.  With `interpret=True` the same kernel runs on
   the CPU, which is how the tests compare it with the reference.
 
 `int8_matmul` picks: the kernel on GPU for up to KERNEL_MAX_ROWS rows (decode steps), the reference
@@ -49,7 +53,8 @@ KERNEL_MAX_ROWS = 256
 @dataclass(frozen=True)
 class KernelBlocks:
     """Tiling of one kernel launch: output columns per program, K per loop step, K slices (split-K),
-    Triton's warps per program and pipelining depth, and rows per program (0: all rows, up to 128)."""
+    Triton's warps per program and pipelining depth, rows per program (0: all rows, up to 128), and whether
+    a program multiplies in the transposed order (module docstring)."""
 
     block_n: int
     block_k: int
@@ -57,6 +62,7 @@ class KernelBlocks:
     num_warps: int = 4
     num_stages: int = 3
     block_m: int = 0
+    swap: bool = False
 
 
 def _largest_divisor(n: int, candidates: tuple[int, ...]) -> int | None:
@@ -88,17 +94,24 @@ def default_blocks(m: int, k: int, n: int, multiprocessors: int = 132) -> Kernel
     return KernelBlocks(block_n=block_n, block_k=block_k, splits=splits, num_warps=4)
 
 
-def _kernel(x_ref, w_ref, scale_ref, out_ref, *, block_k: int, steps: int, scaled: bool):
+def _kernel(x_ref, w_ref, scale_ref, out_ref, *, block_k: int, steps: int, scaled: bool, swap: bool):
     from jax.experimental import pallas as pl
 
-    acc = jnp.zeros((x_ref.shape[0], w_ref.shape[1]), jnp.float32)
+    rows, cols = x_ref.shape[0], w_ref.shape[1]
+    # swapped, the accumulator is the product's transpose, [cols, rows]: w_tile [k, cols] contracted on its
+    # first axis with x_tile [rows, k] on its second
+    acc = jnp.zeros((cols, rows) if swap else (rows, cols), jnp.float32)
+    contract = (((0,), (1,)), ((), ())) if swap else (((1,), (0,)), ((), ()))
 
     def step(i, acc):
         x = x_ref[:, pl.ds(i * block_k, block_k)]
         w = w_ref[pl.ds(i * block_k, block_k), :].astype(x.dtype)  # converted after the load
-        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+        a, b = (w, x) if swap else (x, w)
+        return acc + jax.lax.dot_general(a, b, contract, preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, steps, step, acc)
+    if swap:
+        acc = acc.T
     if scaled:
         out_ref[...] = (acc * scale_ref[...][None, :]).astype(out_ref.dtype)
     else:
@@ -131,7 +144,8 @@ def int8_matmul_pallas(x: Array, w: Array, scale: Array, *, out_dtype=None, bloc
     if k % blocks.splits or k_slice % blocks.block_k or n % blocks.block_n:
         raise ValueError(f"int8_matmul: blocks {blocks} do not tile K={k}, N={n}")
     scaled = blocks.splits == 1  # one slice: scale and cast in the kernel; else sum the partials first
-    kernel = functools.partial(_kernel, block_k=blocks.block_k, steps=k_slice // blocks.block_k, scaled=scaled)
+    kernel = functools.partial(_kernel, block_k=blocks.block_k, steps=k_slice // blocks.block_k, scaled=scaled,
+                               swap=blocks.swap)
     if scaled:
         out_shape = jax.ShapeDtypeStruct((padded_m, n), out_dtype)
         out_spec = pl.BlockSpec((block_m, blocks.block_n), lambda j, s, r: (r, j))
