@@ -77,6 +77,9 @@ def get_config():
         # q/k/v and gate/up as one product each (the AV's own model, fused in place); BENCHMARKS.md, "Fused
         # projections and the decode-attention kernel"
         v.projections = "fused"
+        # the 7B AV's down product in 2 slices of d_ff (1.5% off its decode step on an H100); the 27B's is unmeasured
+        # (BENCHMARKS.md, "Slicing the down product")
+        v.down_slices = 2 if side == "source" else 1
         r = c.reconstructors[side]
         r.checkpoint = PATHS[f"{side}_reconstructor"]
         r.dtype = "bfloat16"

@@ -23,8 +23,10 @@ from crossmap.models import (
     scanned,
     tiny_config,
     with_decode_attention,
+    with_down_slices,
 )
 from crossmap.models.attention import attention_mask, decode_attention, grouped_attention
+from crossmap.models.layers import sliced_product
 from crossmap.verbalize import Injection, generate
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -277,6 +279,66 @@ def test_generation_with_fused_projections_and_the_kernel_equals_the_definition(
         assert _close(out.logits, reference.logits) < 2e-5
 
 
+@pytest.mark.parametrize("contract,x_shape,w_shape,slices", [
+    (1, (3, 1, 96), (96, 40), 2),  # a down product: x [B, T, F] @ [F, D]
+    (1, (3, 1, 96), (96, 40), 8),
+    (2, (3, 1, 4, 16), (4, 16, 40), 4),  # an o product: x [B, T, N, H] @ [N, H, D], slices across heads
+    (2, (3, 1, 4, 16), (4, 16, 40), 32),  # slices within a head
+])
+def test_sliced_product_equals_the_one_product(contract, x_shape, w_shape, slices):
+    rng = np.random.default_rng(slices)
+    x = rng.normal(size=x_shape)
+    w = rng.normal(size=w_shape)
+    exact = np.tensordot(x, w, axes=contract)
+    got = sliced_product(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), contract, slices)
+    assert got.shape == exact.shape and got.dtype == jnp.float32
+    assert np.abs(np.asarray(got, np.float64) - exact).max() < 1e-5 * np.abs(exact).max()
+    half = sliced_product(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), contract, slices)
+    assert half.dtype == jnp.bfloat16  # float32 partials, rounded once to x's dtype
+    assert np.abs(np.asarray(half, np.float64) - exact).max() < 2e-2 * np.abs(exact).max()
+    with pytest.raises(ValueError, match="5 slices do not divide the contracted size"):
+        sliced_product(jnp.asarray(x), jnp.asarray(w), contract, 5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_generation_with_sliced_down_products_equals_the_one_product(arch, monkeypatch):
+    """Decode steps with the down product in 2 and 4 slices: the same tokens and logits as the one product,
+    unrolled, fused and scanned; the prefill keeps the one product; the shared model is unchanged."""
+    from crossmap.models import layers
+
+    traced = []
+
+    def spy(x, w, contract, slices):
+        traced.append((x.shape, slices))
+        return sliced_product(x, w, contract, slices)
+
+    monkeypatch.setattr(layers, "sliced_product", spy)
+    cfg = tiny_config(arch)
+    model = init_random(cfg, seed=7, dtype="float32")
+    rng = np.random.default_rng(7)
+    prompts = [list(rng.integers(2, cfg.vocab_size, n)) for n in (4, 9, 13)]
+    inj = Injection(rng.normal(size=(3, cfg.d_model)).astype(np.float32), [1, 3, 5])
+
+    def run(m):
+        return generate(m, prompts, max_new_tokens=10, stop_token_ids=[], use_model_eos=False, pad_id=0,
+                        injection=inj, return_logits=True)
+
+    reference = run(model)
+    for slices in (2, 4):
+        sliced = with_down_slices(model, slices)
+        assert sliced.layers[0].mlp.down_slices == slices and model.layers[0].mlp.down_slices == 1
+        for variant in (sliced, fused(sliced), scanned(fused(sliced))):
+            traced.clear()
+            out = run(variant)
+            np.testing.assert_array_equal(out.tokens, reference.tokens)
+            assert _close(out.logits, reference.logits) < 2e-5
+            # traced in the decode step only (one row a sequence), with the slices asked for
+            assert traced and all(shape[-2] == 1 and n == slices for shape, n in traced)
+    for bad in (0, 3, 2.0, True):
+        with pytest.raises(ValueError, match=f"down slices must be a positive int dividing d_ff = {cfg.d_ff}"):
+            with_down_slices(model, bad)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["interpret", "interpret-step"])
 @pytest.mark.parametrize("name", ["gemma-3-270m", "qwen2.5-coder-0.5b-instruct"])
@@ -341,6 +403,26 @@ def test_a_model_sharded_over_a_mesh_fuses_onto_its_layout_and_the_kernel_is_ref
     assert "verbalizers.source.decode_attention='pallas' runs on one device so far" in result["refused"]
 
 
+def test_bench_times_down_slices_side_by_side(tmp_path):
+    import argparse
+
+    from crossmap.benchmarks import verbalize
+
+    parser = argparse.ArgumentParser()
+    verbalize.add_arguments(parser)
+    for bad in ("2,2", "0", "two"):
+        with pytest.raises(ValueError, match="--down-slices must list distinct integers >= 1"):
+            verbalize.run(parser.parse_args(["--preset", "tiny", "--down-slices", bad, "--out", str(tmp_path / "x.json")]))
+    result = verbalize.run(parser.parse_args([
+        "--preset", "tiny", "--down-slices", "1,2", "--torch-device", "none", "--new-tokens", "4", "--reps", "1",
+        "--out", str(tmp_path / "v.json")]))
+    entries = result["weights"]
+    assert list(entries) == ["float", "float/down-slices-2"]
+    assert [entries[n]["crossmap"]["down_slices"] for n in entries] == [1, 2]
+    decode = entries["float/down-slices-2"]["decode_logits_vs_float"]
+    assert decode["rows"] == result["batch"] and decode["max_abs_error"] <= 1e-5 * decode["reference_max_abs"]
+
+
 def test_config_selects_fused_projections_and_decode_attention_per_verbalizer(tmp_path):
     from crossmap.pipeline import load_config, validate
     from crossmap.pipeline.context import RunContext
@@ -362,14 +444,22 @@ def test_config_selects_fused_projections_and_decode_attention_per_verbalizer(tm
     assert lm.model.layers[0].attn.decode_attention == "auto"
     target, _ = build_verbalizer(ctx, "target")
     assert not is_fused(target.model) and target.model.layers[0].attn.decode_attention == "auto"
+    c.verbalizers.source.down_slices = 3  # the tiny models' d_ff is 128: refused as the verbalizer is built
+    with pytest.raises(ValueError, match="verbalizers.source.down_slices: down slices must be a positive int "
+                                         "dividing d_ff = 128, got 3"):
+        build_verbalizer(ctx, "source")
+    c.verbalizers.source.down_slices = 2
+    assert build_verbalizer(ctx, "source")[0].model.layer_stacks[0].mlp.down_slices == 2
     c.verbalizers.target.projections = "merged"
     c.verbalizers.target.decode_attention = "flash"
+    c.verbalizers.target.down_slices = 0
     with pytest.raises(ValueError) as refused:
         validate(c)
     assert "verbalizers.target.projections must be one of 'separate', 'fused'" in str(refused.value)
     assert ("verbalizers.target.decode_attention must be one of 'auto', 'pallas', 'pallas-step', 'interpret', "
             "'interpret-step', 'reference'") \
         in str(refused.value)
+    assert "verbalizers.target.down_slices must be an int >= 1 (got 0)" in str(refused.value)
 
 
 def test_bench_times_projections_and_decode_attention_side_by_side(tmp_path):
@@ -379,10 +469,10 @@ def test_bench_times_projections_and_decode_attention_side_by_side(tmp_path):
 
     assert verbalize.variant_names({"float": ("float", "auto")}, ["unrolled"], ("separate", "fused"),
                                    ("reference", "auto")) == [
-        ("float/attention-reference", "float", "unrolled", "separate", "reference", 1),
-        ("float", "float", "unrolled", "separate", "auto", 1),
-        ("float/fused/attention-reference", "float", "unrolled", "fused", "reference", 1),
-        ("float/fused", "float", "unrolled", "fused", "auto", 1)]
+        ("float/attention-reference", "float", "unrolled", "separate", "reference", 1, 1),
+        ("float", "float", "unrolled", "separate", "auto", 1, 1),
+        ("float/fused/attention-reference", "float", "unrolled", "fused", "reference", 1, 1),
+        ("float/fused", "float", "unrolled", "fused", "auto", 1, 1)]
     parser = argparse.ArgumentParser()
     verbalize.add_arguments(parser)
     for flag, bad in (("--projections", "fused,fused"), ("--decode-attention", "flash")):

@@ -242,8 +242,10 @@ def test_benches_time_both_layouts_in_one_run_and_refuse_unknown_ones(tmp_path):
         return parser.parse_args(argv)
 
     assert verbalize.variant_names({"float": ("float", "auto"), "int8": ("int8", "auto")}, ["unrolled", "scanned"]) \
-        == [("float", "float", "unrolled", "separate", "auto", 1), ("float/scanned", "float", "scanned", "separate", "auto", 1),
-            ("int8", "int8", "unrolled", "separate", "auto", 1), ("int8/scanned", "int8", "scanned", "separate", "auto", 1)]
+        == [("float", "float", "unrolled", "separate", "auto", 1, 1),
+            ("float/scanned", "float", "scanned", "separate", "auto", 1, 1),
+            ("int8", "int8", "unrolled", "separate", "auto", 1, 1),
+            ("int8/scanned", "int8", "scanned", "separate", "auto", 1, 1)]
     for bad in ("", "scanned,scanned", "stacked"):
         with pytest.raises(ValueError, match="--layers must list distinct layouts"):
             layer_layouts(bad)

@@ -33,6 +33,7 @@ loads, if this module loads first), so PyTorch finds room next to it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 from typing import Any
@@ -53,7 +54,7 @@ from crossmap.models import ModelConfig, config_from_hf, hf_config, init_random,
 from crossmap.models.attention import IMPLEMENTATIONS as DECODE_ATTENTION
 from crossmap.models.fuse import PROJECTION_LAYOUTS, fused
 from crossmap.models.int8_matmul import IMPLEMENTATIONS
-from crossmap.models.layers import with_decode_attention
+from crossmap.models.layers import with_decode_attention, with_down_slices
 from crossmap.models.quantize import WEIGHT_FORMATS, quantized
 from crossmap.models.scan import scanned
 from crossmap.nla.meta import default_av_render
@@ -107,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated decode steps between tests of whether every row has stopped (generate's "
                              "stop_check_every), each timed with every other choice: each test is a host-device round "
                              "trip that leaves the GPU idle while the host reads the flag")
+    parser.add_argument("--down-slices", default="1",
+                        help="comma-separated K slices of each decode step's down product (verbalizers.<side>."
+                             "down_slices; models.layers.sliced_product), each timed with every other choice")
     parser.add_argument("--logit-error", action=argparse.BooleanOptionalAction, default=True,
                         help="compare each variant's logits (prefill and first decode step) with the first variant's: "
                              "one more compiled program per variant (about a minute each at the 27B shape); every "
@@ -225,31 +229,29 @@ def weight_formats(text: str) -> dict[str, tuple[str, str]]:
 
 def variant_names(formats: dict[str, tuple[str, str]], layouts: list[str], projections: tuple[str, ...] = ("separate",),
                   attention: tuple[str, ...] = ("auto",), stop_checks: tuple[int, ...] = (STOP_CHECK_EVERY,),
-                  ) -> list[tuple[str, str, str, str, str, int]]:
-    """(name, weight format as written, layout, projections, decode attention, steps between stop tests) for every
-    combination, in that nesting order.  A name is the format, then "/scanned", "/fused", "/attention-IMPL" and
-    "/stop-check-N" where those differ from the defaults (unrolled, separate, auto, STOP_CHECK_EVERY)."""
+                  down_slices: tuple[int, ...] = (1,)) -> list[tuple[str, str, str, str, str, int, int]]:
+    """(name, weight format as written, layout, projections, decode attention, steps between stop tests, down
+    slices) for every combination, in that nesting order.  A name is the format, then "/scanned", "/fused",
+    "/attention-IMPL", "/stop-check-N" and "/down-slices-N" where those differ from the defaults (unrolled,
+    separate, auto, STOP_CHECK_EVERY, 1)."""
     variants = []
-    for fmt in formats:
-        for layout in layouts:
-            for proj in projections:
-                for impl in attention:
-                    for every in stop_checks:
-                        parts = [fmt] + [layout] * (layout != "unrolled") + [proj] * (proj != "separate") \
-                            + [f"attention-{impl}"] * (impl != "auto") \
-                            + [f"stop-check-{every}"] * (every != STOP_CHECK_EVERY)
-                        variants.append(("/".join(parts), fmt, layout, proj, impl, every))
+    for fmt, layout, proj, impl, every, slices in itertools.product(formats, layouts, projections, attention,
+                                                                     stop_checks, down_slices):
+        parts = [fmt] + [layout] * (layout != "unrolled") + [proj] * (proj != "separate") \
+            + [f"attention-{impl}"] * (impl != "auto") \
+            + [f"stop-check-{every}"] * (every != STOP_CHECK_EVERY) + [f"down-slices-{slices}"] * (slices != 1)
+        variants.append(("/".join(parts), fmt, layout, proj, impl, every, slices))
     return variants
 
 
-def stop_check_list(text: str) -> tuple[int, ...]:
-    """--stop-check-every: distinct ints >= 1, comma separated; anything else is refused naming the flag."""
+def positive_ints(text: str, flag: str) -> tuple[int, ...]:
+    """A comma-separated list of distinct ints >= 1; anything else is refused naming `flag`."""
     try:
         items = tuple(int(item) for item in text.split(",") if item.strip())
     except ValueError:
         items = ()
     if not items or len(set(items)) < len(items) or min(items) < 1:
-        raise ValueError(f"--stop-check-every must list distinct integers >= 1, got {text!r}")
+        raise ValueError(f"{flag} must list distinct integers >= 1, got {text!r}")
     return items
 
 
@@ -380,7 +382,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     variants = variant_names(formats, layer_layouts(args.layers),
                              comma_choices(args.projections, "--projections", PROJECTION_LAYOUTS),
                              comma_choices(args.decode_attention, "--decode-attention", DECODE_ATTENTION),
-                             stop_check_list(args.stop_check_every))
+                             positive_ints(args.stop_check_every, "--stop-check-every"),
+                             positive_ints(args.down_slices, "--down-slices"))
     copy_mib = args.copy_mib or preset["copy_mib"]
     mesh = make_mesh()
     if args.nla:
@@ -433,14 +436,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_format: dict[str, Any] = {}
     first = variants[0][0]
     reference_logits = reference_tokens = None
-    for name, fmt, layout, projections, attention, stop_check_every in variants:
+    for name, fmt, layout, projections, attention, stop_check_every, down_slices in variants:
         weights, implementation = formats[fmt]
         # Every variant takes the float model's kernels (fused or stacked in place), so that at the 27B shape no
         # second copy of the weights sits beside the one timed; the next variant gets the same weights back from
         # the same seed (seconds, where a second copy would not fit beside a scanned variant and its cache).
         if model is None:
             model = base_model()
-        variant = fused(with_decode_attention(model, attention), projections, consume=True)
+        variant = fused(with_down_slices(with_decode_attention(model, attention), down_slices), projections,
+                        consume=True)
         variant = quantized(variant, weights, implementation=implementation)
         variant = scanned(variant, layout, consume=True)
         model = None  # the variant alone holds the weights now
@@ -448,7 +452,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         temperature=args.temperature, top_p=args.top_p,
                                         stop_check_every=stop_check_every)
         ours["layers"], ours["projections"], ours["decode_attention"] = layout, projections, attention
-        ours["stop_check_every"] = stop_check_every
+        ours["stop_check_every"], ours["down_slices"] = stop_check_every, down_slices
         ours["compile_s"] = ours["first_call_s"] - ours["total_s"]
         floor = _floor(cfg, variant, batch, prompt_len, new_tokens, bandwidth, ours["decode_step_s"], matmul_rate)
         ours["ratio_to_floor"] = floor["ratio_to_floor"]

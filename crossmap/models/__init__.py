@@ -7,7 +7,8 @@ Modules, lowest first (each imports only those above it):
     config            ModelConfig, the one description of a decoder the shared layers read
     int8_matmul       weight-only int8 products: the XLA reference and the Pallas kernel
     attention         the attention mask, grouped-query attention, and a decode step's attention as a Pallas kernel
-    layers            the shared stack (attention, MLP, norms, RoPE, the Transformer); with_decode_attention
+    layers            the shared stack (attention, MLP, norms, RoPE, the Transformer); with_decode_attention,
+                      with_down_slices
     quantize          quantized(model, "int8"): int8 kernels with per-channel scales, for inference
     fuse              fused(model): q/k/v and gate/up as one kernel each, for inference
     scan              scanned(): blocks stacked by group of the layer pattern, run by one loop over groups
@@ -30,7 +31,7 @@ from .attention import IMPLEMENTATIONS as DECODE_ATTENTION
 from .config import ModelConfig
 from .fuse import PROJECTION_LAYOUTS, fused, is_fused
 from .gguf_files import convert_gguf
-from .layers import Transformer, with_decode_attention
+from .layers import Transformer, with_decode_attention, with_down_slices
 from .loading import (
     LoadedModel,
     load_model,
@@ -59,4 +60,4 @@ __all__ = ["ModelConfig", "Transformer", "LoadedModel", "load_model", "init_rand
            "resolve_model_path", "read_model_config", "convert_gguf", "shipped_gguf", "SHIPPED", "ARCHITECTURES", "random_hf_arrays",
            "write_random_checkpoint", "shape_config", "shape_config_names", "save_checkpoint", "quantized",
            "WEIGHT_FORMATS", "is_quantized", "scanned", "is_scanned", "LAYER_LAYOUTS", "fused", "is_fused",
-           "PROJECTION_LAYOUTS", "with_decode_attention", "DECODE_ATTENTION"]
+           "PROJECTION_LAYOUTS", "with_decode_attention", "with_down_slices", "DECODE_ATTENTION"]

@@ -45,14 +45,18 @@ def _param(rngs: nnx.Rngs, shape, logical, dtype, std: float | None = None, zero
 
 
 def project(x: Array, kernel: nnx.Param, scale: nnx.Param | None, equation: str, contract: int,
-            out_dtype=None, implementation: str = "auto") -> Array:
+            out_dtype=None, implementation: str = "auto", slices: int = 1) -> Array:
     """x @ kernel over x's last `contract` axes and kernel's first `contract` axes (`equation` spells it;
     "" is `x @ kernel`).
 
-    A float kernel is that einsum or matmul.  An int8 kernel (`models.quantize`: `scale` holds one
-    float32 scale per output channel) is one 2-D `int8_matmul`: x and the kernel are reshaped to
-    matrices, which for row-major arrays moves no data.
+    A float kernel is that einsum or matmul; with `slices` > 1, the contracted axis (flattened) is cut into that
+    many slices, multiplied as one batched product with float32 partials, and the partials summed and rounded
+    once (`sliced_product`).  An int8 kernel (`models.quantize`: `scale` holds one float32 scale per output
+    channel) is one 2-D `int8_matmul`: x and the kernel are reshaped to matrices, which for row-major arrays
+    moves no data.
     """
+    if scale is None and slices > 1:
+        return sliced_product(x, kernel[...], contract, slices)
     if scale is None:
         return jnp.einsum(equation, x, kernel[...]) if equation else x @ kernel[...]
     w = kernel[...]
@@ -61,6 +65,28 @@ def project(x: Array, kernel: nnx.Param, scale: nnx.Param | None, equation: str,
     y = int8_matmul(x2, w.reshape(-1, math.prod(out_axes)), scale[...].reshape(-1), out_dtype=out_dtype,
                     implementation=implementation)
     return y.reshape(*y.shape[:-1], *out_axes)
+
+
+def sliced_product(x: Array, w: Array, contract: int, slices: int) -> Array:
+    """x @ w over x's last and w's first `contract` axes, as `slices` products over equal slices of the
+    (flattened) contracted axis in one batched GEMM, their float32 partials summed and rounded to x's dtype.
+
+    Why: a decode step's narrow products (o, down: few rows, N = d_model) give cuBLAS too few output tiles
+    to occupy every multiprocessor; it adds split-K with its own reduction kernel, or leaves multiprocessors
+    idle.  Slicing K here gives it `slices` times the tiles, and the sum of the partials joins the residual
+    add's fusion.  Equal to the one product up to float32 summation order."""
+    k = math.prod(w.shape[:contract])
+    if k % slices:
+        raise ValueError(f"sliced_product: {slices} slices do not divide the contracted size {k}")
+    out_axes = w.shape[contract:]
+    lead = x.shape[:x.ndim - contract]
+    xs = x.reshape(*lead, slices, k // slices)
+    ws = w.reshape(slices, k // slices, math.prod(out_axes))
+    if jnp.dtype(x.dtype).itemsize < 4 and jax.default_backend() == "cpu":
+        # XLA's CPU runtime has no batched 16-bit product with a float32 result: multiply the float32 values
+        xs, ws = xs.astype(jnp.float32), ws.astype(jnp.float32)
+    parts = jnp.einsum("...sk,skn->...sn", xs, ws, preferred_element_type=jnp.float32)
+    return parts.sum(-2).astype(x.dtype).reshape(*lead, *out_axes)
 
 
 class RMSNorm(nnx.Module):
@@ -137,6 +163,7 @@ class Attention(nnx.Module):
         # how a one-token step with a cache attends (models.attention.IMPLEMENTATIONS; static, like the above): "auto"
         # is the Pallas kernel on GPU for 16-bit caches, the XLA definition elsewhere (with_decode_attention)
         self.decode_attention = "auto"
+        self.o_slices = 1  # K slices of a decode step's o product (sliced_product; static)
         if cfg.qkv_bias:
             self.q_bias = _param(rngs, (n, h), ("heads", "head_dim"), dtype, std=0.02)
             self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, std=0.02)
@@ -205,7 +232,8 @@ class Attention(nnx.Module):
             if x.shape[1] == 1:  # a decode step: the kernel reads a stacked cache's entry in place
                 out = decode_attention(q, *cache, q_index, kv_valid, cache_index, scale=self.scale,
                                        window=self.window, implementation=self.decode_attention)
-                return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl), cache
+                return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl,
+                               slices=self.o_slices), cache
             k, v = cache
             if cache_index is not None:
                 k = jax.lax.dynamic_index_in_dim(k, cache_index, 0, keepdims=False)
@@ -237,7 +265,8 @@ class Attention(nnx.Module):
                                                          self.q_norm.eps, self.q_norm.plus_one)
         out, cache = decode_step_attention(*heads, cos[:, 0], sin[:, 0], norm, cache, q_index, kv_valid, cache_index,
                                            groups=groups, scale=self.scale, window=self.window, interpret=interpret)
-        return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl), cache
+        return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl,
+                       slices=self.o_slices), cache
 
 
 def _add_bias(x: Array, bias: Array) -> Array:
@@ -258,6 +287,7 @@ class MLP(nnx.Module):
         self.gate_scale = self.up_scale = self.down_scale = None  # int8 kernels' scales (models.quantize)
         self.int8_implementation = "auto"
         self.gate_up = self.gate_up_scale = None  # gate and up as one kernel [D, 2, F] (models.fuse)
+        self.down_slices = 1  # K slices of a decode step's down product (sliced_product, with_down_slices; static)
 
     def __call__(self, x: Array) -> Array:
         impl = self.int8_implementation
@@ -267,8 +297,9 @@ class MLP(nnx.Module):
         else:
             gate = project(x, self.gate, self.gate_scale, "", 1, implementation=impl)
             up = project(x, self.up, self.up_scale, "", 1, implementation=impl)
+        slices = self.down_slices if x.shape[-2] == 1 else 1  # decode steps only: a prefill fills the GPU
         return project(gate_activation(gate, self.activation) * up, self.down, self.down_scale, "", 1,
-                       implementation=impl)
+                       implementation=impl, slices=slices)
 
 
 def gate_activation(gate: Array, activation: str) -> Array:
@@ -479,13 +510,28 @@ class Transformer(nnx.Module):
                 + [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers])
 
 
-def with_decode_attention(model: Transformer, implementation: str) -> Transformer:
-    """`model` whose decode steps attend by `implementation` (models.attention.IMPLEMENTATIONS): a new module over the
-    same arrays, so `model` itself (a self-verbalizer's, which also serves the other stages) is unchanged."""
-    if implementation not in DECODE_ATTENTION:
-        raise ValueError(f"decode attention must be one of {DECODE_ATTENTION}, got {implementation!r}")
+def _with_setting(model: Transformer, kind: type, name: str, value) -> Transformer:
+    """A new module over `model`'s arrays with `name` = `value` on every `kind` submodule: `model` itself (a
+    self-verbalizer's, which also serves the other stages) is unchanged."""
     copy = nnx.merge(*nnx.split(model))
     for _, module in nnx.iter_modules(copy):
-        if isinstance(module, Attention):
-            module.decode_attention = implementation
+        if isinstance(module, kind):
+            setattr(module, name, value)
     return copy
+
+
+def with_decode_attention(model: Transformer, implementation: str) -> Transformer:
+    """`model` whose decode steps attend by `implementation` (models.attention.IMPLEMENTATIONS)."""
+    if implementation not in DECODE_ATTENTION:
+        raise ValueError(f"decode attention must be one of {DECODE_ATTENTION}, got {implementation!r}")
+    return _with_setting(model, Attention, "decode_attention", implementation)
+
+
+def with_down_slices(model: Transformer, slices: int) -> Transformer:
+    """`model` whose decode steps run each MLP's down product (float kernels) as `slices` products over slices of
+    d_ff (`sliced_product`); 1 is the one product.  Raises ValueError where `slices` is not a positive int
+    dividing d_ff."""
+    d_ff = model.config.d_ff
+    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1 or d_ff % slices:
+        raise ValueError(f"down slices must be a positive int dividing d_ff = {d_ff}, got {slices!r}")
+    return _with_setting(model, MLP, "down_slices", slices)

@@ -74,6 +74,10 @@ def _verbalizer(kind: str = "self") -> ml_collections.ConfigDict:
         # GPU for 16-bit caches (reads only the slots a key can be visible in), the XLA definition elsewhere;
         # "reference" forces the definition
         "decode_attention": "auto",
+        # a decode step's down product as this many products over slices of d_ff, in one batched GEMM (float
+        # kernels; models.layers.sliced_product): 1 is the one product. 2 took 1.5% off the 7B step on an H100,
+        # where cuBLAS otherwise splits K itself with a separate reduction (BENCHMARKS.md, "Slicing the down product")
+        "down_slices": 1,
         # also explain random directions of this side's own space (the controls of the source self round
         # trip, AR_source(AV_source(r)) against r); the target always explains its controls
         "explain_controls": False,
@@ -318,6 +322,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _one_of(problems, f"verbalizers.{side}.layers", v.layers, ("",) + LAYER_LAYOUTS)
         _one_of(problems, f"verbalizers.{side}.projections", v.projections, PROJECTION_LAYOUTS)
         _one_of(problems, f"verbalizers.{side}.decode_attention", v.decode_attention, DECODE_ATTENTION)
+        _at_least(problems, f"verbalizers.{side}.down_slices", v.down_slices, 1)
         if v.kind == "self" and v.layers == "unrolled" and m.layers == "scanned":
             problems.append(f"verbalizers.{side}.layers='unrolled', but a self-verbalizer runs the side's model, which "
                             f"models.{side}.layers='scanned' stacks as it loads: leave verbalizers.{side}.layers ''")

@@ -28,7 +28,7 @@ from ..integrity import path_identity
 from ..jsonio import load_json, save_json
 from ..models import make_hidden_fn
 from ..models.fuse import fused
-from ..models.layers import with_decode_attention
+from ..models.layers import with_decode_attention, with_down_slices
 from ..models.quantize import quantized
 from ..models.scan import is_scanned, missing_gpu_xla_flags, scanned
 from ..sharding import to_host
@@ -350,9 +350,12 @@ def build_verbalizer(ctx: RunContext, side: str):
         if v.scale == "activation":  # the typical residual norm at this side's layer, measured in `map`
             changes["injection_scale"] = MapSummary.load(ctx.stage_dir("map")).norms.median(side)
         spec = spec.replace(**changes)
-    # the decode attention, fused projections, int8 kernels and stacked blocks each give a new module: a
+    # the decode attention, down slices, fused projections, int8 kernels and stacked blocks each give a new module: a
     # self-verbalizer's model still serves the other stages, so only an NLA's own model is consumed (fusing, stacking)
-    model = with_decode_attention(lm.model, v.decode_attention)
+    try:
+        model = with_down_slices(with_decode_attention(lm.model, v.decode_attention), v.down_slices)
+    except ValueError as err:
+        raise ValueError(f"verbalizers.{side}.down_slices: {err}") from None
     model = quantized(fused(model, v.projections, consume=v.kind == "nla"), v.weights)
     if v.layers == "scanned" and not is_scanned(model):  # "" and "unrolled" keep the model's layout (validate)
         model = scanned(model, consume=v.kind == "nla")

@@ -1,0 +1,57 @@
+"""Probe (2026-12-06): the 7B decode step's two narrow products, o (3584 -> 3584) and down (18944 -> 3584), at
+batch 128 with the residual add after each, written as one product (cuBLAS picks split-K for down and runs its
+reduction as a second kernel; o runs 56 tiles on 132 multiprocessors) or as `s` products over K slices in one
+batched GEMM, the slices' float32 partials summed in the residual add's fusion. Each timed program chains the
+product over enough distinct weight copies (1 GiB) that none sits in L2, each step reading the last one's residual,
+as a decode step's layers do. Usage: XLA_FLAGS=--xla_gpu_enable_triton_gemm=false split_k.py [OUT.json]"""
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crossmap.benchmarks.common import device_info, measured_copy_bandwidth
+from crossmap.benchmarks.decode_parts import back_to_back
+
+batch, reps = 128, 20
+bandwidth = measured_copy_bandwidth(2 << 30)["gb_per_s"] * 1e9
+rng = np.random.default_rng(0)
+result = {"device": device_info(), "copy_bandwidth_GBps": bandwidth / 1e9, "batch": batch, "shapes": {}}
+
+
+def chained(slices: int):
+    def run(x, r, ws):
+        for w in ws:
+            k, n = w.shape
+            if slices == 1:
+                r = r + x @ w
+            else:
+                parts = jnp.einsum("bsk,skn->bsn", x.reshape(batch, slices, k // slices),
+                                   w.reshape(slices, k // slices, n), preferred_element_type=jnp.float32)
+                r = (r.astype(jnp.float32) + parts.sum(1)).astype(r.dtype)
+        return r
+    return jax.jit(run)
+
+
+for name, (k, n) in {"o": (3584, 3584), "down": (18944, 3584)}.items():
+    copies = max(1, (1 << 30) // (2 * k * n))
+    ws = [jnp.asarray(rng.normal(size=(k, n)) / np.sqrt(k), jnp.bfloat16) for _ in range(copies)]
+    x = jnp.asarray(rng.normal(size=(batch, k)), jnp.bfloat16)
+    r = jnp.asarray(rng.normal(size=(batch, n)), jnp.bfloat16)
+    floor = 2 * k * n / bandwidth
+    entry = {"K": k, "N": n, "weight_copies": copies, "floor_s": floor, "slices": {}}
+    reference = np.asarray(chained(1)(x, r, ws[:1]), np.float32)
+    for slices in (1, 2, 4, 8):
+        if k % slices:
+            continue
+        fn = chained(slices)
+        seconds = back_to_back(lambda fn=fn, x=x, r=r, ws=ws: fn(x, r, ws), reps) / copies
+        got = np.asarray(fn(x, r, ws[:1]), np.float32)
+        entry["slices"][slices] = {"s": seconds, "ratio_to_floor": seconds / floor,
+                                   "max_rel_error_vs_one": float(np.abs(got - reference).max() / np.abs(reference).max())}
+        print(f"[split-k] {name} {k}x{n}, {slices} slice(s): {seconds * 1e6:.2f} us, {seconds / floor:.2f}x the "
+              f"floor ({floor * 1e6:.2f} us at {bandwidth / 1e9:.0f} GB/s)", flush=True)
+    result["shapes"][name] = entry
+if len(sys.argv) > 1:
+    json.dump(result, open(sys.argv[1], "w"), indent=1)
