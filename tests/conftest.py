@@ -19,6 +19,20 @@ import pytest
 os.environ.setdefault("CROSSMAP_COMPILE_CACHE", "off")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module.  The suite runs in one process on a 24 GiB CI machine;
+    kept for its whole run, the programs of every model shape and variant it compiles brought that process to the
+    machine's limit (24 GB resident, and XLA's CPU compiler crashed in the last module)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 def run_with_devices(code: str, n_devices: int = 8, timeout: float = 300) -> dict:
     """Run `code` in a fresh Python with `n_devices` forced CPU devices.
 
