@@ -21,8 +21,8 @@ A model's attention layers carry their choice (IMPLEMENTATIONS; `Attention.decod
 16-bit caches and the definition elsewhere (a float32 dot in Triton runs in TF32, below the definition's precision;
 on several devices see `kernel_applies`); "pallas" is the attention-only kernel (XLA adds the biases, rotates and
 writes the cache), "pallas-step" the whole step in the kernel (measured no faster, so not the default), "interpret"
-and "interpret-step" the same two on the Pallas interpreter, "reference" the definition.  BENCHMARKS.md, "Fused projections and the decode-attention kernel"
-and "The decode step's prologue in the kernel", has their speed and accuracy.
+and "interpret-step" the same two on the Pallas interpreter, "reference" the definition.  BENCHMARKS.md, "Fused
+projections and the decode-attention kernel" and "The step's prologue in the kernel", has their speed and accuracy.
 """
 
 from __future__ import annotations

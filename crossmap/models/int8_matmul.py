@@ -15,8 +15,10 @@ Two implementations of that one function:
   product, w_tileᵀ @ x_tileᵀ: the converted weight tile becomes the left operand, which Hopper's
   tensor-core instruction (wgmma) may take from registers, where a right operand must sit in shared
   memory (so the plain order converts the tile and stores it back before the product).  It also puts
-  the weight's columns on the instruction's 64-row side and the few rows of x on its narrow side.  With `interpret=True` the same kernel runs on
-  the CPU, which is how the tests compare it with the reference.
+  the weight's columns on the instruction's 64-row side and the few rows of x on its narrow side.  On an
+  H100 it measured slower than the plain order at every tiling swept, so no default uses it; it stays
+  for `crossmap bench int8-matmul --sweep-orders`.  With `interpret=True` the same kernel runs on the
+  CPU, which is how the tests compare it with the reference.
 
 `int8_matmul` picks: the kernel on GPU for up to KERNEL_MAX_ROWS rows (decode steps), the reference
 for more rows (prefill, bound by compute) and on other backends; `implementation=` forces one,

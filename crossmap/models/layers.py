@@ -71,10 +71,10 @@ def sliced_product(x: Array, w: Array, contract: int, slices: int) -> Array:
     """x @ w over x's last and w's first `contract` axes, as `slices` products over equal slices of the
     (flattened) contracted axis in one batched GEMM, their float32 partials summed and rounded to x's dtype.
 
-    Why: a decode step's narrow products (o, down: few rows, N = d_model) give cuBLAS too few output tiles
-    to occupy every multiprocessor; it adds split-K with its own reduction kernel, or leaves multiprocessors
-    idle.  Slicing K here gives it `slices` times the tiles, and the sum of the partials joins the residual
-    add's fusion.  Equal to the one product up to float32 summation order."""
+    Why: a decode step's down product (few rows, N = d_model, wide K) gives cuBLAS too few output tiles to
+    occupy every multiprocessor, so it splits K itself and reduces in a kernel of its own.  Slicing K here
+    gives it `slices` times the tiles, and the sum of the partials joins the residual add's fusion.  Equal to
+    the one product up to float32 summation order.  (The o product, measured the same way, got slower.)"""
     k = math.prod(w.shape[:contract])
     if k % slices:
         raise ValueError(f"sliced_product: {slices} slices do not divide the contracted size {k}")
@@ -163,7 +163,6 @@ class Attention(nnx.Module):
         # how a one-token step with a cache attends (models.attention.IMPLEMENTATIONS; static, like the above): "auto"
         # is the Pallas kernel on GPU for 16-bit caches, the XLA definition elsewhere (with_decode_attention)
         self.decode_attention = "auto"
-        self.o_slices = 1  # K slices of a decode step's o product (sliced_product; static)
         if cfg.qkv_bias:
             self.q_bias = _param(rngs, (n, h), ("heads", "head_dim"), dtype, std=0.02)
             self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, std=0.02)
@@ -232,8 +231,7 @@ class Attention(nnx.Module):
             if x.shape[1] == 1:  # a decode step: the kernel reads a stacked cache's entry in place
                 out = decode_attention(q, *cache, q_index, kv_valid, cache_index, scale=self.scale,
                                        window=self.window, implementation=self.decode_attention)
-                return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl,
-                               slices=self.o_slices), cache
+                return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl), cache
             k, v = cache
             if cache_index is not None:
                 k = jax.lax.dynamic_index_in_dim(k, cache_index, 0, keepdims=False)
@@ -265,8 +263,7 @@ class Attention(nnx.Module):
                                                          self.q_norm.eps, self.q_norm.plus_one)
         out, cache = decode_step_attention(*heads, cos[:, 0], sin[:, 0], norm, cache, q_index, kv_valid, cache_index,
                                            groups=groups, scale=self.scale, window=self.window, interpret=interpret)
-        return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl,
-                       slices=self.o_slices), cache
+        return project(out, self.o, self.o_scale, "btnh,nhd->btd", 2, implementation=impl), cache
 
 
 def _add_bias(x: Array, bias: Array) -> Array:

@@ -352,8 +352,9 @@ def build_verbalizer(ctx: RunContext, side: str):
         spec = spec.replace(**changes)
     # the decode attention, down slices, fused projections, int8 kernels and stacked blocks each give a new module: a
     # self-verbalizer's model still serves the other stages, so only an NLA's own model is consumed (fusing, stacking)
-    try:
-        model = with_down_slices(with_decode_attention(lm.model, v.decode_attention), v.down_slices)
+    model = with_decode_attention(lm.model, v.decode_attention)
+    try:  # whether the slices divide d_ff is known only now, with the model
+        model = with_down_slices(model, v.down_slices)
     except ValueError as err:
         raise ValueError(f"verbalizers.{side}.down_slices: {err}") from None
     model = quantized(fused(model, v.projections, consume=v.kind == "nla"), v.weights)
