@@ -137,6 +137,93 @@ def test_int8_model_equals_the_dequantised_float_model(arch):
     assert np.abs(np.asarray(got - model.logits(tokens, positions, valid))).max() > 1e-4
 
 
+def _with_implementation(model, implementation: str):
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "int8_implementation"):
+            module.int8_implementation = implementation
+    return model
+
+
+@pytest.mark.parametrize("arch,projections,layers", [("qwen2", "fused", "unrolled"), ("gemma3_text", "fused", "scanned"),
+                                                     ("qwen2", "separate", "scanned")])
+def test_output_major_int8_kernels_compute_what_the_plain_layout_computes(arch, projections, layers, monkeypatch):
+    """"mosaic" stores the wide kernels output-major ([lead..., out..., in...]) for the Mosaic GPU kernel.  That
+    kernel runs only on Hopper, so here the layout goes through the XLA reference: the logits and the greedy
+    tokens with an injection equal the plain int8 model's; quantizing before or after scanning stores the same
+    arrays.  The thresholds are lowered so the tiny model's wider kernels (128 or more outputs: q/k/v fused,
+    gate/up, the head, tied for gemma) qualify."""
+    from crossmap.models import fused, scanned
+    from crossmap.models import int8_matmul as kernels
+
+    monkeypatch.setattr(kernels, "OUTPUT_MAJOR_MIN_COLUMNS", 128)
+    monkeypatch.setattr(kernels, "_MOSAIC_TILE", 16)
+    cfg = tiny_config(arch, eos_token_ids=(1,))
+    model = fused(init_random(cfg, seed=4, dtype="float32"), projections)
+    model = scanned(model, layers)
+    plain = quantized(model, "int8", implementation="reference")
+    stored = quantized(model, "int8", implementation="mosaic")
+    marked = {path: v for path, v in nnx.to_flat_state(nnx.state(stored, nnx.Param))
+              if v.get_metadata().get("output_major")}
+    names = {path[-1] for path in marked}
+    assert names == ({"qkv", "gate_up", "lm_head"} if projections == "fused" else {"gate", "up", "lm_head"})
+    plain_state = dict(nnx.to_flat_state(nnx.state(plain, nnx.Param)))
+    for path, v in marked.items():  # the same int8 values, moved: [lead..., in, out...] -> [lead..., out..., in]
+        lead = 1 if layers == "scanned" and path[0] == "layer_stacks" else 0
+        want = np.asarray(plain_state[path][...])
+        want = np.moveaxis(want, lead, -1)
+        np.testing.assert_array_equal(np.asarray(v[...]), want, err_msg=str(path))
+    _with_implementation(stored, "reference")
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, 9)))
+    positions = jnp.broadcast_to(jnp.arange(9), (3, 9))
+    valid = jnp.ones((3, 9), bool)
+    want = np.asarray(plain.logits(tokens, positions, valid))
+    got = np.asarray(stored.logits(tokens, positions, valid))
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+    prompts = [[3, 4, 5, 6], [7, 8, 9]]
+    inj = Injection(rng.normal(size=(2, cfg.d_model)).astype(np.float32), [1, 0])
+    a = generate(stored, prompts, max_new_tokens=5, injection=inj, return_logits=True)
+    b = generate(plain, prompts, max_new_tokens=5, injection=inj, return_logits=True)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+    if layers == "scanned":  # quantize first, then scan: the same stacks
+        first = quantized(fused(init_random(cfg, seed=4, dtype="float32"), projections), "int8", implementation="mosaic")
+        again = dict(nnx.to_flat_state(nnx.state(scanned(first), nnx.Param)))
+        for path, v in marked.items():
+            np.testing.assert_array_equal(np.asarray(again[path][...]), np.asarray(v[...]), err_msg=str(path))
+    # the layout is refused by an implementation that does not store it
+    _with_implementation(stored, "pallas")
+    with pytest.raises(ValueError, match="output-major kernel runs with implementation 'mosaic' or 'reference'"):
+        stored.logits(tokens, positions, valid)
+
+
+def test_mosaic_kernel_lowers_for_a_gpu_on_cpu(monkeypatch):
+    """The Mosaic GPU kernel's lowering (jaxlib's Mosaic GPU dialect), reachable without a GPU: the 7B's gate/up
+    product at 128 rows, stored output-major, becomes one Mosaic GPU custom call; rows or dtypes it cannot take
+    are refused with the shape named.  The kernel sizes its persistent grid from the default device's
+    multiprocessors, which a CPU device lacks: it is told an H100's 132."""
+    from types import SimpleNamespace
+
+    from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as mixed
+
+    from crossmap.models.int8_matmul import int8_matmul_mosaic
+
+    monkeypatch.setattr(mixed, "backend", SimpleNamespace(get_default_device=lambda: SimpleNamespace(core_count=132)))
+
+    operands = (jax.ShapeDtypeStruct((128, 3584), jnp.bfloat16), jax.ShapeDtypeStruct((37888, 3584), jnp.int8),
+                jax.ShapeDtypeStruct((37888,), jnp.float32))
+    for rows in (128, 20):  # 20: padded to a 32-row tile
+        text = int8_matmul_mosaic.trace(jax.ShapeDtypeStruct((rows, 3584), jnp.bfloat16), *operands[1:]).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert text.count("custom_call @mosaic_gpu") == 1
+    with pytest.raises(ValueError, match="at most 256 rows"):
+        int8_matmul_mosaic.trace(jax.ShapeDtypeStruct((300, 3584), jnp.bfloat16), *operands[1:])
+    with pytest.raises(ValueError, match=r"needs int8 w_t \[N, 3584\] with N and K multiples of 128"):
+        int8_matmul_mosaic.trace(operands[0], jax.ShapeDtypeStruct((100, 3584), jnp.int8), operands[2])
+    with pytest.raises(ValueError, match="bfloat16 or float16 activations"):
+        int8_matmul_mosaic.trace(jax.ShapeDtypeStruct((128, 3584), jnp.float32), *operands[1:])
+
+
 def test_int8_generation_equals_the_dequantised_model_with_an_injection():
     cfg = tiny_config("qwen2", eos_token_ids=(1,))
     model = init_random(cfg, seed=5, dtype="float32")

@@ -24,6 +24,16 @@ Two implementations of that one function:
 for more rows (prefill, bound by compute) and on other backends; `implementation=` forces one,
 "interpret" being the kernel run by the Pallas interpreter.  A quantized model carries its choice
 (`models.quantize.quantized(..., implementation=)`), so it is part of every compiled program's key.
+
+"mosaic" (Hopper GPUs) also runs the wide products (at least OUTPUT_MAJOR_MIN_COLUMNS output columns: gate
+and up, the LM head) through JAX's own mixed-type Hopper kernel, written in Pallas's Mosaic GPU dialect
+(`jax.experimental.pallas.ops.gpu.hopper_mixed_type_matmul_mgpu`): TMA loads into a warp-specialised
+pipeline, the int8 tile converted in registers and fed to wgmma as its left operand.  That kernel computes
+int8 a [M, K] @ b [K, N], so the product runs transposed, (wᵀ @ xᵀ)ᵀ, over weights stored output-major,
+wᵀ [N, K] (`quantize` stores them so for "mosaic"; `int8_matmul_output_major`), the scales and the
+transpose back applied by XLA.  It has no split-K, so the narrow products (q/k/v, o, down) stay with the
+Triton kernel.  On an H100 at batch 128 it ran the 7B's gate + up and LM head about 25% faster than the
+Triton kernel, and the narrow products about twice as slow (BENCHMARKS.md, "JAX's Mosaic GPU kernels").
 """
 
 from __future__ import annotations
@@ -36,7 +46,13 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "pallas", "interpret", "reference")
+IMPLEMENTATIONS = ("auto", "pallas", "mosaic", "interpret", "reference")
+
+# "mosaic" stores a kernel output-major, and runs it through the Mosaic GPU kernel, when it has at least this many
+# output columns (enough 128-column tiles for every multiprocessor: the kernel does not split K) and its K and N are
+# whole 128-element tiles
+OUTPUT_MAJOR_MIN_COLUMNS = 16384
+_MOSAIC_TILE = 128
 
 
 def int8_matmul_reference(x: Array, w: Array, scale: Array, *, out_dtype=None) -> Array:
@@ -172,18 +188,75 @@ def int8_matmul_pallas(x: Array, w: Array, scale: Array, *, out_dtype=None, bloc
     return out[:m]
 
 
+def stores_output_major(k: int, n: int, implementation: str) -> bool:
+    """Whether `models.quantize` stores an int8 kernel with K inputs and N outputs output-major ([N, K]) for
+    `implementation`: only "mosaic", for the wide products its Mosaic GPU kernel runs (module docstring)."""
+    return (implementation == "mosaic" and n >= OUTPUT_MAJOR_MIN_COLUMNS and n % _MOSAIC_TILE == 0
+            and k % _MOSAIC_TILE == 0)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
+def int8_matmul_mosaic(x: Array, w_t: Array, scale: Array, *, out_dtype=None) -> Array:
+    """x [M, K] @ (int8 w_t [N, K])ᵀ * scale [N] through JAX's Mosaic GPU mixed-type Hopper kernel, as
+    (w_t @ xᵀ)ᵀ; M at most 256 (decode steps), padded here to whole tiles.  GPU (Hopper) only."""
+    # imported here: the module needs jaxlib's Mosaic GPU, and only a "mosaic" int8 run pays for it
+    from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as mixed
+
+    m, k = x.shape
+    n = w_t.shape[0]
+    if w_t.shape != (n, k) or w_t.dtype != jnp.int8 or n % _MOSAIC_TILE or k % _MOSAIC_TILE:
+        raise ValueError(f"int8_matmul_mosaic: x {x.shape} needs int8 w_t [N, {k}] with N and K multiples of "
+                         f"{_MOSAIC_TILE}, got w_t {w_t.shape} {w_t.dtype}")
+    if x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"int8_matmul_mosaic multiplies bfloat16 or float16 activations, got {x.dtype}")
+    if m > KERNEL_MAX_ROWS:
+        raise ValueError(f"int8_matmul_mosaic serves decode steps (at most {KERNEL_MAX_ROWS} rows), got {m}")
+    # the batch is the kernel's N side: one tile of up to 128 (whole 16s below that), two warpgroups splitting
+    # the weight rows; the tiling that ran fastest at batch 32 and 128 on an H100 (BENCHMARKS.md)
+    tile_n = 128 if m > 64 else max(16, -(-m // 16) * 16)
+    padded_m = -(-m // tile_n) * tile_n
+    xt = jnp.pad(x, ((0, padded_m - m), (0, 0))).T
+    config = mixed.TuningConfig(tile_m=64, tile_n=tile_n, tile_k=_MOSAIC_TILE, max_concurrent_steps=4,
+                                epi_tile_m=64, epi_tile_n=min(64, tile_n), wg_dimension=mixed.MatmulDimension.M)
+    # the kernel rounds to x's dtype (as a bf16 model's products do); the scales are applied in float32 after
+    yt = mixed.mixed_matmul_kernel(w_t, xt, out_dtype=x.dtype, config=config)
+    out = (yt.astype(jnp.float32) * scale.astype(jnp.float32)[:, None]).T[:m]
+    return out.astype(out_dtype or x.dtype)
+
+
+def int8_matmul_output_major(x: Array, w_t: Array, scale: Array, *, out_dtype=None,
+                             implementation: str = "mosaic") -> Array:
+    """`int8_matmul` over a kernel stored output-major, w_t [N, K] (`stores_output_major`): x [..., K] ->
+    [..., N].  "mosaic" runs the Mosaic GPU kernel for up to KERNEL_MAX_ROWS rows and the reference above;
+    "reference" always the reference (how the CPU tests check the layout).  The other implementations do not
+    store kernels output-major, so they are refused."""
+    if implementation not in ("mosaic", "reference"):
+        raise ValueError(f"int8_matmul_output_major: an output-major kernel runs with implementation 'mosaic' or "
+                         f"'reference', got {implementation!r}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if implementation == "mosaic" and x2.shape[0] <= KERNEL_MAX_ROWS:
+        out = int8_matmul_mosaic(x2, w_t, scale, out_dtype=out_dtype)
+    else:
+        product = jax.lax.dot_general(x2, w_t.astype(x2.dtype), (((1,), (1,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+        out = (product * scale.astype(jnp.float32)).astype(out_dtype or x.dtype)
+    return out.reshape(*lead, w_t.shape[0])
+
+
 def int8_matmul(x: Array, w: Array, scale: Array, *, out_dtype=None, implementation: str = "auto") -> Array:
     """x [..., K] @ int8 w [K, N] * scale [N] -> [..., N] in `out_dtype` (default x's dtype).
 
     implementation: "auto" (the Pallas kernel on GPU up to KERNEL_MAX_ROWS rows, else the reference), "pallas",
-    "interpret" (the kernel on the Pallas interpreter), "reference".
+    "mosaic" (for a kernel stored [K, N], the narrow products: as "auto"), "interpret" (the kernel on the Pallas
+    interpreter), "reference".
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"int8_matmul: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     use_kernel = implementation in ("pallas", "interpret") or (
-        implementation == "auto" and jax.default_backend() == "gpu" and x2.shape[0] <= KERNEL_MAX_ROWS)
+        implementation in ("auto", "mosaic") and jax.default_backend() == "gpu" and x2.shape[0] <= KERNEL_MAX_ROWS)
     if use_kernel:
         out = int8_matmul_pallas(x2, w, scale, out_dtype=out_dtype, interpret=implementation == "interpret")
     else:

@@ -29,7 +29,7 @@ from .attention import (
     resolve,
 )
 from .config import ModelConfig
-from .int8_matmul import int8_matmul
+from .int8_matmul import int8_matmul, int8_matmul_output_major
 
 Array = jax.Array
 
@@ -53,17 +53,23 @@ def project(x: Array, kernel: nnx.Param, scale: nnx.Param | None, equation: str,
     many slices, multiplied as one batched product with float32 partials, and the partials summed and rounded
     once (`sliced_product`).  An int8 kernel (`models.quantize`: `scale` holds one float32 scale per output
     channel) is one 2-D `int8_matmul`: x and the kernel are reshaped to matrices, which for row-major arrays
-    moves no data.
+    moves no data; a kernel stored output-major for the Mosaic GPU kernel (its Param's `output_major` mark) is
+    [out..., in...] and goes through `int8_matmul_output_major`.
     """
     if scale is None and slices > 1:
         return sliced_product(x, kernel[...], contract, slices)
     if scale is None:
         return jnp.einsum(equation, x, kernel[...]) if equation else x @ kernel[...]
     w = kernel[...]
-    out_axes = w.shape[contract:]
     x2 = x.reshape(*x.shape[:x.ndim - contract], -1)
-    y = int8_matmul(x2, w.reshape(-1, math.prod(out_axes)), scale[...].reshape(-1), out_dtype=out_dtype,
-                    implementation=implementation)
+    if kernel.get_metadata().get("output_major"):  # stored [out..., in...] for the Mosaic GPU kernel
+        out_axes = w.shape[:w.ndim - contract]
+        y = int8_matmul_output_major(x2, w.reshape(math.prod(out_axes), -1), scale[...].reshape(-1),
+                                     out_dtype=out_dtype, implementation=implementation)
+    else:
+        out_axes = w.shape[contract:]
+        y = int8_matmul(x2, w.reshape(-1, math.prod(out_axes)), scale[...].reshape(-1), out_dtype=out_dtype,
+                        implementation=implementation)
     return y.reshape(*y.shape[:-1], *out_axes)
 
 

@@ -15,13 +15,14 @@ The model is for inference; it is not saved back into a checkpoint.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .int8_matmul import IMPLEMENTATIONS
+from .int8_matmul import IMPLEMENTATIONS, stores_output_major
 from .layers import MLP, Attention, Transformer
 
 Array = jax.Array
@@ -53,7 +54,7 @@ def dequantize(values: Array, scale: Array, dtype=jnp.float32) -> Array:
     return (values.astype(jnp.float32) * scale).astype(dtype)
 
 
-def _quantize_param(module, name: str, input_axes: int, source: nnx.Param | None = None,
+def _quantize_param(module, name: str, input_axes: int, implementation: str, source: nnx.Param | None = None,
                     transpose: bool = False) -> None:
     param = source if source is not None else getattr(module, name)
     logical = tuple(param.get_metadata().get("logical", ()))
@@ -62,9 +63,17 @@ def _quantize_param(module, name: str, input_axes: int, source: nnx.Param | None
         w, logical = w.T, logical[::-1]
     leading = 1 if logical[:1] == ("layers",) else 0  # a scanned model's stacked kernel
     values, scale = quantize_int8(w, input_axes, leading)
-    setattr(module, name, nnx.data(nnx.Param(values, logical=logical)))
-    # the attribute was None (static) in the float model: marked as data, it joins the state
     scale_logical = logical[:leading] + logical[leading + input_axes:]
+    in_shape = w.shape[leading:leading + input_axes]
+    if stores_output_major(math.prod(in_shape), math.prod(w.shape[leading + input_axes:]), implementation):
+        # [lead..., out..., in...]: the Mosaic GPU kernel reads the int8 operand with K contiguous
+        order = (*range(leading), *range(leading + input_axes, w.ndim), *range(leading, leading + input_axes))
+        values, logical = jnp.transpose(values, order), tuple(logical[i] for i in order)
+        kernel = nnx.Param(values, logical=logical, output_major=True)
+    else:
+        kernel = nnx.Param(values, logical=logical)
+    setattr(module, name, nnx.data(kernel))
+    # the attribute was None (static) in the float model: marked as data, it joins the state
     setattr(module, f"{name}_scale", nnx.data(nnx.Param(scale, logical=scale_logical)))
 
 
@@ -73,7 +82,9 @@ def quantized(model: Transformer, weights: str, *, implementation: str = "auto")
 
     The result is a new module: `model` itself keeps its float kernels (a self-verbalizer's model also
     serves the other stages).  `implementation` is how its int8 products run (int8_matmul.IMPLEMENTATIONS:
-    "auto" is the Pallas kernel on GPU for decode steps, else the XLA reference)."""
+    "auto" is the Pallas kernel on GPU for decode steps, else the XLA reference).  "mosaic" stores the wide
+    kernels (int8_matmul.stores_output_major) output-major, [lead..., out..., in...], their Param marked
+    `output_major`; `layers.project` reads that mark."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     if implementation not in IMPLEMENTATIONS:
@@ -92,12 +103,12 @@ def quantized(model: Transformer, weights: str, *, implementation: str = "auto")
     for _, module in nnx.iter_modules(copy):
         for kind, name, input_axes in _KERNELS:
             if isinstance(module, kind) and getattr(module, name) is not None:
-                _quantize_param(module, name, input_axes)
+                _quantize_param(module, name, input_axes, implementation)
                 module.int8_implementation = implementation
     if copy.lm_head is None:
-        _quantize_param(copy, "lm_head", 1, source=copy.embed, transpose=True)
+        _quantize_param(copy, "lm_head", 1, implementation, source=copy.embed, transpose=True)
     else:
-        _quantize_param(copy, "lm_head", 1)
+        _quantize_param(copy, "lm_head", 1, implementation)
     copy.int8_implementation = implementation
     return copy
 
