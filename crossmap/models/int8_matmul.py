@@ -32,8 +32,9 @@ pipeline, the int8 tile converted in registers and fed to wgmma as its left oper
 int8 a [M, K] @ b [K, N], so the product runs transposed, (wᵀ @ xᵀ)ᵀ, over weights stored output-major,
 wᵀ [N, K] (`quantize` stores them so for "mosaic"; `int8_matmul_output_major`), the scales and the
 transpose back applied by XLA.  It has no split-K, so the narrow products (q/k/v, o, down) stay with the
-Triton kernel.  On an H100 at batch 128 it ran the 7B's gate + up and LM head about 25% faster than the
-Triton kernel, and the narrow products about twice as slow (BENCHMARKS.md, "JAX's Mosaic GPU kernels").
+Triton kernel.  On an H100 it ran the 7B's wide products faster than the Triton kernel at batch 128 (a few
+percent off the int8 step, still no faster than bf16) and tied at batch 32, so "auto" stays the Triton kernel
+(BENCHMARKS.md, "JAX's Mosaic GPU kernels for the int8 products").
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def int8_matmul_mosaic(x: Array, w_t: Array, scale: Array, *, out_dtype=None) ->
     if m > KERNEL_MAX_ROWS:
         raise ValueError(f"int8_matmul_mosaic serves decode steps (at most {KERNEL_MAX_ROWS} rows), got {m}")
     # the batch is the kernel's N side: one tile of up to 128 (whole 16s below that), two warpgroups splitting
-    # the weight rows; the tiling that ran fastest at batch 32 and 128 on an H100 (BENCHMARKS.md)
+    # the weight rows, 128-deep K steps, 4 stages; the probe's fastest at batch 128 on an H100 (BENCHMARKS.md)
     tile_n = 128 if m > 64 else max(16, -(-m // 16) * 16)
     padded_m = -(-m // tile_n) * tile_n
     xt = jnp.pad(x, ((0, padded_m - m), (0, 0))).T
