@@ -61,20 +61,14 @@ def record(**entry):
           flush=True)
 
 
-def mixed_configs(batch: int):
-    dims = mixed_mgpu.MatmulDimension
-    for tile_k, steps, wg in itertools.product((128, 256), stage_counts, (dims.M, dims.N)):
+def tilings(kernels, batch: int, depths: tuple[int, ...]):
+    """TuningConfigs of one of JAX's Hopper kernel modules: 64-row warpgroup tiles, K `depths`, `stage_counts`,
+    the two warpgroups splitting the weight rows (M) or the batch (N)."""
+    dims = kernels.MatmulDimension
+    for tile_k, steps, wg in itertools.product(depths, stage_counts, (dims.M, dims.N)):
         tile_n = batch if wg == dims.M else batch // 2
-        yield mixed_mgpu.TuningConfig(tile_m=64, tile_n=tile_n, tile_k=tile_k, max_concurrent_steps=steps,
-                                      epi_tile_m=64, epi_tile_n=min(64, tile_n), wg_dimension=wg)
-
-
-def bf16_configs(batch: int):
-    dims = bf16_mgpu.MatmulDimension
-    for tile_k, steps, wg in itertools.product((64, 128), stage_counts, (dims.M, dims.N)):
-        tile_n = batch if wg == dims.M else batch // 2
-        yield bf16_mgpu.TuningConfig(tile_m=64, tile_n=tile_n, tile_k=tile_k, max_concurrent_steps=steps,
-                                     epi_tile_m=64, epi_tile_n=min(64, tile_n), wg_dimension=wg)
+        yield kernels.TuningConfig(tile_m=64, tile_n=tile_n, tile_k=tile_k, max_concurrent_steps=steps,
+                                   epi_tile_m=64, epi_tile_n=min(64, tile_n), wg_dimension=wg)
 
 
 for batch, (name, (k, n)) in itertools.product(batches, SHAPES.items()):
@@ -95,7 +89,7 @@ for batch, (name, (k, n)) in itertools.product(batches, SHAPES.items()):
     if name in ("o", "down"):
         ws_t = [jnp.asarray(v.T) for v in ws]
         xt = jnp.asarray(x.T)
-        for cfg in bf16_configs(batch):
+        for cfg in tilings(bf16_mgpu, batch, (64, 128)):
             try:
                 s = timed(lambda xt, wt, cfg=cfg: bf16_mgpu.matmul(wt, xt, None, cfg), xt, ws_t)
                 got = np.asarray(bf16_mgpu.matmul(ws_t[0], xt, None, cfg).T, np.float32)
@@ -116,7 +110,7 @@ for batch, (name, (k, n)) in itertools.product(batches, SHAPES.items()):
     del qs
     xt = jnp.asarray(x.T)
     best = None
-    for cfg in mixed_configs(batch):
+    for cfg in tilings(mixed_mgpu, batch, (128, 256)):
         try:
             s = timed(lambda xt, qt, cfg=cfg: mixed_mgpu.mixed_matmul_kernel(qt, xt, out_dtype=jnp.bfloat16,
                                                                              config=cfg), xt, qs_t)
