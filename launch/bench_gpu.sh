@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, one after another, JSON into OUT_DIR.
-#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|decode-paths|decode-paths-27b|decode-paths-no-triton-gemm|verbalize-nla-fast|fast-scan|scan-kernel|stop-check|step-kernel|verbalize-27b|verbalize-nla|scan|int8|int8-fast|int8-mosaic|top-p|scaling|paper ...]
+#   launch/bench_gpu.sh OUT_DIR [forward|ridge|verbalize|verbalize-sampled|decode-paths|decode-paths-27b|decode-paths-no-triton-gemm|verbalize-nla-fast|fast-scan|scan-kernel|stop-check|step-kernel|verbalize-27b|verbalize-nla|scan|int8|int8-fast|int8-mosaic|int8-f16|top-p|scaling|paper ...]
 # scaling compares one GPU with all of them: run it on a multi-GPU node (it is not in the default list).
 # paper runs configs/paper.py at the 7B/27B shapes on random checkpoints it writes (~70 GB of disk;
 # two GPUs or more): TOKENIZERS names a directory with qwen2.5/ and gemma3/ tokenizer directories (unpack
@@ -129,6 +129,13 @@ for b in $benches; do
         XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -m crossmap.cli bench verbalize --preset 7b \
           --batch "$batch" --projections fused --weights float,int8,int8:mosaic --torch-device none \
           --out "$out/verbalize-7b-int8-mosaic-b$batch.json"
+      done ;;
+    int8-f16)  # int8 with the Triton kernel multiplying in float16 (weights converted by integer operations, not
+      # conversion instructions) beside the plain kernel, batch 32 first (the int8 target's nearest)
+      for batch in 32 128; do
+        XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -m crossmap.cli bench verbalize --preset 7b \
+          --batch "$batch" --projections fused --weights float,int8,int8:pallas-f16 --torch-device none \
+          --out "$out/verbalize-7b-int8-f16-b$batch.json"
       done ;;
     top-p)  # the nucleus filter alone at the 7B decode shape, against sort-and-cumsum
       python3 -m crossmap.cli bench top-p --out "$out/top-p-qwen2.5-7b.json" ;;

@@ -54,16 +54,43 @@ def test_pallas_kernel_equals_the_xla_reference(m, k, n, blocks, dtype):
     assert f32.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("blocks", [KernelBlocks(128, 64), KernelBlocks(128, 64, swap=True),
-                                    KernelBlocks(64, 64, splits=4, swap=True)])
-def test_kernel_lowers_for_a_gpu_on_cpu(blocks):
+@pytest.mark.parametrize("blocks,half", [(KernelBlocks(128, 64), False), (KernelBlocks(128, 64, swap=True), False),
+                                         (KernelBlocks(64, 64, splits=4, swap=True), False),
+                                         (KernelBlocks(128, 64), True), (KernelBlocks(128, 64, splits=4), True)])
+def test_kernel_lowers_for_a_gpu_on_cpu(blocks, half):
     """Pallas's Triton lowering runs here, where the interpreter does not: an operation it refuses fails on the
     CPU, not first on a GPU.  One Triton call per product, at the 7B's gate/up shape with 32 rows."""
-    fn = jax.jit(lambda x, w, s: int8_matmul_pallas(x, w, s, blocks=blocks))
+    fn = jax.jit(lambda x, w, s: int8_matmul_pallas(x, w, s, blocks=blocks, half=half))
     operands = (jax.ShapeDtypeStruct((32, 3584), jnp.bfloat16), jax.ShapeDtypeStruct((3584, 18944), jnp.int8),
                 jax.ShapeDtypeStruct((18944,), jnp.float32))
     text = fn.trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def test_int8_as_float16_is_exact_for_every_int8_value():
+    from crossmap.models.int8_matmul import int8_as_float16
+
+    values = np.arange(-128, 128, dtype=np.int8)
+    got = np.asarray(int8_as_float16(jnp.asarray(values)))
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got.astype(np.int32), values.astype(np.int32))
+
+
+@pytest.mark.parametrize("m,k,n,blocks", [(5, 128, 96, KernelBlocks(32, 32)), (32, 256, 64, KernelBlocks(32, 64, 4))])
+def test_float16_kernel_equals_the_reference(m, k, n, blocks):
+    """The float16 path (implementation "pallas-f16") in the interpreter, one slice and split-K: x prescaled by a
+    power of two and the weights converted exactly, so it equals the float32 reference to summation order; x's
+    values span 1e-2 to 1e4 (a residual stream's outliers), all inside float16's exact range after the prescale."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    x[0, :4] = [1e4, -3e3, 1e-2, 5e2]
+    x = jnp.asarray(x, jnp.bfloat16)
+    w = jnp.asarray(rng.integers(-127, 128, size=(k, n)), jnp.int8)
+    scale = jnp.asarray(rng.uniform(1e-3, 1e-2, size=n), jnp.float32)
+    want = np.asarray(int8_matmul_reference(x.astype(jnp.float32), w, scale))
+    got = np.asarray(int8_matmul_pallas(x, w, scale, blocks=blocks, interpret=True, half=True,
+                                        out_dtype=jnp.float32))
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-6
 
 
 def test_kernel_refuses_shapes_it_cannot_tile():

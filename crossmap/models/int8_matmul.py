@@ -19,6 +19,11 @@ Two implementations of that one function:
   H100 it measured slower than the plain order at every tiling swept, so no default uses it; it stays
   for `crossmap bench int8-matmul --sweep-orders`.  With `interpret=True` the same kernel runs on the
   CPU, which is how the tests compare it with the reference.
+  With `half` (implementation "pallas-f16") the kernel multiplies in float16: x enters prescaled as
+  float16 and the int8 tile becomes float16 through integer and packed-half operations
+  (`int8_as_float16`) rather than conversion instructions, of which Hopper runs 16 a cycle per
+  multiprocessor: at the 7B's shapes, two conversions a weight take about as long as reading the int8
+  bytes, which is where both this kernel and JAX's Mosaic one stall (BENCHMARKS.md).
 
 `int8_matmul` picks: the kernel on GPU for up to KERNEL_MAX_ROWS rows (decode steps), the reference
 for more rows (prefill, bound by compute) and on other backends; `implementation=` forces one,
@@ -47,7 +52,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "pallas", "mosaic", "interpret", "reference")
+IMPLEMENTATIONS = ("auto", "pallas", "pallas-f16", "mosaic", "interpret", "reference")
 
 # "mosaic" stores a kernel output-major, and runs it through the Mosaic GPU kernel, when it has at least this many
 # output columns (enough 128-column tiles for every multiprocessor: the kernel does not split K) and its K and N are
@@ -113,7 +118,24 @@ def default_blocks(m: int, k: int, n: int, multiprocessors: int = 132) -> Kernel
     return KernelBlocks(block_n=block_n, block_k=block_k, splits=splits, num_warps=4)
 
 
-def _kernel(x_ref, w_ref, scale_ref, out_ref, *, block_k: int, steps: int, scaled: bool, swap: bool):
+# The float16 conversion (`int8_matmul_pallas(..., half=True)`): x enters as float16 times HALF_PRESCALE (a power
+# of two, so exact wherever float16 holds bf16's 8 significant bits: |x| from about 4e-3 to 1.6e7; below, float16's
+# subnormals round x by at most 2**-25 / HALF_PRESCALE, far under the weights' own rounding; above, it overflows).
+HALF_PRESCALE = 2.0 ** -8
+# 1024 + 128 in float16: an int8 v as the low byte of float16 bits 0x6400 | (v + 128) reads 1024 + v + 128
+_HALF_OFFSET = 1152.0
+
+
+def int8_as_float16(w: Array) -> Array:
+    """int8 values as float16, exactly, without a conversion instruction: v's byte, zero-extended to 16 bits and
+    XORed with 0x6480 (0x6400 | 0x80: the bias of 128 flips the sign bit), is float16's 1024 + 128 + v; one float16
+    subtraction leaves v.  A conversion unit converts 16 values a cycle per multiprocessor on Hopper; these are
+    integer and packed-half operations, which run several times as many."""
+    bits = jax.lax.bitcast_convert_type(w, jnp.uint8).astype(jnp.uint16) ^ jnp.uint16(0x6480)
+    return jax.lax.bitcast_convert_type(bits, jnp.float16) - jnp.float16(_HALF_OFFSET)
+
+
+def _kernel(x_ref, w_ref, scale_ref, out_ref, *, block_k: int, steps: int, scaled: bool, swap: bool, half: bool):
     from jax.experimental import pallas as pl
 
     rows, cols = x_ref.shape[0], w_ref.shape[1]
@@ -124,7 +146,8 @@ def _kernel(x_ref, w_ref, scale_ref, out_ref, *, block_k: int, steps: int, scale
 
     def step(i, acc):
         x = x_ref[:, pl.ds(i * block_k, block_k)]
-        w = w_ref[pl.ds(i * block_k, block_k), :].astype(x.dtype)  # converted after the load
+        w = w_ref[pl.ds(i * block_k, block_k), :]  # converted after the load
+        w = int8_as_float16(w) if half else w.astype(x.dtype)
         a, b = (w, x) if swap else (x, w)
         return acc + jax.lax.dot_general(a, b, contract, preferred_element_type=jnp.float32)
 
@@ -137,11 +160,14 @@ def _kernel(x_ref, w_ref, scale_ref, out_ref, *, block_k: int, steps: int, scale
         out_ref[...] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "blocks", "interpret"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "blocks", "interpret", "half"))
 def int8_matmul_pallas(x: Array, w: Array, scale: Array, *, out_dtype=None, blocks: KernelBlocks | None = None,
-                       interpret: bool = False) -> Array:
+                       interpret: bool = False, half: bool = False) -> Array:
     """The kernel: x [M, K] @ int8 w [K, N] * scale [N], in `out_dtype` (default x's dtype).  M is
-    padded here to whole row blocks; K and N must be multiples of 16 (`default_blocks`)."""
+    padded here to whole row blocks; K and N must be multiples of 16 (`default_blocks`).
+
+    half: multiply in float16 (x * HALF_PRESCALE as float16, the weights by `int8_as_float16`) instead of
+    converting the weights to x's dtype; the prescale is undone with the scales."""
     # Pallas is imported here, not with crossmap.models: only a run that multiplies int8 weights pays for it
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
@@ -163,8 +189,12 @@ def int8_matmul_pallas(x: Array, w: Array, scale: Array, *, out_dtype=None, bloc
     if k % blocks.splits or k_slice % blocks.block_k or n % blocks.block_n:
         raise ValueError(f"int8_matmul: blocks {blocks} do not tile K={k}, N={n}")
     scaled = blocks.splits == 1  # one slice: scale and cast in the kernel; else sum the partials first
+    scale = scale.astype(jnp.float32)
+    if half:  # XLA fuses the prescale into whatever produced x
+        x = (x.astype(jnp.float32) * HALF_PRESCALE).astype(jnp.float16)
+        scale = scale / HALF_PRESCALE
     kernel = functools.partial(_kernel, block_k=blocks.block_k, steps=k_slice // blocks.block_k, scaled=scaled,
-                               swap=blocks.swap)
+                               swap=blocks.swap, half=half)
     if scaled:
         out_shape = jax.ShapeDtypeStruct((padded_m, n), out_dtype)
         out_spec = pl.BlockSpec((block_m, blocks.block_n), lambda j, s, r: (r, j))
@@ -183,9 +213,9 @@ def int8_matmul_pallas(x: Array, w: Array, scale: Array, *, out_dtype=None, bloc
         interpret=interpret,
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=blocks.num_warps,
                                                                         num_stages=blocks.num_stages),
-    )(x, w, scale.astype(jnp.float32))
+    )(x, w, scale)
     if not scaled:
-        out = (out.sum(axis=0) * scale.astype(jnp.float32)).astype(out_dtype)
+        out = (out.sum(axis=0) * scale).astype(out_dtype)
     return out[:m]
 
 
@@ -249,6 +279,7 @@ def int8_matmul(x: Array, w: Array, scale: Array, *, out_dtype=None, implementat
     """x [..., K] @ int8 w [K, N] * scale [N] -> [..., N] in `out_dtype` (default x's dtype).
 
     implementation: "auto" (the Pallas kernel on GPU up to KERNEL_MAX_ROWS rows, else the reference), "pallas",
+    "pallas-f16" (the kernel multiplying in float16, `int8_as_float16`),
     "mosaic" (for a kernel stored [K, N], the narrow products: as "auto"), "interpret" (the kernel on the Pallas
     interpreter), "reference".
     """
@@ -256,10 +287,11 @@ def int8_matmul(x: Array, w: Array, scale: Array, *, out_dtype=None, implementat
         raise ValueError(f"int8_matmul: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    use_kernel = implementation in ("pallas", "interpret") or (
+    use_kernel = implementation in ("pallas", "pallas-f16", "interpret") or (
         implementation in ("auto", "mosaic") and jax.default_backend() == "gpu" and x2.shape[0] <= KERNEL_MAX_ROWS)
     if use_kernel:
-        out = int8_matmul_pallas(x2, w, scale, out_dtype=out_dtype, interpret=implementation == "interpret")
+        out = int8_matmul_pallas(x2, w, scale, out_dtype=out_dtype, interpret=implementation == "interpret",
+                                 half=implementation == "pallas-f16")
     else:
         out = int8_matmul_reference(x2, w, scale, out_dtype=out_dtype)
     return out.reshape(*lead, w.shape[1])
