@@ -22,8 +22,10 @@ Two implementations of that one function:
   With `half` (implementation "pallas-f16") the kernel multiplies in float16: x enters prescaled as
   float16 and the int8 tile becomes float16 through integer and packed-half operations
   (`int8_as_float16`) rather than conversion instructions, of which Hopper runs 16 a cycle per
-  multiprocessor: at the 7B's shapes, two conversions a weight take about as long as reading the int8
-  bytes, which is where both this kernel and JAX's Mosaic one stall (BENCHMARKS.md).
+  multiprocessor (at the 7B's shapes, two conversions a weight would take about as long as reading the
+  int8 bytes).  It measured slower than the plain kernel at batch 32 and 128, so the conversions are not
+  what holds the kernel above its floor; no default uses it (BENCHMARKS.md, "JAX's Mosaic GPU kernels for
+  the int8 products").
 
 `int8_matmul` picks: the kernel on GPU for up to KERNEL_MAX_ROWS rows (decode steps), the reference
 for more rows (prefill, bound by compute) and on other backends; `implementation=` forces one,
@@ -129,8 +131,8 @@ _HALF_OFFSET = 1152.0
 def int8_as_float16(w: Array) -> Array:
     """int8 values as float16, exactly, without a conversion instruction: v's byte, zero-extended to 16 bits and
     XORed with 0x6480 (0x6400 | 0x80: the bias of 128 flips the sign bit), is float16's 1024 + 128 + v; one float16
-    subtraction leaves v.  A conversion unit converts 16 values a cycle per multiprocessor on Hopper; these are
-    integer and packed-half operations, which run several times as many."""
+    subtraction leaves v.  (Hopper converts 16 values a cycle per multiprocessor; integer and packed-half
+    operations run several times as many.  In the kernel it measured slower all the same: module docstring.)"""
     bits = jax.lax.bitcast_convert_type(w, jnp.uint8).astype(jnp.uint16) ^ jnp.uint16(0x6480)
     return jax.lax.bitcast_convert_type(bits, jnp.float16) - jnp.float16(_HALF_OFFSET)
 
