@@ -121,8 +121,9 @@ def default_blocks(m: int, k: int, n: int, multiprocessors: int = 132) -> Kernel
 
 
 # The float16 conversion (`int8_matmul_pallas(..., half=True)`): x enters as float16 times HALF_PRESCALE (a power
-# of two, so exact wherever float16 holds bf16's 8 significant bits: |x| from about 4e-3 to 1.6e7; below, float16's
-# subnormals round x by at most 2**-25 / HALF_PRESCALE, far under the weights' own rounding; above, it overflows).
+# of two, so exact wherever float16 holds bf16's 8 significant bits: |x| from 2**-9 (about 2e-3) to 1.6e7; below,
+# float16's subnormals round x by at most 2**-25 / HALF_PRESCALE (8e-6), far under the weights' own rounding; above,
+# it overflows).
 HALF_PRESCALE = 2.0 ** -8
 # 1024 + 128 in float16: an int8 v as the low byte of float16 bits 0x6400 | (v + 128) reads 1024 + v + 128
 _HALF_OFFSET = 1152.0
