@@ -234,7 +234,18 @@ def int8_matmul_mosaic(x: Array, w_t: Array, scale: Array, *, out_dtype=None) ->
     """x [M, K] @ (int8 w_t [N, K])ᵀ * scale [N] through JAX's Mosaic GPU mixed-type Hopper kernel, as
     (w_t @ xᵀ)ᵀ; M at most 256 (decode steps), padded here to whole tiles.  GPU (Hopper) only."""
     # imported here: the module needs jaxlib's Mosaic GPU, and only a "mosaic" int8 run pays for it
-    from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as mixed
+    try:
+        from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as mixed
+    except ImportError as error:
+        raise ImportError(f"int8 implementation 'mosaic' needs JAX's Mosaic GPU mixed-type kernel (jax."
+                          f"experimental.pallas.ops.gpu.hopper_mixed_type_matmul_mgpu), which jax {jax.__version__} "
+                          f"does not import: {error}") from error
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if device.platform == "gpu" and capability is not None and str(capability).split(".")[0] != "9":
+        # the kernel is built on Hopper's wgmma, which neither earlier GPUs nor Blackwell run
+        raise ValueError(f"int8 implementation 'mosaic' runs on Hopper GPUs (compute capability 9.x); "
+                         f"{device.device_kind} has {capability}: use 'auto' or 'pallas'")
 
     m, k = x.shape
     n = w_t.shape[0]
