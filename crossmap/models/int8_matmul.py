@@ -23,9 +23,9 @@ Two implementations of that one function:
   float16 and the int8 tile becomes float16 through integer and packed-half operations
   (`int8_as_float16`) rather than conversion instructions, of which Hopper runs 16 a cycle per
   multiprocessor (at the 7B's shapes, two conversions a weight would take about as long as reading the
-  int8 bytes).  It measured slower than the plain kernel at batch 32 and 128, so the conversions are not
-  what holds the kernel above its floor; no default uses it (BENCHMARKS.md, "JAX's Mosaic GPU kernels for
-  the int8 products").
+  int8 bytes).  It measured slower than the plain kernel at batch 32 and 128, so the conversions do not
+  look like what holds the kernel above its floor; no default uses it (BENCHMARKS.md, "JAX's Mosaic GPU
+  kernels for the int8 products").
 
 `int8_matmul` picks: the kernel on GPU for up to KERNEL_MAX_ROWS rows (decode steps), the reference
 for more rows (prefill, bound by compute) and on other backends; `implementation=` forces one,
