@@ -20,6 +20,17 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 scanned_flags=$(python3 -c 'from crossmap.models.scan import SCANNED_GPU_XLA_FLAGS as f; print(" ".join(f))') ||
   { echo "launch/bench_gpu.sh: crossmap is not importable from here (install it, or run from a checkout)" >&2; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+# int8_fast_path WEIGHTS NAME BATCH...: the 7B decode on the fast path (fused projections, kernel attention, cuBLAS
+# for bf16) with the --weights formats WEIGHTS side by side, at each batch in turn, into verbalize-7b-NAME-bBATCH.json
+int8_fast_path() {
+  local weights=$1 name=$2 batch
+  shift 2
+  for batch in "$@"; do
+    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -m crossmap.cli bench verbalize --preset 7b \
+      --batch "$batch" --projections fused --weights "$weights" --torch-device none \
+      --out "$out/verbalize-7b-$name-b$batch.json"
+  done
+}
 for b in $benches; do
   case $b in
     forward)
@@ -116,27 +127,15 @@ for b in $benches; do
         python3 -m crossmap.cli bench int8-matmul --batch "$batch" --sweep gate_up,down,lm_head \
           --out "$out/int8-matmul-7b-b$batch.json"
       done ;;
-    int8-fast)  # weight-only int8 on the fast path (fused projections, kernel attention, cuBLAS for bf16) at two
-      # batches, the tilings of default_blocks for each; XLA's own int8 product beside the kernel
-      for batch in 32 128; do
-        XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -m crossmap.cli bench verbalize --preset 7b \
-          --batch "$batch" --projections fused --weights float,int8,int8:reference --torch-device none \
-          --out "$out/verbalize-7b-int8-fast-b$batch.json"
-      done ;;
+    int8-fast)  # weight-only int8 on the fast path at two batches, the tilings of default_blocks for each; XLA's
+      # own int8 product beside the kernel
+      int8_fast_path float,int8,int8:reference int8-fast 32 128 ;;
     int8-mosaic)  # int8 with the wide products (gate/up, LM head) through JAX's Mosaic GPU kernel (Hopper), beside
       # the Triton kernel for every product, at two batches
-      for batch in 128 32; do
-        XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -m crossmap.cli bench verbalize --preset 7b \
-          --batch "$batch" --projections fused --weights float,int8,int8:mosaic --torch-device none \
-          --out "$out/verbalize-7b-int8-mosaic-b$batch.json"
-      done ;;
+      int8_fast_path float,int8,int8:mosaic int8-mosaic 128 32 ;;
     int8-f16)  # int8 with the Triton kernel multiplying in float16 (weights converted by integer operations, not
       # conversion instructions) beside the plain kernel, batch 32 first (the int8 target's nearest)
-      for batch in 32 128; do
-        XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -m crossmap.cli bench verbalize --preset 7b \
-          --batch "$batch" --projections fused --weights float,int8,int8:pallas-f16 --torch-device none \
-          --out "$out/verbalize-7b-int8-f16-b$batch.json"
-      done ;;
+      int8_fast_path float,int8,int8:pallas-f16 int8-f16 32 128 ;;
     top-p)  # the nucleus filter alone at the 7B decode shape, against sort-and-cumsum
       python3 -m crossmap.cli bench top-p --out "$out/top-p-qwen2.5-7b.json" ;;
     paper)

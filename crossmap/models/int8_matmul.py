@@ -282,10 +282,8 @@ def int8_matmul_output_major(x: Array, w_t: Array, scale: Array, *, out_dtype=No
     x2 = x.reshape(-1, x.shape[-1])
     if implementation == "mosaic" and x2.shape[0] <= KERNEL_MAX_ROWS:
         out = int8_matmul_mosaic(x2, w_t, scale, out_dtype=out_dtype)
-    else:
-        product = jax.lax.dot_general(x2, w_t.astype(x2.dtype), (((1,), (1,)), ((), ())),
-                                      preferred_element_type=jnp.float32)
-        out = (product * scale.astype(jnp.float32)).astype(out_dtype or x.dtype)
+    else:  # the definition over the transposed view (XLA folds the transpose into the dot)
+        out = int8_matmul_reference(x2, w_t.T, scale, out_dtype=out_dtype)
     return out.reshape(*lead, w_t.shape[0])
 
 
