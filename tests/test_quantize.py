@@ -251,6 +251,38 @@ def test_mosaic_kernel_lowers_for_a_gpu_on_cpu(monkeypatch):
         int8_matmul_mosaic.trace(jax.ShapeDtypeStruct((128, 3584), jnp.float32), *operands[1:])
 
 
+@pytest.mark.parametrize("capability", ["8.0", "10.0"])
+def test_mosaic_kernel_refuses_a_gpu_that_is_not_a_hopper(capability, monkeypatch):
+    """The kernel is built on Hopper's wgmma: an Ampere or a Blackwell is named and refused before lowering."""
+    from types import SimpleNamespace
+
+    from crossmap.models.int8_matmul import int8_matmul_mosaic
+
+    gpu = SimpleNamespace(platform="gpu", compute_capability=capability, device_kind="NVIDIA TEST GPU")
+    monkeypatch.setattr(jax, "devices", lambda *a, **k: [gpu])
+    operands = (jax.ShapeDtypeStruct((32, 256), jnp.bfloat16), jax.ShapeDtypeStruct((256, 256), jnp.int8),
+                jax.ShapeDtypeStruct((256,), jnp.float32))
+    with pytest.raises(ValueError, match=f"runs on Hopper GPUs .* NVIDIA TEST GPU has {capability}: use 'auto'"):
+        int8_matmul_mosaic.trace(*operands)
+
+
+def test_mosaic_kernel_names_the_missing_jax_module(monkeypatch):
+    import sys
+
+    from jax.experimental.pallas.ops import gpu as jax_gpu_kernels
+
+    from crossmap.models.int8_matmul import int8_matmul_mosaic
+
+    # as if this jax had no such module: neither the package attribute nor an importable submodule
+    monkeypatch.delattr(jax_gpu_kernels, "hopper_mixed_type_matmul_mgpu", raising=False)
+    monkeypatch.setitem(sys.modules, "jax.experimental.pallas.ops.gpu.hopper_mixed_type_matmul_mgpu", None)
+    operands = (jax.ShapeDtypeStruct((32, 256), jnp.bfloat16), jax.ShapeDtypeStruct((256, 256), jnp.int8),
+                jax.ShapeDtypeStruct((256,), jnp.float32))
+    with pytest.raises(ImportError, match=r"int8 implementation 'mosaic' needs JAX's Mosaic GPU mixed-type kernel "
+                                          r"\(jax.experimental.pallas.ops.gpu.hopper_mixed_type_matmul_mgpu\)"):
+        int8_matmul_mosaic.trace(*operands)
+
+
 def test_int8_generation_equals_the_dequantised_model_with_an_injection():
     cfg = tiny_config("qwen2", eos_token_ids=(1,))
     model = init_random(cfg, seed=5, dtype="float32")
