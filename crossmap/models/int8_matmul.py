@@ -43,9 +43,10 @@ products run transposed, (wᵀ @ xᵀ)ᵀ, the scales and the transpose back app
   split-K kernel (`models.int8_split_k`): their few output tiles alone would leave most multiprocessors idle.
 - The rest (the fused q/k/v product, where split-K measured slower than the Triton kernel) stay with the Triton
   kernel.
-On an H100 it ran the 7B's wide products faster than the Triton kernel at batch 128 (a few percent off the int8
-step, still no faster than bf16) and tied at batch 32, so "auto" stays the Triton kernel (BENCHMARKS.md, "JAX's
-Mosaic GPU kernels for the int8 products" and "A split-K Mosaic GPU int8 kernel").
+On an H100, JAX's kernel ran the 7B's wide products faster than the Triton kernel at batch 128 (a few percent off
+the int8 step, still no faster than bf16) and tied at batch 32; the split-K kernel beat the Triton kernel on o and
+down at batch 128 and lost at batch 32 (the step with it not yet measured).  So "auto" stays the Triton kernel
+(BENCHMARKS.md, "JAX's Mosaic GPU kernels for the int8 products" and "A split-K Mosaic GPU int8 kernel").
 """
 
 from __future__ import annotations

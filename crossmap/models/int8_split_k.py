@@ -40,7 +40,8 @@ class SplitKTiling:
     """One launch: K slices, columns of xᵀ per tile (the batch side, wgmma's N), pipeline buffers, and whether a
     warpgroup keeps one product in flight while it converts the next weight tile (`overlapped`: each step waits
     for the product before last, and a step's buffers are released one step late, as the product still in flight
-    reads them) or waits for each product before converting the next."""
+    reads them) or waits for each product before converting the next.  The overlapped variant lowers for CUDA but
+    has not yet run on a GPU (BENCHMARKS.md, "A split-K Mosaic GPU int8 kernel"); no default uses it."""
 
     splits: int
     cols: int
