@@ -59,11 +59,10 @@ def test_kernel_lowers_for_a_hopper_on_cpu():
     """The kernel's Mosaic GPU lowering runs without a GPU: each of the 7B's products at 32 and 128 rows becomes
     one Mosaic GPU custom call; operands it cannot take are refused with their shapes named."""
     shapes = {"qkv": (3584, 4608), "o": (3584, 3584), "down": (18944, 3584), "gate_up": (3584, 37888)}
-    for (k, n), m, overlapped in [(shape, m, o) for shape in shapes.values() for m in (32, 128) for o in (0, 1)]:
+    for (k, n), m in [(shape, m) for shape in shapes.values() for m in (32, 128)]:
         lowered = int8_matmul_split_k.trace(
             jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.int8),
-            jax.ShapeDtypeStruct((n,), jnp.float32), multiprocessors=132, overlapped=bool(overlapped)).lower(
-            lowering_platforms=("cuda",))
+            jax.ShapeDtypeStruct((n,), jnp.float32), multiprocessors=132).lower(lowering_platforms=("cuda",))
         assert lowered.as_text().count("custom_call @mosaic_gpu") == 1
     x = jax.ShapeDtypeStruct((32, 3584), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"needs int8 w_t \[N, 3584\] and scale \[N\]"):
@@ -79,13 +78,12 @@ def test_kernel_lowers_for_a_hopper_on_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overlapped", [False, True])
 @pytest.mark.parametrize("m,k,n", [(32, 18944, 3584), (128, 3584, 4608), (100, 3584, 16384)])
-def test_kernel_matches_the_reference_on_a_gpu(m, k, n, overlapped):
+def test_kernel_matches_the_reference_on_a_gpu(m, k, n):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
     w_t = jnp.asarray(rng.integers(-127, 128, size=(n, k)), jnp.int8)
     scale = jnp.asarray(rng.uniform(1e-3, 1e-2, size=n), jnp.float32)
-    got = np.asarray(int8_matmul_split_k(x, w_t, scale, overlapped=overlapped), np.float32)
+    got = np.asarray(int8_matmul_split_k(x, w_t, scale), np.float32)
     want = np.asarray(jnp.dot(x, w_t.T.astype(jnp.bfloat16), preferred_element_type=jnp.float32) * scale)
     assert np.sqrt(np.mean((got - want) ** 2)) / np.sqrt(np.mean(want ** 2)) < 1e-2

@@ -174,12 +174,11 @@ def _with_implementation(model, implementation: str):
 @pytest.mark.parametrize("arch,projections,layers", [("qwen2", "fused", "unrolled"), ("gemma3_text", "fused", "scanned"),
                                                      ("qwen2", "separate", "scanned")])
 def test_output_major_int8_kernels_compute_what_the_plain_layout_computes(arch, projections, layers, monkeypatch):
-    """"mosaic" stores output-major ([lead..., out..., in...]) the wide kernels, for JAX's Mosaic GPU kernel, and
-    those with no more outputs than inputs (o, down, and q, k, v when not fused), for the split-K kernel.  Those kernels run only on Hopper,
-    so here the layout goes through the XLA reference: the logits and the greedy tokens with an injection equal
-    the plain int8 model's; quantizing before or after scanning stores the same arrays.  The thresholds are
-    lowered so the tiny model's wider kernels (128 or more outputs: q/k/v fused, gate/up, the head, tied for
-    gemma) qualify."""
+    """"mosaic" stores the wide kernels output-major ([lead..., out..., in...]) for the Mosaic GPU kernel.  That
+    kernel runs only on Hopper, so here the layout goes through the XLA reference: the logits and the greedy
+    tokens with an injection equal the plain int8 model's; quantizing before or after scanning stores the same
+    arrays.  The thresholds are lowered so the tiny model's wider kernels (128 or more outputs: q/k/v fused,
+    gate/up, the head, tied for gemma) qualify."""
     from crossmap.models import fused, scanned
     from crossmap.models import int8_matmul as kernels
 
@@ -193,14 +192,12 @@ def test_output_major_int8_kernels_compute_what_the_plain_layout_computes(arch, 
     marked = {path: v for path, v in nnx.to_flat_state(nnx.state(stored, nnx.Param))
               if v.get_metadata().get("output_major")}
     names = {path[-1] for path in marked}
-    assert names == ({"qkv", "gate_up", "lm_head", "o", "down"} if projections == "fused"
-                     else {"q", "k", "v", "gate", "up", "lm_head", "o", "down"})
+    assert names == ({"qkv", "gate_up", "lm_head"} if projections == "fused" else {"gate", "up", "lm_head"})
     plain_state = dict(nnx.to_flat_state(nnx.state(plain, nnx.Param)))
-    for path, v in marked.items():  # the same int8 values, moved: [lead..., in..., out...] -> [lead..., out..., in...]
+    for path, v in marked.items():  # the same int8 values, moved: [lead..., in, out...] -> [lead..., out..., in]
         lead = 1 if layers == "scanned" and path[0] == "layer_stacks" else 0
         want = np.asarray(plain_state[path][...])
-        inputs = 2 if path[-1] == "o" else 1  # o contracts heads and head_dim
-        want = np.moveaxis(want, list(range(lead, lead + inputs)), list(range(want.ndim - inputs, want.ndim)))
+        want = np.moveaxis(want, lead, -1)
         np.testing.assert_array_equal(np.asarray(v[...]), want, err_msg=str(path))
     _with_implementation(stored, "reference")
     rng = np.random.default_rng(0)

@@ -40,7 +40,6 @@ KERNELS = {
     "triton-int8": lambda x, w, q, q_t, scale: int8_matmul_pallas(x, q, scale),
     "jax-mosaic-int8": lambda x, w, q, q_t, scale: int8_matmul_mosaic(x, q_t, scale),
     "split-k-int8": lambda x, w, q, q_t, scale: int8_matmul_split_k(x, q_t, scale),
-    "split-k-int8-overlapped": lambda x, w, q, q_t, scale: int8_matmul_split_k(x, q_t, scale, overlapped=True),
 }
 
 
@@ -81,9 +80,9 @@ def timing_mode(out_path: str, batches: list[int], products: list[str]):
             floor = itemsize * k * n / bandwidth
             copies = max(1, -(-(256 << 20) // (itemsize * k * n)))
             entry = {"batch": batch, "product": name, "K": k, "N": n, "kernel": kernel, "weight_copies": copies}
-            if kernel.startswith("split-k-int8"):
+            if kernel == "split-k-int8":
                 padded = 128 * -(-batch // 128) if batch > 64 else batch
-                entry["tiling"] = str(choose_tiling(padded, k, n, cores, overlapped=kernel.endswith("overlapped")))
+                entry["tiling"] = str(choose_tiling(padded, k, n, cores))
             try:
                 t = time.time()
                 got = np.asarray(jax.jit(fn)(x, w, q, q_t, scale), np.float32)

@@ -92,8 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated weight formats timed side by side in this run (models.quantize."
                              "WEIGHT_FORMATS): float (the dtype), int8 (weight-only int8 kernels); int8:IMPL picks "
                              "how its products run (models.int8_matmul.IMPLEMENTATIONS), e.g. float,int8,int8:reference; "
-                             "int8:mosaic (Hopper) runs the wide products through JAX's Mosaic GPU kernel and o/down through "
-                             "crossmap's split-K Mosaic GPU kernel")
+                             "int8:mosaic (Hopper) runs the wide products through JAX's Mosaic GPU kernel")
     parser.add_argument("--layers", default="unrolled",
                         help="comma-separated block layouts (models.scan.LAYER_LAYOUTS), each timed with every "
                              "--weights format in this run: unrolled, scanned (one loop over groups of blocks); "

@@ -5,7 +5,7 @@
 
 Modules, lowest first (each imports only those above it):
     config            ModelConfig, the one description of a decoder the shared layers read
-    int8_split_k      a split-K int8 kernel in Pallas's Mosaic GPU dialect (Hopper), for the narrow products
+    int8_split_k      a split-K int8 kernel in Pallas's Mosaic GPU dialect (Hopper; no implementation uses it yet)
     int8_matmul       weight-only int8 products: the XLA reference and the Pallas kernel
     attention         the attention mask, grouped-query attention, and a decode step's attention as a Pallas kernel
     layers            the shared stack (attention, MLP, norms, RoPE, the Transformer); with_decode_attention,

@@ -32,21 +32,17 @@ for more rows (prefill, bound by compute) and on other backends; `implementation
 "interpret" being the kernel run by the Pallas interpreter.  A quantized model carries its choice
 (`models.quantize.quantized(..., implementation=)`), so it is part of every compiled program's key.
 
-"mosaic" (Hopper GPUs) runs two kinds of products through kernels written in Pallas's Mosaic GPU dialect (TMA loads
-into a warp-specialised pipeline, each int8 tile converted in registers and fed to wgmma as its left operand), over
-weights stored output-major, wᵀ [N, K] (`quantize` stores them so for "mosaic"; `int8_matmul_output_major`): the
-products run transposed, (wᵀ @ xᵀ)ᵀ, the scales and the transpose back applied by XLA.
-- The wide products (at least OUTPUT_MAJOR_MIN_COLUMNS output columns: gate and up, the LM head) go through JAX's
-  own mixed-type Hopper kernel (`jax.experimental.pallas.ops.gpu.hopper_mixed_type_matmul_mgpu`), which gives each
-  program whole output tiles.
-- The narrow products with no more outputs than inputs (o, down; q, k and v when not fused) go through crossmap's
-  split-K kernel (`models.int8_split_k`): their few output tiles alone would leave most multiprocessors idle.
-- The rest (the fused q/k/v product, where split-K measured slower than the Triton kernel) stay with the Triton
-  kernel.
-On an H100, JAX's kernel ran the 7B's wide products faster than the Triton kernel at batch 128 (a few percent off
-the int8 step, still no faster than bf16) and tied at batch 32; the split-K kernel beat the Triton kernel on o and
-down at batch 128 and lost at batch 32 (the step with it not yet measured).  So "auto" stays the Triton kernel
-(BENCHMARKS.md, "JAX's Mosaic GPU kernels for the int8 products" and "A split-K Mosaic GPU int8 kernel").
+"mosaic" (Hopper GPUs) also runs the wide products (at least OUTPUT_MAJOR_MIN_COLUMNS output columns: gate
+and up, the LM head) through JAX's own mixed-type Hopper kernel, written in Pallas's Mosaic GPU dialect
+(`jax.experimental.pallas.ops.gpu.hopper_mixed_type_matmul_mgpu`): TMA loads into a warp-specialised
+pipeline, the int8 tile converted in registers and fed to wgmma as its left operand.  That kernel computes
+int8 a [M, K] @ b [K, N], so the product runs transposed, (wᵀ @ xᵀ)ᵀ, over weights stored output-major,
+wᵀ [N, K] (`quantize` stores them so for "mosaic"; `int8_matmul_output_major`), the scales and the
+transpose back applied by XLA.  It has no split-K, so the narrow products (q/k/v, o, down) stay with the
+Triton kernel (crossmap's own split-K Mosaic kernel, `models.int8_split_k`, did not beat it reproducibly).  On an
+H100 it ran the 7B's wide products faster than the Triton kernel at batch 128 (a few percent off the int8 step,
+still no faster than bf16) and tied at batch 32, so "auto" stays the Triton kernel
+(BENCHMARKS.md, "JAX's Mosaic GPU kernels for the int8 products").
 """
 
 from __future__ import annotations
@@ -57,15 +53,13 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from .int8_split_k import int8_matmul_split_k
-
 Array = jax.Array
 
 IMPLEMENTATIONS = ("auto", "pallas", "pallas-f16", "mosaic", "interpret", "reference")
 
-# "mosaic" runs a kernel through JAX's Mosaic GPU kernel when it has at least this many output columns (enough
-# 128-column tiles for every multiprocessor: that kernel does not split K), through the split-K kernel when it has
-# fewer outputs than inputs, and stores both output-major when its K and N are whole 128-element tiles
+# "mosaic" stores a kernel output-major, and runs it through the Mosaic GPU kernel, when it has at least this many
+# output columns (enough 128-column tiles for every multiprocessor: the kernel does not split K) and its K and N are
+# whole 128-element tiles
 OUTPUT_MAJOR_MIN_COLUMNS = 16384
 _MOSAIC_TILE = 128
 
@@ -231,18 +225,9 @@ def int8_matmul_pallas(x: Array, w: Array, scale: Array, *, out_dtype=None, bloc
 
 def stores_output_major(k: int, n: int, implementation: str) -> bool:
     """Whether `models.quantize` stores an int8 kernel with K inputs and N outputs output-major ([N, K]) for
-    `implementation`: only "mosaic", for the products its Mosaic GPU kernels run (module docstring)."""
-    return (implementation == "mosaic" and n % _MOSAIC_TILE == 0 and k % _MOSAIC_TILE == 0
-            and (n >= OUTPUT_MAJOR_MIN_COLUMNS or n <= k))
-
-
-def _refuse_other_than_hopper() -> None:
-    device = jax.devices()[0]
-    capability = getattr(device, "compute_capability", None)
-    if device.platform == "gpu" and capability is not None and str(capability).split(".")[0] != "9":
-        # the Mosaic GPU kernels are built on Hopper's wgmma, which neither earlier GPUs nor Blackwell run
-        raise ValueError(f"int8 implementation 'mosaic' runs on Hopper GPUs (compute capability 9.x); "
-                         f"{device.device_kind} has {capability}: use 'auto' or 'pallas'")
+    `implementation`: only "mosaic", for the wide products its Mosaic GPU kernel runs (module docstring)."""
+    return (implementation == "mosaic" and n >= OUTPUT_MAJOR_MIN_COLUMNS and n % _MOSAIC_TILE == 0
+            and k % _MOSAIC_TILE == 0)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
@@ -256,7 +241,12 @@ def int8_matmul_mosaic(x: Array, w_t: Array, scale: Array, *, out_dtype=None) ->
         raise ImportError(f"int8 implementation 'mosaic' needs JAX's Mosaic GPU mixed-type kernel (jax."
                           f"experimental.pallas.ops.gpu.hopper_mixed_type_matmul_mgpu), which jax {jax.__version__} "
                           f"does not import: {error}") from error
-    _refuse_other_than_hopper()
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if device.platform == "gpu" and capability is not None and str(capability).split(".")[0] != "9":
+        # the kernel is built on Hopper's wgmma, which neither earlier GPUs nor Blackwell run
+        raise ValueError(f"int8 implementation 'mosaic' runs on Hopper GPUs (compute capability 9.x); "
+                         f"{device.device_kind} has {capability}: use 'auto' or 'pallas'")
 
     m, k = x.shape
     n = w_t.shape[0]
@@ -283,8 +273,7 @@ def int8_matmul_mosaic(x: Array, w_t: Array, scale: Array, *, out_dtype=None) ->
 def int8_matmul_output_major(x: Array, w_t: Array, scale: Array, *, out_dtype=None,
                              implementation: str = "mosaic") -> Array:
     """`int8_matmul` over a kernel stored output-major, w_t [N, K] (`stores_output_major`): x [..., K] ->
-    [..., N].  "mosaic" runs a Mosaic GPU kernel for up to KERNEL_MAX_ROWS rows (JAX's for at least
-    OUTPUT_MAJOR_MIN_COLUMNS outputs, else the split-K kernel) and the reference above;
+    [..., N].  "mosaic" runs the Mosaic GPU kernel for up to KERNEL_MAX_ROWS rows and the reference above;
     "reference" always the reference (how the CPU tests check the layout).  The other implementations do not
     store kernels output-major, so they are refused."""
     if implementation not in ("mosaic", "reference"):
@@ -292,11 +281,8 @@ def int8_matmul_output_major(x: Array, w_t: Array, scale: Array, *, out_dtype=No
                          f"'reference', got {implementation!r}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if implementation == "mosaic" and x2.shape[0] <= KERNEL_MAX_ROWS and w_t.shape[0] >= OUTPUT_MAJOR_MIN_COLUMNS:
+    if implementation == "mosaic" and x2.shape[0] <= KERNEL_MAX_ROWS:
         out = int8_matmul_mosaic(x2, w_t, scale, out_dtype=out_dtype)
-    elif implementation == "mosaic" and x2.shape[0] <= KERNEL_MAX_ROWS:
-        _refuse_other_than_hopper()
-        out = int8_matmul_split_k(x2, w_t, scale, out_dtype=out_dtype)
     else:  # the definition over the transposed view (XLA folds the transpose into the dot)
         out = int8_matmul_reference(x2, w_t.T, scale, out_dtype=out_dtype)
     return out.reshape(*lead, w_t.shape[0])

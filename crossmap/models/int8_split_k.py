@@ -13,6 +13,10 @@ Layout of one program (a persistent grid, one program per multiprocessor, loopin
 issues the TMA loads of a [2 * rows, depth] weight tile and a [depth, cols] tile of xᵀ into `stages` shared-memory
 buffers; two compute warpgroups each take `rows` of the weight tile, convert them to x's dtype in registers and
 accumulate wgmma products in float32; the epilogue stores the accumulator through shared memory by TMA.
+
+Status: correct on an H100 (tests/test_int8_split_k.py), but not faster than the Triton kernel reproducibly (two
+probe runs at batch 128: o -5% then +120%, down -10% then even; slower at batch 32), so no `int8_matmul`
+implementation routes products here (BENCHMARKS.md, "A split-K Mosaic GPU int8 kernel of crossmap's own").
 """
 
 from __future__ import annotations
@@ -37,19 +41,14 @@ _FILL_STEPS = 2
 
 @dataclass(frozen=True)
 class SplitKTiling:
-    """One launch: K slices, columns of xᵀ per tile (the batch side, wgmma's N), pipeline buffers, and whether a
-    warpgroup keeps one product in flight while it converts the next weight tile (`overlapped`: each step waits
-    for the product before last, and a step's buffers are released one step late, as the product still in flight
-    reads them) or waits for each product before converting the next.  The overlapped variant lowers for CUDA but
-    has not yet run on a GPU (BENCHMARKS.md, "A split-K Mosaic GPU int8 kernel"); no default uses it."""
+    """One launch: K slices, columns of xᵀ per tile (the batch side, wgmma's N), pipeline buffers."""
 
     splits: int
     cols: int
     stages: int
-    overlapped: bool = False
 
 
-def choose_tiling(m: int, k: int, n: int, multiprocessors: int, overlapped: bool = False) -> SplitKTiling:
+def choose_tiling(m: int, k: int, n: int, multiprocessors: int) -> SplitKTiling:
     """The tiling for w_t [n, k] @ xᵀ [k, m]: the number of K slices (a divisor of the K steps) that minimises a
     program's steps on the critical path, waves × (steps per unit + fill), the fewest slices among ties; as many
     pipeline buffers as shared memory holds, up to 6.  m must already be a whole number of column tiles."""
@@ -66,7 +65,7 @@ def choose_tiling(m: int, k: int, n: int, multiprocessors: int, overlapped: bool
     stage_bytes = 2 * ROWS_PER_WARPGROUP * DEPTH + DEPTH * cols * 2
     epilogue_bytes = _epilogue_bytes(cols, 4 if splits > 1 else 2)
     stages = max(2, min(6, (_SHARED_BYTES - epilogue_bytes) // stage_bytes))
-    return SplitKTiling(splits=splits, cols=cols, stages=stages, overlapped=overlapped)
+    return SplitKTiling(splits=splits, cols=cols, stages=stages)
 
 
 def _epilogue_columns(cols: int) -> int:
@@ -98,7 +97,6 @@ def split_k_product(w_t: Array, xt: Array, tiling: SplitKTiling, multiprocessors
     n, k = w_t.shape
     m = xt.shape[1]
     rows, cols, splits, stages = ROWS_PER_WARPGROUP, tiling.cols, tiling.splits, tiling.stages
-    in_flight = int(tiling.overlapped)
     cta_rows = 2 * rows
     if n % cta_rows or k % (DEPTH * splits) or m % cols or xt.shape[0] != k:
         raise ValueError(f"split_k_product: w_t {w_t.shape} and xt {xt.shape} do not tile by {cta_rows} rows, "
@@ -118,9 +116,9 @@ def split_k_product(w_t: Array, xt: Array, tiling: SplitKTiling, multiprocessors
             grid=(k_slice // DEPTH,),
             memory_registers=40,
             in_specs=[plgpu.BlockSpec((cta_rows, DEPTH), lambda step: (0, step), transforms=w_transforms,
-                                      memory_space=plgpu.SMEM, delay_release=in_flight),
+                                      memory_space=plgpu.SMEM),
                       plgpu.BlockSpec((DEPTH, cols), lambda step: (step, 0), transforms=x_transforms,
-                                      memory_space=plgpu.SMEM, delay_release=in_flight)],
+                                      memory_space=plgpu.SMEM)],
             wg_axis="wg",
             num_compute_wgs=2,
             max_concurrent_steps=stages,
@@ -147,14 +145,15 @@ def split_k_product(w_t: Array, xt: Array, tiling: SplitKTiling, multiprocessors
                 def multiply(_, w_smem, x_smem, acc):
                     w = w_smem[pl.ds(warpgroup * rows, rows)].astype(xt.dtype)  # converted in registers
                     plgpu.wgmma(acc, w, x_smem)
-                    plgpu.wgmma_wait(in_flight)
+                    # the next tile is converted only after this product: leaving it in flight (wait(1), buffers
+                    # released a step late) gave wrong results on an H100 (BENCHMARKS.md)
+                    plgpu.wgmma_wait(0)
                     return acc
 
                 def context(run):
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((rows, cols), jnp.float32))
                     def _(acc):
                         run(acc)
-                        plgpu.wgmma_wait(0)  # the last product, when one is left in flight
                         result = acc[...].astype(out_dtype)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's stores have left
                         for index, start in enumerate(range(0, cols, epilogue_cols)):
@@ -186,12 +185,12 @@ def split_k_product(w_t: Array, xt: Array, tiling: SplitKTiling, multiprocessors
     return call(w_t, xt)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "multiprocessors", "tiling", "overlapped"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "multiprocessors", "tiling"))
 def int8_matmul_split_k(x: Array, w_t: Array, scale: Array, *, out_dtype=None, multiprocessors: int | None = None,
-                        tiling: SplitKTiling | None = None, overlapped: bool = False) -> Array:
+                        tiling: SplitKTiling | None = None) -> Array:
     """x [M, K] @ (int8 w_t [N, K])ᵀ * scale [N] -> [M, N] in `out_dtype` (default x's dtype), through the
     split-K kernel; M at most 256 (a decode step), padded here to whole column tiles.  `multiprocessors` defaults
-    to the device's count; `tiling` to `choose_tiling`'s (`overlapped` passed to it)."""
+    to the device's count; `tiling` to `choose_tiling`'s."""
     m, k = x.shape
     n = w_t.shape[0]
     if w_t.shape != (n, k) or w_t.dtype != jnp.int8 or scale.shape != (n,):
@@ -203,7 +202,7 @@ def int8_matmul_split_k(x: Array, w_t: Array, scale: Array, *, out_dtype=None, m
         multiprocessors = jax.devices()[0].core_count
     cols = 128 if m > 64 else max(16, -(-m // 16) * 16)
     padded = -(-m // cols) * cols
-    tiling = tiling or choose_tiling(padded, k, n, multiprocessors, overlapped)
+    tiling = tiling or choose_tiling(padded, k, n, multiprocessors)
     xt = jnp.pad(x, ((0, padded - m), (0, 0))).T
     partials = split_k_product(w_t, xt, tiling, multiprocessors).reshape(tiling.splits, n, padded)
     out = partials.astype(jnp.float32).sum(axis=0) * scale.astype(jnp.float32)[:, None]
