@@ -3,12 +3,12 @@ products, beside cuBLAS (bf16), crossmap's Triton int8 kernel (models.int8_matmu
 ("mosaic" for the wide products), each with its error against the XLA reference.
 
 Each timed program multiplies enough distinct weight copies (at least 256 MiB, five times the H100's L2) that few
-reads hit L2.  With --ncu BATCH PRODUCT KERNEL the script instead runs that one product NCU_CALLS times, each call
-its own program, for `ncu -k regex:NAME --launch-skip NCU_CALLS-1 --launch-count 1` (benchmark-results/probes/
-ncu_products.sh).  An earlier --ncu mode bracketed the calls with cuProfilerStart/Stop through ctypes for
+reads hit L2.  With --ncu BATCH PRODUCT KERNEL CALLS the script instead runs that one product CALLS times, each
+call waited for, for `ncu -k regex:NAME --launch-skip CALLS-1 --launch-count 1` (benchmark-results/probes/
+ncu_products.sh, which sets CALLS).  An earlier --ncu mode bracketed the calls with cuProfilerStart/Stop through ctypes for
 `ncu --profile-from-start off`; on the H100 it profiled nothing and hung (2026-12-06), so it was replaced.
 Usage: XLA_FLAGS=--xla_gpu_enable_triton_gemm=false split_k_int8.py OUT.json [BATCHES [PRODUCTS]]
-       split_k_int8.py --ncu BATCH PRODUCT KERNEL"""
+       split_k_int8.py --ncu BATCH PRODUCT KERNEL CALLS"""
 import functools
 import itertools
 import json
@@ -45,16 +45,13 @@ KERNELS = {
 }
 
 
-NCU_CALLS = 4
-
-
-def ncu_mode(batch: int, name: str, kernel: str):
-    """NCU_CALLS calls of one kernel at one product, each waited for: the profiler takes the last."""
+def ncu_mode(batch: int, name: str, kernel: str, calls: int):
+    """`calls` calls of one kernel at one product, each waited for: the profiler takes the last."""
     args = operands(batch, *SHAPES[name])
     program = jax.jit(KERNELS[kernel])
-    for _ in range(NCU_CALLS):
+    for _ in range(calls):
         jax.block_until_ready(program(*args))
-    print(f"[ncu] B={batch} {name} {kernel}: {NCU_CALLS} calls", flush=True)
+    print(f"[ncu] B={batch} {name} {kernel}: {calls} calls", flush=True)
 
 
 def timing_mode(out_path: str, batches: list[int], products: list[str]):
@@ -109,7 +106,7 @@ def timing_mode(out_path: str, batches: list[int], products: list[str]):
 
 if __name__ == "__main__":
     if sys.argv[1] == "--ncu":
-        ncu_mode(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+        ncu_mode(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))
     else:
         timing_mode(sys.argv[1], [int(b) for b in (sys.argv[2] if len(sys.argv) > 2 else "32,128").split(",")],
                     (sys.argv[3] if len(sys.argv) > 3 else "qkv,o,down,gate_up,lm_head").split(","))
