@@ -93,8 +93,8 @@ def main(out_path: str, batches: list[int], products: list[str]):
         if batch > 64:
             tilings += [("full bm64", dataclasses.replace(base, block_m=64)),
                         ("full bn256 w8", dataclasses.replace(base, block_n=256, num_warps=8))]
-        kernel = jax.jit(lambda x, ws: [int8_matmul_pallas(x, w, scale) for w in ws])
-        s = back_to_back(functools.partial(kernel, x, weights), 10) / copies
+        kernel = jax.jit(lambda x, ws, scale: [int8_matmul_pallas(x, w, scale) for w in ws])
+        s = back_to_back(functools.partial(kernel, x, weights, scale), 10) / copies
         entry = {"batch": batch, "product": name, "K": k, "N": n, "variant": "int8_matmul_pallas", "tiling": str(base),
                  "s": s, "floor_s": floor, "ratio_to_floor": s / floor}
         result["runs"].append(entry)
