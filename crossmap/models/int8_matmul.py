@@ -10,8 +10,8 @@ Two implementations of that one function:
   some shapes at few rows); a decode step reads every weight once, so the bytes read are its cost.
   The kernel does not yet read at the bytes floor, nor beat bf16 (BENCHMARKS.md, "Weight-only int8"); the
   hardware counters put the cause in occupancy (registers at 32 rows, shared memory at 128), partial last waves,
-  bank conflicts where the converted tile is stored for wgmma, and the split-K partials' traffic, not in the
-  conversion or x's loads (BENCHMARKS.md, "Nsight Compute on single products").
+  bank conflicts where the converted tile is stored for wgmma, and the split-K partials' traffic; x's loads add
+  up to 14%, and the conversion is not the limit (BENCHMARKS.md, "Nsight Compute on single products").
   The grid splits the output columns into blocks and, for wide K and narrow N (the down and output
   projections), K into `splits` slices whose float32 partial products are summed afterwards: enough
   programs to keep every multiprocessor streaming.  With `swap` a program computes the transposed
