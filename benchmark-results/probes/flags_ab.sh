@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Probe (2026-12-06): XLA flags for the decode loop, A/B: command buffers (CUDA graphs) and autotuning. The 7B fast path (fused,
-# kernel attention, cuBLAS for every product), batch 128, greedy, 64 + 128 tokens, one process per run, the ways
-# alternating so that a drift of the card's speed over the call falls on each alike:
+# Probe (2026-12-06): XLA flags for the decode loop, A/B: command buffers (CUDA graphs) and autotuning. The 7B
+# fast path (fused, kernel attention, cuBLAS for every product), batch 128, greedy, 64 + 128 tokens, one process
+# per run, the ways alternating so that a drift of the card's speed over the call falls on each alike:
 #   default   XLA's default command buffers (sequences of kernels inside the loop body are graphs; the host
 #             still runs the loop, one graph launch or more per step, and waits for each step's stop flag)
 #   while     --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL: the whole loop one graph, with conditional

@@ -12,7 +12,8 @@ read once per row block, the second time mostly from L2) and 256-column blocks w
 weight byte).  The variants write float32 partials [splits, M, N] and stop there; the kernel itself
 (`int8_matmul_pallas`, timed first and last) also sums the partials of a split product and applies the scales.
 (int8-ablation-h100.json came from the first version, which timed the kernel first only.)  Each variant runs over
-at least WEIGHT_BYTES_PER_CALL of distinct weight copies, dispatched back to back, so few weight reads hit L2; floors are the int8 weight bytes at the copy bandwidth measured in the same run.
+at least WEIGHT_BYTES_PER_CALL of distinct weight copies, dispatched back to back, so few weight reads hit L2;
+floors are the int8 weight bytes at the copy bandwidth measured in the same run.
 Usage: XLA_FLAGS=--xla_gpu_enable_triton_gemm=false int8_ablation.py OUT.json [BATCHES [PRODUCTS]]"""
 import dataclasses
 import functools
@@ -63,7 +64,7 @@ def variant_product(x, w, *, blocks: KernelBlocks, variant: str):
     """float32 partials [splits, M, N] of x @ w (unscaled) by one variant of the kernel's loop."""
     m, k = x.shape
     n = w.shape[1]
-    block_m = blocks.block_m or min(128, max(16, -(-m // 16) * 16))
+    block_m = blocks.rows_per_program(m)  # the kernel's rows per program (m a whole number of them here)
     k_slice = k // blocks.splits
     return pl.pallas_call(
         functools.partial(_loop, block_k=blocks.block_k, steps=k_slice // blocks.block_k, variant=variant),

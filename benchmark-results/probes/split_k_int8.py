@@ -5,8 +5,8 @@ products, beside cuBLAS (bf16), crossmap's Triton int8 kernel (models.int8_matmu
 Each timed program multiplies enough distinct weight copies (at least 256 MiB, five times the H100's L2) that few
 reads hit L2.  With --ncu BATCH PRODUCT KERNEL CALLS the script instead runs that one product CALLS times, each
 call waited for, for `ncu -k regex:NAME --launch-skip CALLS-1 --launch-count 1` (benchmark-results/probes/
-ncu_products.sh, which sets CALLS).  An earlier --ncu mode bracketed the calls with cuProfilerStart/Stop through ctypes for
-`ncu --profile-from-start off`; on the H100 it profiled nothing and hung (2026-12-06), so it was replaced.
+ncu_products.sh, which sets CALLS).  An earlier --ncu mode bracketed the calls with cuProfilerStart/Stop through
+ctypes for `ncu --profile-from-start off`; on the H100 it profiled nothing and hung (2026-12-06), so it was replaced.
 Usage: XLA_FLAGS=--xla_gpu_enable_triton_gemm=false split_k_int8.py OUT.json [BATCHES [PRODUCTS]]
        split_k_int8.py --ncu BATCH PRODUCT KERNEL CALLS"""
 import functools

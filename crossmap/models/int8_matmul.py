@@ -94,6 +94,11 @@ class KernelBlocks:
     block_m: int = 0
     swap: bool = False
 
+    def rows_per_program(self, m: int) -> int:
+        """Rows of x a program multiplies for an x of m rows: `block_m`, or by default all of them (padded to 16,
+        Triton's smallest tile) up to 128, else blocks of 128; each block of rows reads the weights once more."""
+        return self.block_m or min(128, max(16, -(-m // 16) * 16))
+
 
 def _largest_divisor(n: int, candidates: tuple[int, ...]) -> int | None:
     return next((c for c in candidates if n % c == 0), None)
@@ -186,9 +191,7 @@ def int8_matmul_pallas(x: Array, w: Array, scale: Array, *, out_dtype=None, bloc
     n = w.shape[1]
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     blocks = blocks or default_blocks(m, k, n)
-    # rows per program: all of them (padded to 16, Triton's smallest tile) up to 128, else blocks of 128;
-    # each block of rows reads the weights once more
-    block_m = blocks.block_m or min(128, max(16, -(-m // 16) * 16))
+    block_m = blocks.rows_per_program(m)
     padded_m = -(-m // block_m) * block_m
     if padded_m != m:
         x = jnp.pad(x, ((0, padded_m - m), (0, 0)))
