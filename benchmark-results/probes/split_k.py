@@ -3,7 +3,9 @@ batch 128 with the residual add after each, written as one product (cuBLAS picks
 reduction as a second kernel; o runs 56 tiles on 132 multiprocessors) or as `s` products over K slices in one
 batched GEMM, the slices' float32 partials summed in the residual add's fusion. Each timed program chains the
 product over enough distinct weight copies (1 GiB) that none sits in L2, each step reading the last one's residual,
-as a decode step's layers do. Usage: XLA_FLAGS=--xla_gpu_enable_triton_gemm=false split_k.py [OUT.json]"""
+as a decode step's layers do. Also (2026-12-06, sixth session) the one product with its weight stored output-major,
+w [N, K] multiplied as x @ wᵀ ("nk": cuBLAS's other operand layout, for which it may pick other kernels).
+Usage: XLA_FLAGS=--xla_gpu_enable_triton_gemm=false split_k.py [OUT.json]"""
 import json
 import sys
 
@@ -20,9 +22,12 @@ rng = np.random.default_rng(0)
 result = {"device": device_info(), "copy_bandwidth_GBps": bandwidth / 1e9, "batch": batch, "shapes": {}}
 
 
-def chained(slices: int):
+def chained(slices: int, output_major: bool = False):
     def run(x, r, ws):
         for w in ws:
+            if output_major:
+                r = r + jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
+                continue
             k, n = w.shape
             if slices == 1:
                 r = r + x @ w
@@ -52,6 +57,14 @@ for name, (k, n) in {"o": (3584, 3584), "down": (18944, 3584)}.items():
                                    "max_rel_error_vs_one": float(np.abs(got - reference).max() / np.abs(reference).max())}
         print(f"[split-k] {name} {k}x{n}, {slices} slice(s): {seconds * 1e6:.2f} us, {seconds / floor:.2f}x the "
               f"floor ({floor * 1e6:.2f} us at {bandwidth / 1e9:.0f} GB/s)", flush=True)
+    ws = [jnp.asarray(w.T) for w in ws]  # output-major copies, the [K, N] ones freed
+    fn = chained(1, output_major=True)
+    seconds = back_to_back(lambda fn=fn, x=x, r=r, ws=ws: fn(x, r, ws), reps) / copies
+    got = np.asarray(fn(x, r, ws[:1]), np.float32)
+    entry["output_major"] = {"s": seconds, "ratio_to_floor": seconds / floor,
+                             "max_rel_error_vs_one": float(np.abs(got - reference).max() / np.abs(reference).max())}
+    print(f"[split-k] {name} {k}x{n}, output-major w [N, K]: {seconds * 1e6:.2f} us, {seconds / floor:.2f}x the floor",
+          flush=True)
     result["shapes"][name] = entry
 if len(sys.argv) > 1:
     json.dump(result, open(sys.argv[1], "w"), indent=1)
