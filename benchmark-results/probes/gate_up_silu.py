@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+from probe_runs import recorded, time_per_copy
 
 from crossmap.benchmarks.common import device_info, measured_copy_bandwidth
-from crossmap.benchmarks.decode_parts import back_to_back
 
 D, F = 3584, 18944  # Qwen2.5-7B
 WEIGHT_BYTES_PER_CALL = 1 << 30
@@ -88,7 +88,7 @@ def main(out_path: str, batch: int, d: int = D, f: int = F, tilings=TILINGS):
     ways = [("cuBLAS + XLA SiLU", None)] + [(f"kernel {t}", t) for t in tilings] + [("cuBLAS + XLA SiLU again", None)]
     for label, tiling in ways:
         entry = {"way": label, "tiling": tiling}
-        try:
+        with recorded(result, out_path, entry, f"[gate-up-silu] B={batch} {label}"):
             if tiling is None:
                 program = jax.jit(lambda x, ws: [unfused(x, w) for w in ws])
             else:
@@ -97,15 +97,9 @@ def main(out_path: str, batch: int, d: int = D, f: int = F, tilings=TILINGS):
                 program = jax.jit(lambda x, ws, t=tiling: [fused_gate_up_silu(x, w, tiling=t) for w in ws])
                 got = np.asarray(fused_gate_up_silu(x, w0, tiling=tiling), np.float32)
                 entry["max_error_vs_unfused"] = float(np.abs(got - reference).max() / np.abs(reference).max())
-            s = back_to_back(functools.partial(program, x, weights), 10) / copies
-            entry |= {"s": s, "floor_s": floor, "ratio_to_floor": s / floor}
+            s = time_per_copy(entry, functools.partial(program, x, weights), copies, floor)
             print(f"[gate-up-silu] B={batch} {label:34s}: {s * 1e6:7.2f} us {s / floor:.3f}x the floor "
                   f"{entry.get('max_error_vs_unfused', '')}", flush=True)
-        except Exception as error:  # noqa: BLE001 (a probe records what failed and goes on)
-            entry["error"] = repr(error)[:800]
-            print(f"[gate-up-silu] B={batch} {label}: ERROR {entry['error'][:300]}", flush=True)
-        result["runs"].append(entry)
-        json.dump(result, open(out_path, "w"), indent=1)
     result["wall_s"] = time.time() - started
     json.dump(result, open(out_path, "w"), indent=1)
 

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+from probe_runs import recorded, time_per_copy
 
 from crossmap.benchmarks.common import device_info, measured_copy_bandwidth
-from crossmap.benchmarks.decode_parts import back_to_back
 from crossmap.models.int8_matmul import KernelBlocks, default_blocks, int8_matmul_pallas
 from crossmap.models.quantize import quantize_int8
 
@@ -104,7 +104,7 @@ def main(out_path: str, batches: list[int], products: list[str]):
         for label, blocks in tilings:
             variant = label.split()[0]
             entry = {"batch": batch, "product": name, "K": k, "N": n, "variant": label, "tiling": str(blocks)}
-            try:
+            with recorded(result, out_path, entry, f"[ablation] B={batch} {name} {label}"):
                 if n % blocks.block_n:
                     raise ValueError(f"{blocks.block_n} columns do not tile N={n}")
                 if variant == "int8_matmul_pallas":
@@ -116,15 +116,9 @@ def main(out_path: str, batches: list[int], products: list[str]):
                     got = np.asarray(variant_product(x, q, blocks=blocks, variant=variant).sum(0))
                     entry["rel_rms_error_vs_xla"] = float(np.sqrt(np.mean((got - reference) ** 2) /
                                                               np.mean(reference ** 2)))
-                s = back_to_back(functools.partial(program, x, weights), 10) / copies
-                entry |= {"s": s, "floor_s": floor, "ratio_to_floor": s / floor}
+                s = time_per_copy(entry, functools.partial(program, x, weights), copies, floor)
                 print(f"[ablation] B={batch} {name} {label:24s}: {s * 1e6:7.2f} us {s / floor:.2f}x "
                       f"{entry.get('rel_rms_error_vs_xla', '')}", flush=True)
-            except Exception as error:  # noqa: BLE001 (a probe records what failed and goes on)
-                entry["error"] = repr(error)[:800]
-                print(f"[ablation] B={batch} {name} {label}: ERROR {entry['error'][:300]}", flush=True)
-            result["runs"].append(entry)
-            json.dump(result, open(out_path, "w"), indent=1)
         del weights
     result["wall_s"] = time.time() - started
     json.dump(result, open(out_path, "w"), indent=1)

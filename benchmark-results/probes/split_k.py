@@ -39,6 +39,15 @@ def chained(slices: int, output_major: bool = False):
     return jax.jit(run)
 
 
+def measured(fn, x, r, ws, copies: int, floor: float, reference: np.ndarray) -> dict:
+    """Seconds per weight copy of `fn`'s chain over the copies `ws`, against the floor, and the error of one
+    product against `reference` (the one product, unsliced)."""
+    seconds = back_to_back(lambda: fn(x, r, ws), reps) / copies
+    got = np.asarray(fn(x, r, ws[:1]), np.float32)
+    return {"s": seconds, "ratio_to_floor": seconds / floor,
+            "max_rel_error_vs_one": float(np.abs(got - reference).max() / np.abs(reference).max())}
+
+
 for name, (k, n) in {"o": (3584, 3584), "down": (18944, 3584)}.items():
     copies = max(1, (1 << 30) // (2 * k * n))
     ws = [jnp.asarray(rng.normal(size=(k, n)) / np.sqrt(k), jnp.bfloat16) for _ in range(copies)]
@@ -50,21 +59,14 @@ for name, (k, n) in {"o": (3584, 3584), "down": (18944, 3584)}.items():
     for slices in (1, 2, 4, 8):
         if k % slices:
             continue
-        fn = chained(slices)
-        seconds = back_to_back(lambda fn=fn, x=x, r=r, ws=ws: fn(x, r, ws), reps) / copies
-        got = np.asarray(fn(x, r, ws[:1]), np.float32)
-        entry["slices"][slices] = {"s": seconds, "ratio_to_floor": seconds / floor,
-                                   "max_rel_error_vs_one": float(np.abs(got - reference).max() / np.abs(reference).max())}
-        print(f"[split-k] {name} {k}x{n}, {slices} slice(s): {seconds * 1e6:.2f} us, {seconds / floor:.2f}x the "
-              f"floor ({floor * 1e6:.2f} us at {bandwidth / 1e9:.0f} GB/s)", flush=True)
+        timing = entry["slices"][slices] = measured(chained(slices), x, r, ws, copies, floor, reference)
+        print(f"[split-k] {name} {k}x{n}, {slices} slice(s): {timing['s'] * 1e6:.2f} us, "
+              f"{timing['ratio_to_floor']:.2f}x the floor ({floor * 1e6:.2f} us at {bandwidth / 1e9:.0f} GB/s)",
+              flush=True)
     ws = [jnp.asarray(w.T) for w in ws]  # output-major copies, the [K, N] ones freed
-    fn = chained(1, output_major=True)
-    seconds = back_to_back(lambda fn=fn, x=x, r=r, ws=ws: fn(x, r, ws), reps) / copies
-    got = np.asarray(fn(x, r, ws[:1]), np.float32)
-    entry["output_major"] = {"s": seconds, "ratio_to_floor": seconds / floor,
-                             "max_rel_error_vs_one": float(np.abs(got - reference).max() / np.abs(reference).max())}
-    print(f"[split-k] {name} {k}x{n}, output-major w [N, K]: {seconds * 1e6:.2f} us, {seconds / floor:.2f}x the floor",
-          flush=True)
+    timing = entry["output_major"] = measured(chained(1, output_major=True), x, r, ws, copies, floor, reference)
+    print(f"[split-k] {name} {k}x{n}, output-major w [N, K]: {timing['s'] * 1e6:.2f} us, "
+          f"{timing['ratio_to_floor']:.2f}x the floor", flush=True)
     result["shapes"][name] = entry
 if len(sys.argv) > 1:
     json.dump(result, open(sys.argv[1], "w"), indent=1)

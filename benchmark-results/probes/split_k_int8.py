@@ -18,9 +18,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from probe_runs import recorded, time_per_copy
 
 from crossmap.benchmarks.common import device_info, measured_copy_bandwidth
-from crossmap.benchmarks.decode_parts import back_to_back
 from crossmap.models.int8_matmul import int8_matmul_mosaic, int8_matmul_pallas
 from crossmap.models.int8_split_k import choose_tiling, int8_matmul_split_k
 from crossmap.models.quantize import quantize_int8
@@ -74,7 +74,7 @@ def timing_mode(out_path: str, batches: list[int], products: list[str]):
             if kernel == "split-k-int8":
                 padded = 128 * -(-batch // 128) if batch > 64 else batch
                 entry["tiling"] = str(choose_tiling(padded, k, n, cores))
-            try:
+            with recorded(result, out_path, entry, f"[split-k] B={batch} {name} {kernel}"):
                 t = time.time()
                 got = np.asarray(jax.jit(fn)(x, w, q, q_t, scale), np.float32)
                 entry["first_call_s"] = time.time() - t
@@ -90,16 +90,10 @@ def timing_mode(out_path: str, batches: list[int], products: list[str]):
                     return [fn(*[v if i == slot else a for i, a in enumerate((x, None, None, None))], scale)
                             for v in ws]
                 program = jax.jit(every_copy)
-                s = back_to_back(functools.partial(program, x, weights, scale), 10) / copies
+                s = time_per_copy(entry, functools.partial(program, x, weights, scale), copies, floor)
                 del weights
-                entry |= {"s": s, "floor_s": floor, "ratio_to_floor": s / floor}
                 print(f"[split-k] B={batch} {name} {kernel}: {s * 1e6:8.2f} us {s / floor:.2f}x its floor, "
                       f"err {entry['rel_rms_error_vs_int8_reference']:.2e} {entry.get('tiling', '')}", flush=True)
-            except Exception as error:  # noqa: BLE001 (a probe records what failed and goes on)
-                entry["error"] = repr(error)[:800]
-                print(f"[split-k] B={batch} {name} {kernel}: ERROR {entry['error'][:300]}", flush=True)
-            result["runs"].append(entry)
-            json.dump(result, open(out_path, "w"), indent=1)
     result["wall_s"] = time.time() - started
     json.dump(result, open(out_path, "w"), indent=1)
 
