@@ -606,6 +606,9 @@ def test_top_p_benchmark_checks_every_arity_against_sort_and_cumsum(tmp_path, sp
     assert all(r["worst_row"] <= 2 and r["ms"] > 0 for r in result["arity"].values())
     assert 1 <= result["kept_per_row_mean"] < 4000 and result["sort_cumsum"]["ms"] > 0
     assert result["sort_cumsum"]["worst_row"] <= 2
+    # both nucleus samplers timed, and every draw inside the nucleus
+    assert all(r["ms"] > 0 and r["draws_outside_float64_nucleus"] == 0 for r in result["samplers"].values())
+    assert set(result["samplers"]) == {"filter_then_sample", "sample_nucleus"}
     # an arity below 2 cannot narrow the range: refused, naming the option
     with pytest.raises(ValueError, match="arities"):
         bench.run(parser.parse_args(["--arities", "1", "--vocab", "100", "--batch", "2"]))
@@ -619,9 +622,12 @@ def test_top_p_benchmark_with_the_vocabulary_split_over_devices():
         bench.add_arguments(parser)
         r = bench.run(parser.parse_args(["--batch", "4", "--vocab", "4000", "--tensor", "2", "--arities", "2,4",
                                          "--reps", "1", "--peer-reps", "1"]))
-        print(json.dumps({k: v["worst_row"] for k, v in r["arity"].items()}))
+        print(json.dumps({**{k: v["worst_row"] for k, v in r["arity"].items()},
+                          **{k: v["draws_outside_float64_nucleus"] for k, v in r["samplers"].items()}}))
     """, n_devices=2)
-    assert set(result) == {"2", "4"} and max(result.values()) <= 2
+    assert set(result) == {"2", "4", "filter_then_sample", "sample_nucleus"}
+    assert result["2"] <= 2 and result["4"] <= 2  # tokens at the cut, as on one device
+    assert result["filter_then_sample"] == result["sample_nucleus"] == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,37 +684,104 @@ def test_real_self_verbalizer_matches_transformers_inputs_embeds(name, kind, wor
     assert e.raw[0].strip(), f"{name} produced no text"
 
 
-@pytest.mark.parametrize("vocab,filtered", [(7, 0), (50_000, 0), (50_000, 49_990)], ids=["small", "wide", "top-p"])
-def test_sampling_draws_from_the_softmax(vocab, filtered):
-    """Draws of sample_categorical against softmax(logits), by scipy's chi-square test over the likeliest
-    entries (the rest pooled); entries the top-p filter set to -inf are never drawn."""
-    import jax
+def _draws_fit(draws: np.ndarray, p: np.ndarray, cells: int = 20) -> float:
+    """scipy's chi-square p-value of draws against the distribution p, the entries pooled in order of
+    probability into `cells` cells of about equal mass (a token heavier than a cell has one to itself), so that
+    flat rows, where no entry expects five draws, are tested too; an entry without mass must not be drawn."""
     from scipy import stats
 
+    assert (p[draws] > 0).all(), "drew an entry without mass"
+    order = np.flatnonzero(p > 0)[np.argsort(-p[p > 0], kind="stable")]
+    mass_before = np.cumsum(p[order]) - p[order]
+    cell_of = np.zeros(p.size, np.int64)
+    cell_of[order] = np.unique(np.floor(mass_before * cells), return_inverse=True)[1]
+    expected = np.bincount(cell_of, weights=p) * draws.size
+    observed = np.bincount(cell_of[draws], minlength=expected.size)
+    assert expected.size >= 3 and expected.min() > 5
+    return stats.chisquare(observed, expected).pvalue
+
+
+def _many_draws(draw, logits: np.ndarray, rows: int = 1000, calls: int = 40) -> np.ndarray:
+    """40,000 draws of one row of logits, 1000 rows a call (a [40000, 50000] batch would need 8 GB a copy)."""
+    import jax
+
+    batch = jnp.broadcast_to(jnp.asarray(logits), (rows, logits.size))
+    draw = jax.jit(draw)
+    return np.concatenate([np.asarray(draw(jax.random.key(i), batch)) for i in range(calls)])
+
+
+@pytest.mark.parametrize("vocab,filtered", [(7, 0), (50_000, 0), (50_000, 49_990)], ids=["small", "wide", "top-p"])
+def test_sampling_draws_from_the_softmax(vocab, filtered):
+    """Draws of sample_categorical against softmax(logits), by scipy's chi-square test; entries the top-p
+    filter set to -inf are never drawn."""
     from crossmap.verbalize.engine import sample_categorical
 
     rng = np.random.default_rng(vocab + filtered)
     logits = rng.normal(size=vocab).astype(np.float32) * 2.0
     if filtered:
         logits[rng.choice(vocab, filtered, replace=False)] = -np.inf
-    rows, calls = 1000, 40  # 40,000 draws, 1000 rows a call (a [40000, 50000] batch would need 8 GB a copy)
-    batch = jnp.broadcast_to(jnp.asarray(logits), (rows, vocab))
-    draw = jax.jit(sample_categorical)
-    draws = np.concatenate([np.asarray(draw(jax.random.key(i), batch)) for i in range(calls)])
-    n = draws.size
+    draws = _many_draws(sample_categorical, logits)
     p = np.exp(logits.astype(np.float64) - logits[np.isfinite(logits)].max())
     p /= p.sum()
     assert np.isfinite(logits[draws]).all(), "drew an entry the filter removed"
-    top = [t for t in np.argsort(-p)[:6] if p[t] * n > 5]  # cells expecting at least 5 draws; the rest pooled
-    observed = [(draws == t).sum() for t in top]
-    expected = [p[t] * n for t in top]
-    rest = n - sum(expected)
-    if rest > 5:
-        observed.append(n - sum(observed))
-        expected.append(rest)
-    expected = np.asarray(expected, np.float64) * (sum(observed) / sum(expected))
-    assert len(expected) >= 3
-    assert stats.chisquare(observed, expected).pvalue > 1e-3
+    assert _draws_fit(draws, p) > 1e-3
+
+
+@pytest.mark.parametrize("chunks", [1, 7, 512, 3000])
+def test_invert_cdf_against_searchsorted(chunks):
+    """Known answers: masses that are multiples of 2**-20 (so float32 sums are exact) with zeros among them,
+    inverted halfway between the cumulative sums (0, the top, and random points): the entry is numpy's
+    searchsorted of the exact cumulative sum, never one without mass; chunk counts that divide the row, do
+    not, or exceed it."""
+    from crossmap.verbalize.engine import invert_cdf
+
+    rng = np.random.default_rng(chunks)
+    counts = rng.integers(0, 50, size=(3, 2000)) * (rng.random((3, 2000)) < 0.5)
+    counts[1, :1500] = 0  # a row whose first chunks have no mass
+    counts[2, -700:] = 0  # and one whose last have none
+    probs = counts / 2**20
+    running = np.cumsum(counts, axis=1)
+    total = running[:, -1:]
+    picks = rng.integers(0, total, size=(3, 40)) + 0.5
+    picks[:, 0], picks[:, 1] = 0, total[:, 0] - 0.5
+    uniforms = picks / total
+    want = np.stack([np.searchsorted(running[r], picks[r], side="right") for r in range(3)])
+    got = np.asarray(invert_cdf(jnp.asarray(probs, jnp.float32), jnp.asarray(uniforms, jnp.float32), chunks=chunks))
+    assert (probs[np.arange(3)[:, None], got] > 0).all(), "returned an entry without mass"
+    assert (got == want).all(), np.argwhere(got != want)[:5]
+
+
+@pytest.mark.parametrize("spread,top_p", [(0.3, 0.9), (2.0, 0.5), (4.0, 0.9), (2.0, 1.0)],
+                         ids=["flat-0.9", "middle-0.5", "peaked-0.9", "no-cut"])
+def test_nucleus_sampler_draws_from_the_nucleus(spread, top_p):
+    """sample_nucleus's draws against the nucleus computed in float64 (sort, the smallest top set reaching
+    top_p, renormalised), by scipy's chi-square test; nothing is drawn outside it."""
+    from crossmap.verbalize.engine import sample_nucleus
+
+    rng = np.random.default_rng(int(spread * 10))
+    logits = (rng.normal(size=8_000) * spread).astype(np.float32)
+    p = np.exp(logits.astype(np.float64) - logits.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    kept = order[: np.searchsorted(np.cumsum(p[order]), top_p) + 1] if top_p < 1 else order
+    nucleus = np.zeros_like(p)
+    nucleus[kept] = p[kept] / p[kept].sum()
+    draws = _many_draws(lambda key, x: sample_nucleus(key, x, jnp.float32(top_p)), logits)
+    assert nucleus[draws].min() > 0, "drew a token outside the nucleus"
+    assert _draws_fit(draws, nucleus) > 1e-3
+
+
+def test_nucleus_sampler_falls_back_to_the_filter_when_every_candidate_misses():
+    """With a nucleus of one token in a flat row, all four candidates miss in nearly every row: the rows take
+    the filter and sampler, which return the top token; rows whose nucleus is wide keep their own draw."""
+    import jax
+
+    from crossmap.verbalize.engine import sample_nucleus
+
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(64, 5000)) * 0.3).astype(np.float32)
+    got = np.asarray(jax.jit(sample_nucleus)(jax.random.key(0), jnp.asarray(logits), jnp.float32(1e-6)))
+    assert (got == logits.argmax(axis=1)).all()
 
 
 @pytest.mark.parametrize("name, marker_id, render", [("qwen2.5-coder-0.5b-instruct", 149705, "chat"),

@@ -5,7 +5,10 @@ of logits (128 x 152,064 for the 7B).  `crossmap.verbalize.engine.top_p_filter` 
 cut-off by searching the probabilities' float32 bit patterns, `arity - 1` candidates a pass.
 This times it for several arities against the textbook filter (sort each row, cumulative sum,
 keep the prefix), and times the other per-step sampling work (argmax for greedy, one categorical
-draw) for scale.  Both filters are checked against the definition computed on the host in float64:
+draw) for scale.  It then times the two ways a sampled step can draw from the nucleus: the filter
+followed by one categorical draw, and `engine.sample_nucleus` (what the step runs: candidates drawn
+from the whole softmax, the first inside the nucleus kept, no filter unless every candidate misses);
+each draw is checked to lie inside the float64 nucleus.  Both filters are checked against the definition computed on the host in float64:
 with random weights the rows are nearly flat (about 125k of 152k tokens kept, each near 8e-6), so
 float32 summation order alone can move the cut by a few tokens; the counts of tokens that differ
 from the float64 cut are reported for both.
@@ -72,7 +75,7 @@ def _differences(kept: jax.Array, exact: np.ndarray) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ..verbalize.engine import top_p_filter
+    from ..verbalize.engine import sample_categorical, sample_nucleus, top_p_filter
 
     arities = [int(a) for a in str(args.arities).split(",") if a.strip()]
     if not arities or min(arities) < 2:
@@ -103,6 +106,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["argmax_ms"] = time_jax(lambda: greedy(logits), repeats=args.reps)["median_s"] * 1e3
     draw = jax.jit(lambda k, x: jax.random.categorical(k, x / t))
     result["categorical_ms"] = time_jax(lambda: draw(key, logits), repeats=args.reps)["median_s"] * 1e3
+    one_draw = jax.jit(sample_categorical)
+    result["sample_categorical_ms"] = time_jax(lambda: one_draw(key, logits), repeats=args.reps)["median_s"] * 1e3
+    samplers = {"filter_then_sample": lambda k, x: sample_categorical(k, top_p_filter(x / t, p)),
+                "sample_nucleus": lambda k, x: sample_nucleus(k, x / t, jnp.float32(p))}
+    result["samplers"] = {}
+    for name, sampler in samplers.items():
+        sampler = jax.jit(sampler)
+        drawn = np.asarray(sampler(key, logits))
+        result["samplers"][name] = {
+            "ms": time_jax(lambda f=sampler: f(key, logits), repeats=args.reps)["median_s"] * 1e3,
+            "draws_outside_float64_nucleus": int((~exact[np.arange(drawn.size), drawn]).sum())}
+    result["sample_nucleus_speedup"] = (result["samplers"]["filter_then_sample"]["ms"]
+                                        / result["samplers"]["sample_nucleus"]["ms"])
     best = min(result["arity"], key=lambda a: result["arity"][a]["ms"])
     result["fastest_arity"] = int(best)
     result["speedup_vs_sort_cumsum"] = result["sort_cumsum"]["ms"] / result["arity"][best]["ms"]
@@ -111,6 +127,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peer_r = result["sort_cumsum"]
     print(f"[top-p bench] [{args.batch}, {args.vocab}] on {args.tensor} x {result['device']['device_kind']}, "
           f"{result['kept_per_row_mean']:.0f} kept a row: {line}; sort+cumsum {peer_r['ms']:.3f} ms "
-          f"({peer_r['tokens_differing_from_float64']} off); categorical draw {result['categorical_ms']:.3f} ms")
+          f"({peer_r['tokens_differing_from_float64']} off); categorical draw {result['categorical_ms']:.3f} ms; "
+          f"filter then sample {result['samplers']['filter_then_sample']['ms']:.3f} ms, "
+          f"sample_nucleus {result['samplers']['sample_nucleus']['ms']:.3f} ms")
     write_json(result, args.out, echo=False)
     return result
