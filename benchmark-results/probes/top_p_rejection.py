@@ -26,13 +26,22 @@ from probe_runs import recorded
 
 from crossmap.benchmarks.common import device_info
 from crossmap.benchmarks.decode_parts import back_to_back
-from crossmap.verbalize.engine import sample_categorical, top_p_filter
+from crossmap.verbalize.engine import sample_categorical, sample_nucleus, top_p_filter
+
+
+def sample_whole_row(key, logits):
+    """The sampler before commit (this probe's wiring): one inversion of the whole row's cumsum."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(key, (logits.shape[0], 1), jnp.float32) * cdf[:, -1:]
+    last = logits.shape[1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), last)
 
 
 @jax.jit
 def filter_then_sample(key, logits, top_p):
-    """What the step runs now (`_choose` with top-p)."""
-    return sample_categorical(key, top_p_filter(logits, top_p))
+    """What the step ran before (`_choose` with top-p: the filter, then the whole-row sampler)."""
+    return sample_whole_row(key, top_p_filter(logits, top_p))
 
 
 @functools.partial(jax.jit, static_argnames=("candidates",))
@@ -54,6 +63,79 @@ def rejection_sample(key, logits, top_p, *, candidates: int = 4):
                         lambda: chosen)
 
 
+def invert_two_level(probs: jax.Array, uniforms: jax.Array, chunks: int) -> jax.Array:
+    """Tokens [n, K] at K uniforms in [0, 1) a row, by inverting the cumulative distribution of probs [n, V] in two
+    levels: the row's `chunks` chunk sums (one reduction pass, n x chunks outputs: parallel where a whole-row cumsum
+    is not), the chunk found in their small cumsum, then the cumsum inside that chunk only. Never an entry without
+    mass: a rounding past the last chunk or entry with mass is clipped to it."""
+    n, v = probs.shape
+    length = -(-v // chunks)
+    p = jnp.pad(probs, ((0, 0), (0, chunks * length - v))).reshape(n, chunks, length)
+    sums = jnp.sum(p, axis=-1)  # [n, m]
+    csum = jnp.cumsum(sums, axis=-1)
+    u = uniforms * csum[:, -1:]  # [n, K]
+    last_chunk = chunks - 1 - jnp.argmax(sums[:, ::-1] > 0, axis=-1)
+    chunk = jnp.minimum(jnp.sum(csum[:, None, :] <= u[:, :, None], axis=-1), last_chunk[:, None])  # [n, K]
+    before = jnp.where(chunk > 0, jnp.take_along_axis(csum, jnp.maximum(chunk - 1, 0), axis=1), 0.0)
+    rows = jnp.take_along_axis(p, chunk[:, :, None], axis=1)  # [n, K, L]
+    inner = jnp.cumsum(rows, axis=-1)
+    last_inner = length - 1 - jnp.argmax(rows[..., ::-1] > 0, axis=-1)
+    index = jnp.minimum(jnp.sum(inner <= (u - before)[..., None], axis=-1), last_inner)
+    return chunk * length + index
+
+
+@functools.partial(jax.jit, static_argnames=("chunks",))
+def sample_two_level(key, logits, *, chunks: int = 512):
+    """One draw a row (the sampler alone, K = 1), against `sample_categorical`'s whole-row cumsum."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return invert_two_level(probs, jax.random.uniform(key, (logits.shape[0], 1), jnp.float32), chunks)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("candidates", "chunks"))
+def rejection_two_level(key, logits, top_p, *, candidates: int = 4, chunks: int = 512):
+    """`rejection_sample` with the candidates drawn by `invert_two_level` and the K masked sums of the nucleus
+    test reduced chunk by chunk (n x K x chunks partial sums, then the chunks)."""
+    n, v = logits.shape
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    draw_key, fallback_key = jax.random.split(key)
+    tokens = invert_two_level(probs, jax.random.uniform(draw_key, (n, candidates), jnp.float32), chunks)
+    p_token = jnp.take_along_axis(probs, tokens, axis=1)
+    length = -(-v // chunks)
+    p = jnp.pad(probs, ((0, 0), (0, chunks * length - v))).reshape(n, 1, chunks, length)
+    partial_mass = jnp.sum(jnp.where(p > p_token[:, :, None, None], p, 0.0), axis=-1)  # [n, K, m]
+    inside = (jnp.sum(partial_mass, axis=-1) < top_p) | (top_p >= 1.0)
+    first = jnp.argmax(inside, axis=1)
+    chosen = jnp.take_along_axis(tokens, first[:, None], axis=1)[:, 0]
+    missed = ~jnp.any(inside, axis=1)
+    return jax.lax.cond(jnp.any(missed),
+                        lambda: jnp.where(missed, filter_then_sample(fallback_key, logits, top_p), chosen),
+                        lambda: chosen)
+
+
+def filter_unrolled_then_sample(key, logits, top_p):
+    """`filter_then_sample` with the filter's 16-pass `fori_loop` unrolled (traced with the loop patched), to see
+    what the loop itself costs inside a step."""
+    loop = jax.lax.fori_loop
+    jax.lax.fori_loop = functools.partial(loop, unroll=True)
+    try:
+        return sample_whole_row(key, top_p_filter(logits, top_p))
+    finally:
+        jax.lax.fori_loop = loop
+
+
+filter_unrolled_then_sample = jax.jit(filter_unrolled_then_sample)
+
+
+WHOLE_ROW, CATEGORICAL = jax.jit(sample_whole_row), jax.jit(sample_categorical)
+
+
+@jax.jit
+def greedy(key, logits, top_p):
+    """The greedy step's choice, for scale."""
+    del key, top_p
+    return jnp.argmax(logits, axis=-1)
+
+
 def nucleus(logits: np.ndarray, top_p: float) -> np.ndarray:
     """The exact nucleus distribution of each row, in float64 on the host."""
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -70,10 +152,16 @@ def check(draws: int = 40_000, vocab: int = 64, top_p: float = 0.6) -> None:
     """Token frequencies of both ways against the exact nucleus, on a flat and a peaked row."""
     rng = np.random.default_rng(0)
     logits = np.stack([rng.normal(size=vocab) * 0.5, rng.normal(size=vocab) * 3.0]).astype(np.float32)
-    want = nucleus(logits.astype(np.float64), top_p)
     tiled = jnp.asarray(np.repeat(logits, draws // 2, axis=0))  # draws // 2 copies of each row
     for name, way in (("filter then sample", filter_then_sample), ("rejection K=4", rejection_sample),
-                      ("rejection K=1", functools.partial(rejection_sample, candidates=1))):
+                      ("filter unrolled then sample", filter_unrolled_then_sample),
+                      ("rejection K=1", functools.partial(rejection_sample, candidates=1)),
+                      ("two-level K=4", functools.partial(rejection_two_level, chunks=5)),
+                      ("two-level K=1", functools.partial(rejection_two_level, candidates=1, chunks=7)),
+                      ("two-level sampler", lambda k, x, p: sample_two_level(k, x, chunks=5)),
+                      ("engine sample_nucleus", sample_nucleus),
+                      ("engine sample_categorical", lambda k, x, p: sample_categorical(k, x))):
+        want = nucleus(logits.astype(np.float64), 1.0 if "sampler" in name or "categorical" in name else top_p)
         got = np.asarray(way(jax.random.key(1), tiled, jnp.float32(top_p))).reshape(2, -1)
         freq = np.stack([np.bincount(row, minlength=vocab) / row.size for row in got])
         outside = freq[want == 0].sum()
@@ -92,8 +180,16 @@ def main(out_path: str, batch: int = 128, vocab: int = 152064, top_p: float = 0.
     rng = np.random.default_rng(0)
     for spread in (0.5, 4.0):
         logits = jnp.asarray(rng.normal(size=(batch, vocab)) * spread, jnp.float32)
-        for name, way in (("filter then sample", filter_then_sample), ("rejection K=4", rejection_sample),
-                          ("rejection K=8", functools.partial(rejection_sample, candidates=8))):
+        for name, way in (("greedy argmax", greedy), ("filter then sample", filter_then_sample),
+                          ("filter unrolled then sample", filter_unrolled_then_sample),
+                          ("whole-row sampler alone", lambda k, x, p: WHOLE_ROW(k, x)),
+                          ("engine sample_categorical", lambda k, x, p: CATEGORICAL(k, x)),
+                          ("engine sample_nucleus", jax.jit(sample_nucleus)),
+                          ("rejection K=4", rejection_sample),
+                          ("two-level K=4", rejection_two_level),
+                          ("two-level K=4 256 chunks", functools.partial(rejection_two_level, chunks=256)),
+                          ("two-level K=4 1024 chunks", functools.partial(rejection_two_level, chunks=1024)),
+                          ("two-level K=8", functools.partial(rejection_two_level, candidates=8))):
             entry = {"way": name, "spread": spread}
             with recorded(result, out_path, entry, f"[top-p] spread {spread} {name}"):
                 keys = iter(jax.random.split(jax.random.key(0), reps + 2))  # a fresh key a call, as a decode step
