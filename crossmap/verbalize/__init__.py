@@ -8,7 +8,15 @@
     verbalizer.py  `Verbalizer.explain` (scaling, samples, background washout, parsing)
 """
 
-from .engine import INJECTION_MODES, GenerationResult, Injection, generate, shared_prefix_length, top_p_filter
+from .engine import (
+    INJECTION_MODES,
+    GenerationResult,
+    Injection,
+    generate,
+    sample_nucleus,
+    shared_prefix_length,
+    top_p_filter,
+)
 from .spec import (
     SCALE_POLICIES,
     SELF_PROMPTS,
@@ -20,5 +28,5 @@ from .spec import (
 )
 from .verbalizer import Explanation, Verbalizer, WashoutConfig, explain, mean_embedding_norm
 
-__all__ = ["INJECTION_MODES", "SCALE_POLICIES", "SELF_PROMPTS", "VERBALIZER_KINDS", "GenerationResult", "Injection", "generate", "shared_prefix_length", "top_p_filter", "VerbalizerSpec", "Prompt", "build_prompt",
+__all__ = ["INJECTION_MODES", "SCALE_POLICIES", "SELF_PROMPTS", "VERBALIZER_KINDS", "GenerationResult", "Injection", "generate", "sample_nucleus", "shared_prefix_length", "top_p_filter", "VerbalizerSpec", "Prompt", "build_prompt",
            "self_verbalizer_spec", "Explanation", "Verbalizer", "WashoutConfig", "explain", "mean_embedding_norm"]
