@@ -54,6 +54,12 @@ def rejection_sample(key, logits, top_p, *, candidates: int = 4):
     tokens = jnp.minimum(jnp.sum(cdf[:, None, :] <= u, axis=-1), last[:, None])  # [n, K]
     p_token = jnp.take_along_axis(probs, tokens, axis=1)
     mass_above = jnp.sum(jnp.where(probs[:, None, :] > p_token[:, :, None], probs[:, None, :], 0.0), axis=-1)
+    return keep_first_inside(tokens, mass_above, fallback_key, logits, top_p)
+
+
+def keep_first_inside(tokens, mass_above, fallback_key, logits, top_p):
+    """Each row's first candidate (tokens [n, K]) with less than top_p of mass above it (mass_above [n, K]); rows
+    with none take the filter then the sampler, in a branch that runs only when some row has none."""
     inside = (mass_above < top_p) | (top_p >= 1.0)
     first = jnp.argmax(inside, axis=1)
     chosen = jnp.take_along_axis(tokens, first[:, None], axis=1)[:, 0]
@@ -103,13 +109,7 @@ def rejection_two_level(key, logits, top_p, *, candidates: int = 4, chunks: int 
     length = -(-v // chunks)
     p = jnp.pad(probs, ((0, 0), (0, chunks * length - v))).reshape(n, 1, chunks, length)
     partial_mass = jnp.sum(jnp.where(p > p_token[:, :, None, None], p, 0.0), axis=-1)  # [n, K, m]
-    inside = (jnp.sum(partial_mass, axis=-1) < top_p) | (top_p >= 1.0)
-    first = jnp.argmax(inside, axis=1)
-    chosen = jnp.take_along_axis(tokens, first[:, None], axis=1)[:, 0]
-    missed = ~jnp.any(inside, axis=1)
-    return jax.lax.cond(jnp.any(missed),
-                        lambda: jnp.where(missed, filter_then_sample(fallback_key, logits, top_p), chosen),
-                        lambda: chosen)
+    return keep_first_inside(tokens, jnp.sum(partial_mass, axis=-1), fallback_key, logits, top_p)
 
 
 def filter_unrolled_then_sample(key, logits, top_p):
