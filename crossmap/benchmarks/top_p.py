@@ -8,10 +8,10 @@ keep the prefix), and times the other per-step sampling work (argmax for greedy,
 draw) for scale.  It then times the two ways a sampled step can draw from the nucleus: the filter
 followed by one categorical draw, and `engine.sample_nucleus` (what the step runs: candidates drawn
 from the whole softmax, the first inside the nucleus kept, no filter unless every candidate misses);
-each draw is checked to lie inside the float64 nucleus.  Both filters are checked against the definition computed on the host in float64:
-with random weights the rows are nearly flat (about 125k of 152k tokens kept, each near 8e-6), so
-float32 summation order alone can move the cut by a few tokens; the counts of tokens that differ
-from the float64 cut are reported for both.
+each draw is checked to lie inside the float64 nucleus.  Both filters are checked against the
+definition computed on the host in float64: with random weights the rows are nearly flat (about
+125k of 152k tokens kept, each near 8e-6), so float32 summation order alone can move the cut by a
+few tokens; the counts of tokens that differ from the float64 cut are reported for both.
 
     crossmap bench top-p --out top_p.json                        # 7B shape, on a GPU
     crossmap bench top-p --batch 4 --vocab 5000 --reps 3         # CPU smoke run

@@ -162,8 +162,8 @@ def invert_cdf(probs: Array, uniforms: Array, *, chunks: int = 512) -> Array:
     distribution: the entry where the running mass first exceeds u * (the row's mass).
 
     In two levels: the row's `chunks` chunk sums (one pass over the row with n * chunks outputs, where a
-    cumsum over the whole row is a long scan per row: 0.3 ms for the 7B's [128, 152k] on an H100), the
-    chunk in their short cumsum, then the cumsum inside that chunk alone.  An entry without mass is never
+    cumsum over the whole row is a long scan per row; BENCHMARKS.md, "Nucleus sampling without the
+    filter"), the chunk in their short cumsum, then the cumsum inside that chunk alone.  An entry without mass is never
     returned: a rounding past the last chunk or entry with mass is clipped to it.
     """
     n, v = probs.shape
@@ -203,10 +203,9 @@ def sample_nucleus(key: Array, logits: Array, top_p: Array, *, candidates: int =
     renormalised nucleus.  A row misses all K with odds (1 - its nucleus mass)^K <= (1 - top_p)^K;
     rows that miss take the filter and sampler, in a branch that runs only when some row missed.
     """
-    b, v = logits.shape
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     draw_key, fallback_key = jax.random.split(key)
-    tokens = invert_cdf(probs, jax.random.uniform(draw_key, (b, candidates), jnp.float32))
+    tokens = invert_cdf(probs, jax.random.uniform(draw_key, (logits.shape[0], candidates), jnp.float32))
     p_token = jnp.take_along_axis(probs, tokens, axis=1)
     mass_above = jnp.sum(jnp.where(probs[:, None, :] > p_token[:, :, None], probs[:, None, :], 0.0), axis=-1)
     inside = (mass_above < top_p) | (top_p >= 1.0)
