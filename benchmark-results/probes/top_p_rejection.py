@@ -26,7 +26,7 @@ from probe_runs import recorded
 
 from crossmap.benchmarks.common import device_info
 from crossmap.benchmarks.decode_parts import back_to_back
-from crossmap.verbalize.engine import sample_categorical, sample_nucleus, top_p_filter
+from crossmap.verbalize.engine import invert_cdf, sample_categorical, sample_nucleus, top_p_filter
 
 
 def sample_whole_row(key, logits):
@@ -69,42 +69,21 @@ def keep_first_inside(tokens, mass_above, fallback_key, logits, top_p):
                         lambda: chosen)
 
 
-def invert_two_level(probs: jax.Array, uniforms: jax.Array, chunks: int) -> jax.Array:
-    """Tokens [n, K] at K uniforms in [0, 1) a row, by inverting the cumulative distribution of probs [n, V] in two
-    levels: the row's `chunks` chunk sums (one reduction pass, n x chunks outputs: parallel where a whole-row cumsum
-    is not), the chunk found in their small cumsum, then the cumsum inside that chunk only. Never an entry without
-    mass: a rounding past the last chunk or entry with mass is clipped to it."""
-    n, v = probs.shape
-    length = -(-v // chunks)
-    p = jnp.pad(probs, ((0, 0), (0, chunks * length - v))).reshape(n, chunks, length)
-    sums = jnp.sum(p, axis=-1)  # [n, m]
-    csum = jnp.cumsum(sums, axis=-1)
-    u = uniforms * csum[:, -1:]  # [n, K]
-    last_chunk = chunks - 1 - jnp.argmax(sums[:, ::-1] > 0, axis=-1)
-    chunk = jnp.minimum(jnp.sum(csum[:, None, :] <= u[:, :, None], axis=-1), last_chunk[:, None])  # [n, K]
-    before = jnp.where(chunk > 0, jnp.take_along_axis(csum, jnp.maximum(chunk - 1, 0), axis=1), 0.0)
-    rows = jnp.take_along_axis(p, chunk[:, :, None], axis=1)  # [n, K, L]
-    inner = jnp.cumsum(rows, axis=-1)
-    last_inner = length - 1 - jnp.argmax(rows[..., ::-1] > 0, axis=-1)
-    index = jnp.minimum(jnp.sum(inner <= (u - before)[..., None], axis=-1), last_inner)
-    return chunk * length + index
-
-
 @functools.partial(jax.jit, static_argnames=("chunks",))
 def sample_two_level(key, logits, *, chunks: int = 512):
     """One draw a row (the sampler alone, K = 1), against `sample_categorical`'s whole-row cumsum."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    return invert_two_level(probs, jax.random.uniform(key, (logits.shape[0], 1), jnp.float32), chunks)[:, 0]
+    return invert_cdf(probs, jax.random.uniform(key, (logits.shape[0], 1), jnp.float32), chunks=chunks)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("candidates", "chunks"))
 def rejection_two_level(key, logits, top_p, *, candidates: int = 4, chunks: int = 512):
-    """`rejection_sample` with the candidates drawn by `invert_two_level` and the K masked sums of the nucleus
+    """`rejection_sample` with the candidates drawn by `engine.invert_cdf` and the K masked sums of the nucleus
     test reduced chunk by chunk (n x K x chunks partial sums, then the chunks)."""
     n, v = logits.shape
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     draw_key, fallback_key = jax.random.split(key)
-    tokens = invert_two_level(probs, jax.random.uniform(draw_key, (n, candidates), jnp.float32), chunks)
+    tokens = invert_cdf(probs, jax.random.uniform(draw_key, (n, candidates), jnp.float32), chunks=chunks)
     p_token = jnp.take_along_axis(probs, tokens, axis=1)
     length = -(-v // chunks)
     p = jnp.pad(probs, ((0, 0), (0, chunks * length - v))).reshape(n, 1, chunks, length)
