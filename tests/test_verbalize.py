@@ -785,6 +785,19 @@ def test_nucleus_sampler_falls_back_to_the_filter_when_every_candidate_misses():
     assert (got == logits.argmax(axis=1)).all()
 
 
+def test_nucleus_sampler_and_inversion_refuse_counts_below_one():
+    """No candidate or no chunk cannot draw anything: refused, naming the argument."""
+    import jax
+
+    from crossmap.verbalize.engine import invert_cdf, sample_nucleus
+
+    logits = jnp.zeros((2, 10))
+    with pytest.raises(ValueError, match="candidates must be >= 1, got 0"):
+        sample_nucleus(jax.random.key(0), logits, jnp.float32(0.9), candidates=0)
+    with pytest.raises(ValueError, match="chunks must be >= 1, got 0"):
+        invert_cdf(jnp.full((2, 10), 0.1), jnp.zeros((2, 1)), chunks=0)
+
+
 @pytest.mark.parametrize("name, marker_id, render", [("qwen2.5-coder-0.5b-instruct", 149705, "chat"),
                                                      ("gemma-3-270m", 246566, "raw")])
 def test_nla_bench_prompt_through_real_tokenizers(name, marker_id, render):

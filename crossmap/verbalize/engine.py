@@ -166,6 +166,8 @@ def invert_cdf(probs: Array, uniforms: Array, *, chunks: int = 512) -> Array:
     filter"), the chunk in their short cumsum, then the cumsum inside that chunk alone.  An entry without mass is never
     returned: a rounding past the last chunk or entry with mass is clipped to it.
     """
+    if chunks < 1:
+        raise ValueError(f"invert_cdf: chunks must be >= 1, got {chunks}")
     n, v = probs.shape
     length = -(-v // chunks)
     padded = jnp.pad(probs, ((0, 0), (0, chunks * length - v))).reshape(n, chunks, length)
@@ -203,6 +205,8 @@ def sample_nucleus(key: Array, logits: Array, top_p: Array, *, candidates: int =
     renormalised nucleus.  A row misses all K with odds (1 - its nucleus mass)^K <= (1 - top_p)^K;
     rows that miss take the filter and sampler, in a branch that runs only when some row missed.
     """
+    if candidates < 1:
+        raise ValueError(f"sample_nucleus: candidates must be >= 1, got {candidates}")
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     draw_key, fallback_key = jax.random.split(key)
     tokens = invert_cdf(probs, jax.random.uniform(draw_key, (logits.shape[0], candidates), jnp.float32))
